@@ -1,0 +1,27 @@
+"""pychop: fused kernels for training video diffusion models within GPU memory.
+
+- ``pychop.parallel_st_attention`` (and ``temporal_attention``, ``spatial_attention``): Mobius-style parallel
+  spatial-temporal attention in one op, with ChopGrad's gradient window inside attention.
+- ``pychop.chopgrad``: truncated backpropagation through causal-cache video decoders.
+- ``pychop.nn``, ``pychop.models``, ``pychop.integrations``: blocks, reference models and diffusers adapters.
+
+Submodules are imported on first use, so ``import pychop`` stays light.
+"""
+
+import importlib
+
+from pychop.ops import BACKENDS, BackendUnavailable, available as available_backends
+from pychop.ops import parallel_st_attention, spatial_attention, temporal_attention
+
+__version__ = "0.1.0"
+
+_SUBMODULES = ("chopgrad", "nn", "models", "integrations", "kernels", "ops")
+
+__all__ = ["parallel_st_attention", "spatial_attention", "temporal_attention", "BACKENDS",
+           "BackendUnavailable", "available_backends", *_SUBMODULES]
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"pychop.{name}")
+    raise AttributeError(f"module 'pychop' has no attribute {name!r}")

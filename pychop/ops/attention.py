@@ -1,0 +1,167 @@
+"""Parallel spatial-temporal attention and its two branches, on the (B, T, S, H, D) layout.
+
+    out[b,t,s,h] = sum_{s'} softmax_{s'}(scale q_s[b,t,s,h] . k_s[b,t,s',h]) v_s[b,t,s',h]         (spatial)
+                 + sum_{t' in N(t)} softmax_{t'}(scale q_t[b,t,s,h] . k_t[b,t',s,h]) v_t[b,t',s,h]  (temporal)
+
+``N(t)`` is every frame; ``t' <= t`` when ``temporal_causal``; ``t - temporal_window < t' <= t`` with a window
+(a window implies causal). With ``temporal_grad_window = k`` the forward is unchanged and, in the backward, the
+temporal keys and values of frames ``t' <= t - k`` are constants for query frame ``t``: no gradient reaches
+them from that query, as if they were detached. The queries always receive their full gradient.
+
+The ``"torch"`` backend below defines these semantics in plain PyTorch. Fused backends (Triton, CUDA, C++)
+implement a two-function kernel interface on the same layout, and one autograd Function drives them all:
+
+    forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale, temporal_causal, temporal_window)
+        -> out (B, T, S, H, D) in the input dtype,
+           lse_s (B, T, H, S) float32 or None, lse_t (B, T, H, S) float32 or None
+    backward(dout, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t,
+             *, scale, temporal_causal, temporal_window, temporal_grad_window)
+        -> (dq_s, dk_s, dv_s, dq_t, dk_t, dv_t)
+
+The three tensors of a branch that is not computed are None, as are its statistics and gradients. ``lse`` is
+the natural-log logsumexp of a branch's scaled scores per query row; the backward recomputes probabilities
+from it and stores nothing quadratic. Options reach the kernels normalised: ``temporal_causal`` is True
+whenever a window is set, and a grad window that covers every frame the window lets in is None.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from pychop.ops import backends
+from pychop.ops.validation import check_attention_inputs, check_kernel_dtype, check_scale, check_window
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The torch backend: the reference semantics.
+# ----------------------------------------------------------------------------------------------------------
+
+def temporal_mask(num_frames: int, causal: bool, window: Optional[int], device) -> Optional[torch.Tensor]:
+    """Bool (T, T) mask, True where query frame t (row) may attend key frame t' (column); None for all."""
+    if not causal and window is None:
+        return None
+    t = torch.arange(num_frames, device=device)
+    lag = t[:, None] - t[None, :]  # t - t'
+    allowed = lag >= 0
+    if window is not None:
+        allowed &= lag < window
+    return allowed
+
+
+def spatial_attention_torch(q, k, v, scale: float) -> torch.Tensor:
+    """Attention over the S tokens of each frame, via scaled_dot_product_attention on (B, T, H, S, D)."""
+    q, k, v = (x.transpose(2, 3) for x in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(2, 3)
+
+
+def temporal_attention_torch(q, k, v, scale: float, causal: bool, window: Optional[int],
+                             grad_window: Optional[int]) -> torch.Tensor:
+    """Attention over the T frames of each token, via scaled_dot_product_attention on (B, S, H, T, D).
+
+    The grad window is expressed by attending to 2T keys, ``[k, k.detach()]``: a key frame in the grad
+    window of the query is taken from the first half, one outside it from the second. The softmax runs over
+    the same scores, so the forward is unchanged, and the detached half passes no gradient.
+    """
+    q, k, v = (x.permute(0, 2, 3, 1, 4) for x in (q, k, v))
+    num_frames = q.shape[-2]
+    mask = temporal_mask(num_frames, causal, window, q.device)
+    if grad_window is not None:
+        t = torch.arange(num_frames, device=q.device)
+        live = t[None, :] > t[:, None] - grad_window  # t' > t - k
+        allowed = torch.ones_like(live) if mask is None else mask
+        mask = torch.cat([allowed & live, allowed & ~live], dim=1)
+        k = torch.cat([k, k.detach()], dim=-2)
+        v = torch.cat([v, v.detach()], dim=-2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.permute(0, 3, 1, 2, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fused backends: one autograd Function over the kernel interface.
+# ----------------------------------------------------------------------------------------------------------
+
+class FusedAttentionFunction(torch.autograd.Function):
+    """Drives a fused backend's kernels. Saves the inputs, the output and the row statistics, nothing else."""
+
+    @staticmethod
+    def forward(ctx, kernels, options: dict, q_s, k_s, v_s, q_t, k_t, v_t):
+        grad_window = options["temporal_grad_window"]
+        forward_options = {name: value for name, value in options.items() if name != "temporal_grad_window"}
+        out, lse_s, lse_t = kernels.forward(q_s, k_s, v_s, q_t, k_t, v_t, **forward_options)
+        ctx.save_for_backward(q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t)
+        ctx.kernels, ctx.options = kernels, dict(forward_options, temporal_grad_window=grad_window)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        grads = ctx.kernels.backward(dout, *ctx.saved_tensors, **ctx.options)
+        return (None, None, *grads)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API.
+# ----------------------------------------------------------------------------------------------------------
+
+def _attention(spatial: Optional[dict], temporal: Optional[dict], *, scale, causal, window, grad_window,
+               backend):
+    """Validates, normalises the options and dispatches; windows arrive checked by the public functions."""
+    tensors = {**(spatial or {}), **(temporal or {})}
+    check_attention_inputs(tensors)
+    first = next(iter(tensors.values()))
+    num_frames, head_dim = first.shape[1], first.shape[-1]
+    scale = check_scale(scale, head_dim)
+    causal = bool(causal) or window is not None
+    # A query attends to lags t - t' below `reach`; a grad window at least that wide detaches nothing.
+    reach = window if window is not None else num_frames
+    if grad_window is not None and grad_window >= reach:
+        grad_window = None
+
+    if first.dtype == torch.float64 and backend == "auto":
+        backend = "torch"  # the only backend that runs float64
+    name, kernels = backends.resolve(backend, first.device)
+    if kernels is None:
+        out = None
+        if spatial is not None:
+            out = spatial_attention_torch(*spatial.values(), scale)
+        if temporal is not None:
+            out_t = temporal_attention_torch(*temporal.values(), scale, causal, window, grad_window)
+            out = out_t if out is None else out + out_t
+        return out
+
+    check_kernel_dtype(next(iter(tensors)), first.dtype, name)
+    q_s, k_s, v_s = spatial.values() if spatial is not None else (None, None, None)
+    q_t, k_t, v_t = temporal.values() if temporal is not None else (None, None, None)
+    options = dict(scale=scale, temporal_causal=causal, temporal_window=window,
+                   temporal_grad_window=grad_window)
+    return FusedAttentionFunction.apply(kernels, options, q_s, k_s, v_s, q_t, k_t, v_t)
+
+
+def parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, *, scale=None, temporal_causal=False,
+                          temporal_window=None, temporal_grad_window=None, backend="auto"):
+    """Spatial attention plus temporal attention, summed: the fused Mobius attention.
+
+    All six inputs have shape (B, T, S, H, D), one dtype (float16, bfloat16 or float32), one device, and a
+    last-dimension stride of 1 (views of a packed (B, T, S, 6, H, D) projection work without copies).
+    Returns (B, T, S, H, D) in the input dtype. See the module docstring for the exact semantics.
+    """
+    return _attention(dict(q_s=q_s, k_s=k_s, v_s=v_s), dict(q_t=q_t, k_t=k_t, v_t=v_t), scale=scale,
+                      causal=temporal_causal, window=check_window("temporal_window", temporal_window),
+                      grad_window=check_window("temporal_grad_window", temporal_grad_window), backend=backend)
+
+
+def temporal_attention(q, k, v, *, scale=None, causal=False, window=None, grad_window=None, backend="auto"):
+    """The temporal branch alone: each token attends over frames. Inputs and options as parallel_st_attention."""
+    return _attention(None, dict(q=q, k=k, v=v), scale=scale, causal=causal,
+                      window=check_window("window", window), grad_window=check_window("grad_window", grad_window),
+                      backend=backend)
+
+
+def spatial_attention(q, k, v, *, scale=None, backend="auto"):
+    """The spatial branch alone: each frame's tokens attend to each other. Inputs as parallel_st_attention."""
+    return _attention(dict(q=q, k=k, v=v), None, scale=scale, causal=False, window=None, grad_window=None,
+                      backend=backend)

@@ -1,0 +1,118 @@
+"""Backend selection for pychop's fused ops.
+
+Backends: ``"torch"`` (pure PyTorch, the reference semantics, always available), ``"triton"`` (the Triton
+kernels in ``pychop.kernels``), ``"cuda"`` and ``"cpp"`` (the GPU and CPU kernels of the extension
+``pychop._C``), and ``"auto"``, which takes the first available backend of the preference list for the
+tensors' device type. The environment variable ``PYCHOP_BACKEND`` replaces ``"auto"`` (an explicit
+``backend=`` argument always wins). Asking for a backend that cannot run raises ``BackendUnavailable`` with
+the reason.
+
+A fused backend is a module with the kernel interface of ``pychop.ops.attention``: ``forward(...)`` and
+``backward(...)`` on the (B, T, S, H, D) layout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda", "cpp")
+ENV_VAR = "PYCHOP_BACKEND"
+
+# Fastest first, per device type. Device types not listed get the torch backend.
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why."""
+
+
+def _import_if_present(module_name: str, backend: str) -> ModuleType:
+    if importlib.util.find_spec(module_name) is None:
+        raise BackendUnavailable(f"backend {backend!r}: {module_name} is not part of this installation")
+    return importlib.import_module(module_name)
+
+
+def _load_triton(device: torch.device) -> ModuleType:
+    if importlib.util.find_spec("triton") is None:
+        raise BackendUnavailable("backend 'triton': Triton is not installed (pip install triton)")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailable(
+            f"backend 'triton': Triton kernels need CUDA tensors, these are on {device.type} (set "
+            f"TRITON_INTERPRET=1 before Triton is imported to run them, slowly, in Triton's CPU interpreter)")
+    return _import_if_present("pychop.kernels.parallel_st_attention", "triton")
+
+
+def _load_extension(device: torch.device, backend: str) -> ModuleType:
+    wanted = "cuda" if backend == "cuda" else "cpu"
+    if device.type != wanted:
+        raise BackendUnavailable(f"backend {backend!r} runs on {wanted} tensors, these are on {device.type}")
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("backend 'cuda': no CUDA GPU is available")
+    module = _import_if_present("pychop.ops.extension_attention", backend)
+    module.ensure_available(backend)  # builds or loads pychop._C; raises BackendUnavailable with the reason
+    return module
+
+
+_LOADERS: Dict[str, Callable[[torch.device], ModuleType]] = {
+    "triton": _load_triton,
+    "cuda": lambda device: _load_extension(device, "cuda"),
+    "cpp": lambda device: _load_extension(device, "cpp"),
+}
+
+# (backend, device type) -> kernel module, or the BackendUnavailable raised while loading it.
+_cache: Dict[Tuple[str, str], object] = {}
+
+
+def load(backend: str, device: torch.device) -> Optional[ModuleType]:
+    """The kernel module of a fused backend (None for ``"torch"``); raises ``BackendUnavailable``."""
+    if backend == "torch":
+        return None
+    key = (backend, device.type)
+    if key not in _cache:
+        try:
+            _cache[key] = _LOADERS[backend](device)
+        except BackendUnavailable as error:
+            _cache[key] = error
+    found = _cache[key]
+    if isinstance(found, BackendUnavailable):
+        raise found
+    return found
+
+
+def resolve(backend: str, device: torch.device) -> Tuple[str, Optional[ModuleType]]:
+    """Maps a ``backend=`` argument to (backend name, kernel module) for tensors on ``device``."""
+    if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        if backend not in BACKENDS + ("auto",):
+            raise ValueError(f"{ENV_VAR} must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend, load(backend, device)
+    for candidate in AUTO_ORDER.get(device.type, ("torch",)):
+        try:
+            return candidate, load(candidate, device)
+        except BackendUnavailable:
+            continue
+    raise AssertionError("unreachable: the torch backend is always available")
+
+
+def available(device: torch.device) -> Dict[str, Optional[str]]:
+    """For each backend, None when it can run on ``device``, else the reason it cannot."""
+    reasons: Dict[str, Optional[str]] = {}
+    for name in BACKENDS:
+        try:
+            load(name, device)
+            reasons[name] = None
+        except BackendUnavailable as error:
+            reasons[name] = str(error)
+    return reasons

@@ -1,0 +1,89 @@
+"""Input validation shared by every backend of the attention ops.
+
+Every check raises a ``ValueError`` or ``TypeError`` that names the argument and what was expected, before
+any kernel runs: no backend ever sees an input it cannot handle.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REFERENCE_DTYPES = SUPPORTED_DTYPES + (torch.float64,)  # the torch backend also runs float64
+MAX_HEAD_DIM = 256
+LAYOUT = "(B, T, S, H, D)"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_attention_inputs(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Checks a group of attention inputs of layout (B, T, S, H, D) against each other.
+
+    ``tensors`` maps argument names to tensors, in the order they were given; the first is the one the others
+    are compared with.
+    """
+    first_name, first = None, None
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {LAYOUT}, got {type(x).__name__}")
+        if x.dim() != 5:
+            raise ValueError(
+                f"{name} must have shape {LAYOUT} (batch, frames, spatial tokens, heads, head dim), "
+                f"got {x.dim()} dimensions {tuple(x.shape)}")
+        if x.dtype not in REFERENCE_DTYPES:
+            raise TypeError(f"{name} has dtype {_dtype_name(x.dtype)}; supported dtypes are float16, bfloat16 "
+                            f"and float32 (and float64 on the torch backend)")
+        if first is None:
+            first_name, first = name, x
+            B, T, S, H, D = x.shape
+            for dim_name, size in zip("BTSHD", x.shape):
+                if size < 1:
+                    raise ValueError(f"{name} has {dim_name} = {size} in shape {tuple(x.shape)}; "
+                                     f"every dimension of {LAYOUT} must be at least 1")
+            if D > MAX_HEAD_DIM:
+                raise ValueError(f"{name} has head dim D = {D}; head dims up to {MAX_HEAD_DIM} are supported")
+        else:
+            if x.shape != first.shape:
+                raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(first.shape)} "
+                                 f"like {first_name}")
+            if x.dtype != first.dtype:
+                raise TypeError(f"{name} has dtype {_dtype_name(x.dtype)}, expected "
+                                f"{_dtype_name(first.dtype)} like {first_name}")
+            if x.device != first.device:
+                raise ValueError(f"{name} is on device {x.device}, expected {first.device} like {first_name}")
+        if x.stride(-1) != 1:
+            raise ValueError(
+                f"{name} must have a last-dimension (D) stride of 1, got stride {x.stride(-1)}; views of a "
+                f"packed projection (B, T, S, n, H, D) work as they are, other layouts need .contiguous()")
+
+
+def check_kernel_dtype(name: str, dtype: torch.dtype, backend: str) -> None:
+    """Fused kernels take float16, bfloat16 and float32; float64 is for the torch backend alone."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {_dtype_name(dtype)}; backend {backend!r} supports float16, bfloat16 "
+                        f"and float32 (use backend='torch' for {_dtype_name(dtype)})")
+
+
+def check_scale(scale: Optional[float], head_dim: int) -> float:
+    """Returns the softmax scale, ``head_dim ** -0.5`` when ``scale`` is None."""
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def check_window(name: str, window: Optional[int]) -> Optional[int]:
+    """A frame window is None (no limit) or an integer >= 1."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"{name} must be an int >= 1 or None, got {window!r}")
+    if window < 1:
+        raise ValueError(f"{name} must be at least 1 (a frame always attends to itself), got {window}")
+    return window

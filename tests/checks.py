@@ -1,0 +1,101 @@
+"""Comparison harness: run an attention op forward and backward, hold it against the float64 reference.
+
+Tolerances follow FlashAttention's rule: a backend's error against the float64 reference may be at most
+ERROR_FACTOR times the error of the plain PyTorch path (the "torch" backend) in the same dtype, plus a small
+floor relative to the reference's magnitude (so that a near-exact baseline does not demand the impossible).
+The torch backend itself is held against the float64 reference with the per-dtype table TOLERANCE.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pychop
+from tests.reference import parallel_loops, spatial_loops, temporal_loops
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
+
+# Largest error of the torch backend against float64, relative to the reference's largest magnitude.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+ERROR_FACTOR = 3.0
+FLOOR = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+GRAD_NAMES = {6: ("q_s", "k_s", "v_s", "q_t", "k_t", "v_t"), 3: ("q", "k", "v")}
+
+
+def op_call(op: str, inputs, *, backend, scale=None, causal=False, window=None, grad_window=None):
+    """Calls pychop's op `op` ("parallel", "temporal" or "spatial") with neutral option names."""
+    if op == "parallel":
+        return pychop.parallel_st_attention(*inputs, scale=scale, temporal_causal=causal, temporal_window=window,
+                                            temporal_grad_window=grad_window, backend=backend)
+    if op == "temporal":
+        return pychop.temporal_attention(*inputs, scale=scale, causal=causal, window=window,
+                                         grad_window=grad_window, backend=backend)
+    assert not (causal or window or grad_window), "spatial attention takes no temporal options"
+    return pychop.spatial_attention(*inputs, scale=scale, backend=backend)
+
+
+def reference_call(op: str, inputs, *, scale=None, causal=False, window=None, grad_window=None):
+    """The float64 loop-level reference of `op` on float64 inputs."""
+    scale = inputs[0].shape[-1] ** -0.5 if scale is None else scale
+    if op == "parallel":
+        return parallel_loops(*inputs, scale, causal, window, grad_window)
+    if op == "temporal":
+        return temporal_loops(*inputs, scale, causal, window, grad_window)
+    return spatial_loops(*inputs, scale)
+
+
+def make_inputs(shape, dtype, device, count=6, *, packed=False):
+    """`count` fresh standard-normal (B, T, S, H, D) tensors. With `packed`, strided views of one
+    (B, T, S, count, H, D) projection, as a fused QKV linear layer produces them."""
+    B, T, S, H, D = shape
+    if packed:
+        qkv = torch.randn(B, T, S, count, H, D, dtype=dtype, device=device, requires_grad=True)
+        return [qkv[:, :, :, i] for i in range(count)]
+    return [torch.randn(shape, dtype=dtype, device=device, requires_grad=True) for _ in range(count)]
+
+
+def forward_backward(fn, inputs, dout=None):
+    """Runs fn(*inputs) and its backward against `dout` (fresh random when None): (out, dout, grads)."""
+    out = fn(*inputs)
+    if dout is None:
+        dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, dout, allow_unused=True)
+    return out.detach(), dout, grads
+
+
+def relative_error(actual, reference):
+    scale = reference.abs().max().clamp_min(1e-30)
+    return ((actual.double() - reference).abs().max() / scale).item()
+
+
+def assert_finite(tensor, what):
+    bad = (~torch.isfinite(tensor)).sum().item()
+    assert bad == 0, f"{what}: {bad} non-finite elements (outputs are NaN-poisoned: unwritten elements show)"
+
+
+def check_against_reference(op, backend, shape, dtype, device, seed, *, packed=False, **options):
+    """Forward and every input gradient of `backend` against float64, within the rule of this module."""
+    count = 3 if op in ("temporal", "spatial") else 6
+    inputs = make_inputs(shape, dtype, device, count, packed=packed)
+    out, dout, grads = forward_backward(lambda *x: op_call(op, x, backend=backend, **options), inputs)
+    base_out, _, base_grads = forward_backward(lambda *x: op_call(op, x, backend="torch", **options),
+                                               inputs, dout)
+    inputs64 = [x.detach().double().requires_grad_() for x in inputs]
+    ref_out, _, ref_grads = forward_backward(lambda *x: reference_call(op, x, **options), inputs64,
+                                             dout.double())
+    context = f"{op} backend={backend} shape={shape} dtype={dtype} options={options} packed={packed} seed={seed}"
+    names = ("out",) + GRAD_NAMES[count]
+    for name, actual, baseline, reference in zip(names, (out, *grads), (base_out, *base_grads),
+                                                 (ref_out, *ref_grads)):
+        if reference is None:  # the loop reference left this input out of the graph: its gradient is zero
+            reference = torch.zeros(inputs[0].shape, dtype=torch.float64, device=device)
+        assert actual is not None, f"{name} has no gradient: {context}"
+        assert_finite(actual, f"{name} of {context}")
+        error = relative_error(actual, reference)
+        base_error = relative_error(baseline, reference) if baseline is not None else 0.0
+        bound = ERROR_FACTOR * base_error + FLOOR[dtype]
+        assert error <= bound, (f"{name}: relative error {error:.3g} > {bound:.3g} = {ERROR_FACTOR} x torch-path "
+                                f"error {base_error:.3g} + {FLOOR[dtype]:g}; {context}")

@@ -1,0 +1,66 @@
+"""Bad input gets an error that names the argument and what was expected, on every backend."""
+
+import pytest
+import torch
+
+import pychop
+from pychop.ops import BACKENDS
+
+SHAPE = (1, 3, 4, 2, 8)
+
+
+def six(**overrides):
+    tensors = {name: torch.randn(SHAPE) for name in ("q_s", "k_s", "v_s", "q_t", "k_t", "v_t")}
+    tensors.update(overrides)
+    return tensors
+
+
+@pytest.mark.parametrize("backend", ("auto",) + BACKENDS)
+@pytest.mark.parametrize("overrides, error, pattern", [
+    ({"k_t": torch.randn(1, 3, 4, 2)}, ValueError, r"k_t must have shape \(B, T, S, H, D\).*4 dimensions"),
+    ({"v_s": torch.randn(1, 3, 5, 2, 8)}, ValueError, r"v_s has shape \(1, 3, 5, 2, 8\), expected \(1, 3, 4, 2, 8\)"),
+    ({"q_t": torch.randn(SHAPE, dtype=torch.float16)}, TypeError, r"q_t has dtype float16, expected float32"),
+    ({"k_s": torch.randn(SHAPE).to(torch.int32)}, TypeError, r"k_s has dtype int32; supported dtypes"),
+    ({"v_t": torch.randn(1, 3, 4, 8, 2).transpose(-1, -2)}, ValueError, r"v_t must have a last-dimension \(D\) stride of 1"),
+    ({"q_s": [1.0]}, TypeError, r"q_s must be a torch.Tensor"),
+    ({k: torch.randn(1, 3, 4, 2, 257) for k in ("q_s", "k_s", "v_s", "q_t", "k_t", "v_t")}, ValueError,
+     r"q_s has head dim D = 257; head dims up to 256"),
+    ({k: torch.randn(1, 0, 4, 2, 8) for k in ("q_s", "k_s", "v_s", "q_t", "k_t", "v_t")}, ValueError,
+     r"q_s has T = 0 .* must be at least 1"),
+], ids=["rank", "shape", "mixed-dtype", "int-dtype", "stride", "not-tensor", "head-dim", "no-frames"])
+def test_bad_tensors(backend, overrides, error, pattern):
+    with pytest.raises(error, match=pattern):
+        pychop.parallel_st_attention(**six(**overrides), backend=backend)
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    ({"temporal_window": 0}, ValueError, r"temporal_window must be at least 1"),
+    ({"temporal_grad_window": -2}, ValueError, r"temporal_grad_window must be at least 1"),
+    ({"temporal_window": 2.5}, TypeError, r"temporal_window must be an int >= 1 or None"),
+    ({"scale": float("nan")}, ValueError, r"scale must be a finite number"),
+    ({"backend": "fastest"}, ValueError, r"backend must be one of"),
+])
+def test_bad_options(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        pychop.parallel_st_attention(**six(), **kwargs)
+
+
+def test_single_branch_errors_use_their_own_argument_names():
+    q, k, v = (torch.randn(SHAPE) for _ in range(3))
+    with pytest.raises(ValueError, match=r"^window must be at least 1"):
+        pychop.temporal_attention(q, k, v, window=0)
+    with pytest.raises(ValueError, match=r"^v has shape"):
+        pychop.spatial_attention(q, k, torch.randn(1, 3, 4, 2, 4))
+
+
+@pytest.mark.gpu
+def test_mixed_devices():
+    with pytest.raises(ValueError, match=r"k_t is on device cuda:0, expected cpu like q_s"):
+        pychop.parallel_st_attention(**six(k_t=torch.randn(SHAPE, device="cuda")))
+
+
+def test_float64_only_on_torch_backend():
+    tensors = {k: v.double() for k, v in six().items()}
+    assert pychop.parallel_st_attention(**tensors).dtype == torch.float64  # auto picks torch for float64
+    with pytest.raises(TypeError, match=r"backend 'triton' supports float16, bfloat16 and float32"):
+        pychop.parallel_st_attention(**tensors, backend="triton")
