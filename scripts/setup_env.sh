@@ -3,8 +3,8 @@
 #
 # - A machine whose python already has a CUDA build of torch (a GPU machine, possibly with no network):
 #   installs the checkout into that python with no downloads.
-# - Otherwise: a virtual environment in .venv with torch 2.13.0 (the CPU build, where one is at hand), Triton and
-#   the test and benchmark extras. Re-running reuses it.
+# - Otherwise: a virtual environment in .venv with torch 2.13.0 (the CPU build, where one is at hand), Triton 3.6.0
+#   and pychop with its test, benchmark and diffusers extras. Re-running reuses it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -21,9 +21,10 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip setuptools wheel >&2
 fi
-if ! .venv/bin/python -c "import torch, triton, pytest, hypothesis, matplotlib" 2>/dev/null; then
-    echo "setup: installing torch 2.13.0 (CPU), triton 3.6.0 and the test and benchmark extras into .venv" >&2
+if ! .venv/bin/python -c "import torch, triton" 2>/dev/null; then
+    echo "setup: installing torch 2.13.0 (CPU build) and triton 3.6.0 into .venv" >&2
     .venv/bin/python -m pip install -q torch==2.13.0 triton==3.6.0 >&2
 fi
-.venv/bin/python -m pip install -q -e ".[test,bench]" >&2
+echo "setup: installing pychop (editable) with its test, bench and diffusers extras" >&2
+.venv/bin/python -m pip install -q -e ".[test,bench,diffusers]" >&2
 echo "$PWD/.venv/bin/python"
