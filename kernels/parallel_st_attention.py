@@ -53,10 +53,11 @@ LN2 = 0.6931471805599453
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile_offsets(b, t, h, offs_s, offs_d, stride_b, stride_t, stride_s, stride_h):
-    """Element offsets of rows `offs_s` (tokens) x columns `offs_d` of (b, t, :, h, :); base in int64."""
+def _tile(X, b, t, h, offs_s, offs_d, stride_b, stride_t, stride_s, stride_h):
+    """Pointers to rows `offs_s` (tokens) x columns `offs_d` of X[b, t, :, h, :]: an int64 offset to the
+    (b, t, h) slice, int32 offsets within it."""
     base = tl.cast(b, tl.int64) * stride_b + tl.cast(t, tl.int64) * stride_t + tl.cast(h, tl.int64) * stride_h
-    return base + offs_s[:, None] * stride_s + offs_d[None, :]
+    return X + base + (offs_s[:, None] * stride_s + offs_d[None, :])
 
 
 @triton.jit
@@ -96,7 +97,7 @@ def _forward_kernel(
     stats = _row_offsets(b, t, h, offs_m, T, H, S)
 
     if HAS_SPATIAL:
-        q = tl.load(Qs + _tile_offsets(b, t, h, offs_m, offs_d, sqs_b, sqs_t, sqs_s, sqs_h), mask=tile_ok, other=0.0)
+        q = tl.load(_tile(Qs, b, t, h, offs_m, offs_d, sqs_b, sqs_t, sqs_s, sqs_h), mask=tile_ok, other=0.0)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -104,8 +105,10 @@ def _forward_kernel(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             key_ok = offs_n < S
             kv_ok = key_ok[:, None] & (offs_d[None, :] < D)
-            k = tl.load(Ks + _tile_offsets(b, t, h, offs_n, offs_d, sks_b, sks_t, sks_s, sks_h), mask=kv_ok, other=0.0)
-            v = tl.load(Vs + _tile_offsets(b, t, h, offs_n, offs_d, svs_b, svs_t, svs_s, svs_h), mask=kv_ok, other=0.0)
+            k = tl.load(_tile(Ks, b, t, h, offs_n, offs_d, sks_b, sks_t, sks_s, sks_h), mask=kv_ok,
+                        other=0.0)
+            v = tl.load(_tile(Vs, b, t, h, offs_n, offs_d, svs_b, svs_t, svs_s, svs_h), mask=kv_ok,
+                        other=0.0)
             s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
             s = tl.where(key_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -120,14 +123,16 @@ def _forward_kernel(
     if HAS_TEMPORAL:
         first = tl.maximum(t - window + 1, 0)
         last = t + 1 if CAUSAL else T
-        q = tl.load(Qt + _tile_offsets(b, t, h, offs_m, offs_d, sqt_b, sqt_t, sqt_s, sqt_h), mask=tile_ok,
+        q = tl.load(_tile(Qt, b, t, h, offs_m, offs_d, sqt_b, sqt_t, sqt_s, sqt_h), mask=tile_ok,
                     other=0.0).to(tl.float32)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for u in range(first, last):
-            k = tl.load(Kt + _tile_offsets(b, u, h, offs_m, offs_d, skt_b, skt_t, skt_s, skt_h), mask=tile_ok, other=0.0)
-            v = tl.load(Vt + _tile_offsets(b, u, h, offs_m, offs_d, svt_b, svt_t, svt_s, svt_h), mask=tile_ok, other=0.0)
+            k = tl.load(_tile(Kt, b, u, h, offs_m, offs_d, skt_b, skt_t, skt_s, skt_h), mask=tile_ok,
+                        other=0.0)
+            v = tl.load(_tile(Vt, b, u, h, offs_m, offs_d, svt_b, svt_t, svt_s, svt_h), mask=tile_ok,
+                        other=0.0)
             s = tl.sum(q * k.to(tl.float32), 1) * qk_scale
             m_new = tl.maximum(m_i, s)
             p = tl.exp2(s - m_new)
@@ -138,7 +143,7 @@ def _forward_kernel(
         out += acc / l_i[:, None]
         tl.store(LseT + stats, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
 
-    tl.store(Out + _tile_offsets(b, t, h, offs_m, offs_d, so_b, so_t, so_s, so_h), out.to(Out.dtype.element_ty),
+    tl.store(_tile(Out, b, t, h, offs_m, offs_d, so_b, so_t, so_s, so_h), out.to(Out.dtype.element_ty),
              mask=tile_ok)
 
 
@@ -161,8 +166,7 @@ def _backward_query_kernel(
     tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
     qk_scale = scale * 1.4426950408889634
     stats = _row_offsets(b, t, h, offs_m, T, H, S)
-    grad_tile = _tile_offsets(b, t, h, offs_m, offs_d, sg_b, sg_t, sg_s, sg_h)
-    do = tl.load(DOut + _tile_offsets(b, t, h, offs_m, offs_d, sdo_b, sdo_t, sdo_s, sdo_h), mask=tile_ok, other=0.0)
+    do = tl.load(_tile(DOut, b, t, h, offs_m, offs_d, sdo_b, sdo_t, sdo_s, sdo_h), mask=tile_ok, other=0.0)
     delta_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
     if HAS_TEMPORAL:
@@ -170,16 +174,16 @@ def _backward_query_kernel(
         # accumulate sum p dp k and sum p k, and combine once delta is known.
         first = tl.maximum(t - window + 1, 0)
         last = t + 1 if CAUSAL else T
-        q = tl.load(Qt + _tile_offsets(b, t, h, offs_m, offs_d, sqt_b, sqt_t, sqt_s, sqt_h), mask=tile_ok,
+        q = tl.load(_tile(Qt, b, t, h, offs_m, offs_d, sqt_b, sqt_t, sqt_s, sqt_h), mask=tile_ok,
                     other=0.0).to(tl.float32)
         do_f = do.to(tl.float32)
         lse = tl.load(LseT + stats, mask=row_ok, other=0.0) * 1.4426950408889634
         pdpk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for u in range(first, last):
-            k = tl.load(Kt + _tile_offsets(b, u, h, offs_m, offs_d, skt_b, skt_t, skt_s, skt_h), mask=tile_ok,
+            k = tl.load(_tile(Kt, b, u, h, offs_m, offs_d, skt_b, skt_t, skt_s, skt_h), mask=tile_ok,
                         other=0.0).to(tl.float32)
-            v = tl.load(Vt + _tile_offsets(b, u, h, offs_m, offs_d, svt_b, svt_t, svt_s, svt_h), mask=tile_ok,
+            v = tl.load(_tile(Vt, b, u, h, offs_m, offs_d, svt_b, svt_t, svt_s, svt_h), mask=tile_ok,
                         other=0.0).to(tl.float32)
             p = tl.exp2(tl.sum(q * k, 1) * qk_scale - lse)
             pdp = p * tl.sum(do_f * v, 1)
@@ -187,28 +191,29 @@ def _backward_query_kernel(
             pdpk += pdp[:, None] * k
             pk += p[:, None] * k
         dq = (pdpk - delta_t[:, None] * pk) * scale
-        tl.store(DQt + grad_tile, dq.to(DQt.dtype.element_ty), mask=tile_ok)
+        tl.store(_tile(DQt, b, t, h, offs_m, offs_d, sg_b, sg_t, sg_s, sg_h), dq.to(DQt.dtype.element_ty), mask=tile_ok)
         tl.store(DeltaT + stats, delta_t, mask=row_ok)
 
     if HAS_SPATIAL:
-        o = tl.load(Out + _tile_offsets(b, t, h, offs_m, offs_d, so_b, so_t, so_s, so_h), mask=tile_ok, other=0.0)
+        o = tl.load(_tile(Out, b, t, h, offs_m, offs_d, so_b, so_t, so_s, so_h), mask=tile_ok, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1) - delta_t  # rowsum(dO * o_s)
         tl.store(DeltaS + stats, delta, mask=row_ok)
-        q = tl.load(Qs + _tile_offsets(b, t, h, offs_m, offs_d, sqs_b, sqs_t, sqs_s, sqs_h), mask=tile_ok, other=0.0)
+        q = tl.load(_tile(Qs, b, t, h, offs_m, offs_d, sqs_b, sqs_t, sqs_s, sqs_h), mask=tile_ok, other=0.0)
         lse = tl.load(LseS + stats, mask=row_ok, other=0.0) * 1.4426950408889634
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for start_n in range(0, S, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             key_ok = offs_n < S
             kv_ok = key_ok[:, None] & (offs_d[None, :] < D)
-            k = tl.load(Ks + _tile_offsets(b, t, h, offs_n, offs_d, sks_b, sks_t, sks_s, sks_h), mask=kv_ok, other=0.0)
-            v = tl.load(Vs + _tile_offsets(b, t, h, offs_n, offs_d, svs_b, svs_t, svs_s, svs_h), mask=kv_ok, other=0.0)
+            k = tl.load(_tile(Ks, b, t, h, offs_n, offs_d, sks_b, sks_t, sks_s, sks_h), mask=kv_ok, other=0.0)
+            v = tl.load(_tile(Vs, b, t, h, offs_n, offs_d, svs_b, svs_t, svs_s, svs_h), mask=kv_ok, other=0.0)
             s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
             p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = _mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)
             ds = p * (dp - delta[:, None])
             dq += _mma(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
-        tl.store(DQs + grad_tile, (dq * scale).to(DQs.dtype.element_ty), mask=tile_ok)
+        tl.store(_tile(DQs, b, t, h, offs_m, offs_d, sg_b, sg_t, sg_s, sg_h),
+                 (dq * scale).to(DQs.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -229,19 +234,18 @@ def _backward_key_kernel(
     key_ok = offs_n < S
     tile_ok = key_ok[:, None] & (offs_d[None, :] < D)
     qk_scale = scale * 1.4426950408889634
-    grad_tile = _tile_offsets(b, t, h, offs_n, offs_d, sg_b, sg_t, sg_s, sg_h)
 
     if HAS_SPATIAL:
-        k = tl.load(Ks + _tile_offsets(b, t, h, offs_n, offs_d, sks_b, sks_t, sks_s, sks_h), mask=tile_ok, other=0.0)
-        v = tl.load(Vs + _tile_offsets(b, t, h, offs_n, offs_d, svs_b, svs_t, svs_s, svs_h), mask=tile_ok, other=0.0)
+        k = tl.load(_tile(Ks, b, t, h, offs_n, offs_d, sks_b, sks_t, sks_s, sks_h), mask=tile_ok, other=0.0)
+        v = tl.load(_tile(Vs, b, t, h, offs_n, offs_d, svs_b, svs_t, svs_s, svs_h), mask=tile_ok, other=0.0)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for start_m in range(0, S, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < S
             q_ok = row_ok[:, None] & (offs_d[None, :] < D)
-            q = tl.load(Qs + _tile_offsets(b, t, h, offs_m, offs_d, sqs_b, sqs_t, sqs_s, sqs_h), mask=q_ok, other=0.0)
-            do = tl.load(DOut + _tile_offsets(b, t, h, offs_m, offs_d, sdo_b, sdo_t, sdo_s, sdo_h), mask=q_ok,
+            q = tl.load(_tile(Qs, b, t, h, offs_m, offs_d, sqs_b, sqs_t, sqs_s, sqs_h), mask=q_ok, other=0.0)
+            do = tl.load(_tile(DOut, b, t, h, offs_m, offs_d, sdo_b, sdo_t, sdo_s, sdo_h), mask=q_ok,
                          other=0.0)
             stats = _row_offsets(b, t, h, offs_m, T, H, S)
             lse = tl.load(LseS + stats, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -252,23 +256,24 @@ def _backward_key_kernel(
             dp_t = _mma(v, tl.trans(do), DOT_PRECISION, UPCAST_DOT)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += _mma(ds_t.to(q.dtype), q, DOT_PRECISION, UPCAST_DOT)
-        tl.store(DKs + grad_tile, (dk * scale).to(DKs.dtype.element_ty), mask=tile_ok)
-        tl.store(DVs + grad_tile, dv.to(DVs.dtype.element_ty), mask=tile_ok)
+        tl.store(_tile(DKs, b, t, h, offs_n, offs_d, sg_b, sg_t, sg_s, sg_h),
+                 (dk * scale).to(DKs.dtype.element_ty), mask=tile_ok)
+        tl.store(_tile(DVs, b, t, h, offs_n, offs_d, sg_b, sg_t, sg_s, sg_h), dv.to(DVs.dtype.element_ty), mask=tile_ok)
 
     if HAS_TEMPORAL:
         # Query frames u that attend to key frame t, within the window and the gradient band.
         first = t if CAUSAL else 0
         last = tl.minimum(t + band, T)
-        k = tl.load(Kt + _tile_offsets(b, t, h, offs_n, offs_d, skt_b, skt_t, skt_s, skt_h), mask=tile_ok,
+        k = tl.load(_tile(Kt, b, t, h, offs_n, offs_d, skt_b, skt_t, skt_s, skt_h), mask=tile_ok,
                     other=0.0).to(tl.float32)
-        v = tl.load(Vt + _tile_offsets(b, t, h, offs_n, offs_d, svt_b, svt_t, svt_s, svt_h), mask=tile_ok,
+        v = tl.load(_tile(Vt, b, t, h, offs_n, offs_d, svt_b, svt_t, svt_s, svt_h), mask=tile_ok,
                     other=0.0).to(tl.float32)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for u in range(first, last):
-            q = tl.load(Qt + _tile_offsets(b, u, h, offs_n, offs_d, sqt_b, sqt_t, sqt_s, sqt_h), mask=tile_ok,
+            q = tl.load(_tile(Qt, b, u, h, offs_n, offs_d, sqt_b, sqt_t, sqt_s, sqt_h), mask=tile_ok,
                         other=0.0).to(tl.float32)
-            do = tl.load(DOut + _tile_offsets(b, u, h, offs_n, offs_d, sdo_b, sdo_t, sdo_s, sdo_h), mask=tile_ok,
+            do = tl.load(_tile(DOut, b, u, h, offs_n, offs_d, sdo_b, sdo_t, sdo_s, sdo_h), mask=tile_ok,
                          other=0.0).to(tl.float32)
             stats = _row_offsets(b, u, h, offs_n, T, H, S)
             lse = tl.load(LseT + stats, mask=key_ok, other=0.0) * 1.4426950408889634
@@ -277,8 +282,9 @@ def _backward_key_kernel(
             dv += p[:, None] * do
             ds = p * (tl.sum(do * v, 1) - delta)
             dk += ds[:, None] * q
-        tl.store(DKt + grad_tile, (dk * scale).to(DKt.dtype.element_ty), mask=tile_ok)
-        tl.store(DVt + grad_tile, dv.to(DVt.dtype.element_ty), mask=tile_ok)
+        tl.store(_tile(DKt, b, t, h, offs_n, offs_d, sg_b, sg_t, sg_s, sg_h),
+                 (dk * scale).to(DKt.dtype.element_ty), mask=tile_ok)
+        tl.store(_tile(DVt, b, t, h, offs_n, offs_d, sg_b, sg_t, sg_s, sg_h), dv.to(DVt.dtype.element_ty), mask=tile_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
