@@ -2,7 +2,14 @@
 
 At each shape: forward and forward+backward time, TFLOP/s and peak memory of every available backend of
 ``pychop.parallel_st_attention`` (the ``torch`` backend is the unfused reference: two SDPA calls on permuted
-copies, then a sum), beside the spatial and the temporal SDPA call alone on contiguous inputs.
+copies, then a sum), beside the spatial and the temporal SDPA call alone on contiguous inputs, and each fused
+backend's spatial branch alone (``pychop.spatial_attention``) against the spatial SDPA call.
+
+Then a sweep of the temporal branch (``pychop.temporal_attention``, causal) over T = 8 ... 256 with the
+gradient window k in {1, 4, T}: the backward splits into the query-side kernel (dq: every key frame of the
+causal range, T^2 / 2 row dot products per token, whatever k) and the key-side kernel (dk, dv: only the
+k-frame band, T * k). On a GPU the per-kernel times come from the profiler (kernels whose name has "key" or
+"query" in it); the sweep is skipped on the CPU.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import torch.nn.functional as F
 
 import pychop
 
-DESCRIPTION = "parallel spatial-temporal attention: fused backends vs the unfused reference"
+DESCRIPTION = "parallel spatial-temporal attention: fused backends vs the unfused reference; T sweep of grad window"
 
 # name: (B, T, h, w, H, D); S = h * w. DESIGN.md's shapes, bf16 on the GPU.
 GPU_SHAPES = {
@@ -27,6 +34,10 @@ CPU_SHAPES = {
     "cpu-a": (1, 8, 8, 8, 2, 32),
     "cpu-b": (2, 4, 6, 6, 4, 40),
 }
+# T sweep of the temporal branch with a causal grad window: (B, S, H, D), then the frame counts.
+SWEEP_SHAPE = (1, 32 * 32, 8, 64)
+SWEEP_FRAMES = (8, 16, 32, 64, 128, 256)
+SWEEP_WINDOWS = (1, 4, None)  # None: k = T, full backpropagation
 
 
 def attention_flops(B, T, S, H, D, *, spatial=True, temporal=True, backward=False):
@@ -52,38 +63,92 @@ def measure(ctx, label, fn, inputs, flops_fwd, reference=None):
            "fwd_tflops": flops_fwd / fwd_ms * 1e-9, "fwdbwd_tflops": 3.5 * flops_fwd / fwdbwd_ms * 1e-9,
            "peak_mb": ctx.peak_memory_mb(both)}
     if reference is not None:
+        row["vs"] = reference["impl"]
         row["fwd_speedup"] = reference["fwd_ms"] / fwd_ms
         row["fwdbwd_speedup"] = reference["fwdbwd_ms"] / fwdbwd_ms
     return row
 
 
-def run(ctx):
-    dtype = torch.bfloat16 if ctx.on_gpu else torch.float32
+def fused_backends(ctx):
+    return [name for name, reason in pychop.available_backends(ctx.device).items()
+            if reason is None and name != "torch"]
+
+
+def shape_rows(ctx, dtype):
     shapes = GPU_SHAPES if ctx.on_gpu else CPU_SHAPES
-    fused = [name for name, reason in pychop.available_backends(ctx.device).items()
-             if reason is None and name != "torch"]
     rows = []
     for shape_name in ctx.progress(shapes, "attention shapes"):
         B, T, h, w, H, D = shapes[shape_name]
         S = h * w
         make = lambda *size: torch.randn(*size, device=ctx.device, dtype=dtype, requires_grad=True)
         inputs = [make(B, T, S, H, D) for _ in range(6)]
-        flops = attention_flops(B, T, S, H, D)
-        shape_rows = []
+        flops, spatial_flops = attention_flops(B, T, S, H, D), attention_flops(B, T, S, H, D, temporal=False)
         reference = measure(ctx, "reference", lambda *x: pychop.parallel_st_attention(*x, backend="torch"),
                             inputs, flops)
-        shape_rows.append(reference)
-        for backend in fused:
-            fn = lambda *x, backend=backend: pychop.parallel_st_attention(*x, backend=backend)
-            shape_rows.append(measure(ctx, backend, fn, inputs, flops, reference))
         spatial = [make(B * T, H, S, D) for _ in range(3)]
-        shape_rows.append(measure(ctx, "sdpa spatial", F.scaled_dot_product_attention, spatial,
-                                  attention_flops(B, T, S, H, D, temporal=False)))
+        sdpa_spatial = measure(ctx, "sdpa spatial", F.scaled_dot_product_attention, spatial, spatial_flops)
         temporal = [make(B * S, H, T, D) for _ in range(3)]
-        shape_rows.append(measure(ctx, "sdpa temporal", F.scaled_dot_product_attention, temporal,
-                                  attention_flops(B, T, S, H, D, spatial=False)))
-        rows += [{"shape": shape_name, "B,T,S,H,D": f"{B},{T},{S},{H},{D}", **row} for row in shape_rows]
+        found = [reference]
+        for backend in fused_backends(ctx):
+            fn = lambda *x, backend=backend: pychop.parallel_st_attention(*x, backend=backend)
+            found.append(measure(ctx, backend, fn, inputs, flops, reference))
+            fn = lambda *x, backend=backend: pychop.spatial_attention(*x, backend=backend)
+            found.append(measure(ctx, f"{backend} spatial", fn, inputs[:3], spatial_flops, sdpa_spatial))
+        found += [sdpa_spatial, measure(ctx, "sdpa temporal", F.scaled_dot_product_attention, temporal,
+                                        attention_flops(B, T, S, H, D, spatial=False))]
+        rows += [{"shape": shape_name, "B,T,S,H,D": f"{B},{T},{S},{H},{D}", **row} for row in found]
     return rows
+
+
+def kernel_times_ms(fn, words, repeats=10):
+    """Mean GPU milliseconds per call of fn() spent in kernels whose name contains each word (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    totals = dict.fromkeys(words, 0.0)
+    for event in prof.key_averages():
+        for word in words:
+            if word in event.key:
+                totals[word] += event.device_time_total / 1e3 / repeats  # microseconds in total -> ms per call
+    return totals
+
+
+def sweep_rows(ctx, dtype):
+    """Causal temporal attention over T with grad window k in {1, 4, T}: backward time and its split."""
+    if not ctx.on_gpu:
+        return [{"sweep": "T x grad window", "note": "skipped on the CPU: needs a GPU (interpreter timings "
+                                                     "say nothing of kernel cost)"}]
+    B, S, H, D = SWEEP_SHAPE
+    rows = []
+    for backend in fused_backends(ctx) + ["torch"]:
+        for T in ctx.progress(SWEEP_FRAMES, f"T sweep ({backend})"):
+            inputs = [torch.randn(B, T, S, H, D, device=ctx.device, dtype=dtype, requires_grad=True)
+                      for _ in range(3)]
+            dout = torch.randn(B, T, S, H, D, device=ctx.device, dtype=dtype)
+            for k in SWEEP_WINDOWS:
+                fn = lambda *x, k=k, backend=backend: pychop.temporal_attention(*x, causal=True, grad_window=k,
+                                                                                backend=backend)
+                fwd_ms = ctx.time_ms(lambda: fn(*inputs))
+                both = fwd_bwd(fn, inputs, dout)
+                fwdbwd_ms = ctx.time_ms(both)
+                row = {"sweep": "T x grad window", "impl": backend, "T": T, "k": "T" if k is None else k,
+                       "fwd_ms": fwd_ms, "bwd_ms": fwdbwd_ms - fwd_ms, "fwdbwd_ms": fwdbwd_ms,
+                       "peak_mb": ctx.peak_memory_mb(both)}
+                if backend != "torch":
+                    split = kernel_times_ms(both, ("query", "key"))
+                    row["bwd_dq_kernel_ms"], row["bwd_dkdv_kernel_ms"] = split["query"], split["key"]
+                rows.append(row)
+    return rows
+
+
+def run(ctx):
+    dtype = torch.bfloat16 if ctx.on_gpu else torch.float32
+    return shape_rows(ctx, dtype) + sweep_rows(ctx, dtype)
 
 
 def plot(rows, path):
@@ -91,18 +156,33 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = list(dict.fromkeys(row["shape"] for row in rows))
-    impls = list(dict.fromkeys(row["impl"] for row in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    shaped = [row for row in rows if "shape" in row]
+    swept = [row for row in rows if "T" in row]
+    shapes = list(dict.fromkeys(row["shape"] for row in shaped))
+    impls = list(dict.fromkeys(row["impl"] for row in shaped))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4))
     for ax, key in zip(axes, ("fwd_ms", "fwdbwd_ms")):
         width = 0.8 / len(impls)
         for i, impl in enumerate(impls):
-            values = [next((r[key] for r in rows if r["shape"] == s and r["impl"] == impl), 0) for s in shapes]
+            values = [next((r[key] for r in shaped if r["shape"] == s and r["impl"] == impl), 0) for s in shapes]
             ax.bar([x + i * width for x in range(len(shapes))], values, width, label=impl)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))], shapes)
         ax.set_ylabel("ms (median)")
         ax.set_title(key.replace("_ms", "").replace("fwdbwd", "forward + backward").replace("fwd", "forward"))
     axes[0].legend()
+    ax = axes[2]
+    for impl in dict.fromkeys(row["impl"] for row in swept):
+        for k_label in dict.fromkeys(str(r["k"]) for r in swept):
+            points = [(r["T"], r["bwd_ms"]) for r in swept if r["impl"] == impl and str(r["k"]) == k_label]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{impl} k={k_label}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("frames T")
+    ax.set_ylabel("backward ms")
+    ax.set_title("causal temporal attention, grad window k")
+    if swept:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,195 @@
+"""The Triton backend against the float64 reference: forward and every gradient, every option and dtype.
+
+On a CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so sizes are
+small but odd: S = 1, 7, 33 (never a multiple of the 16-token interpreter blocks), T = 1, 3, 17, D = 40, 64,
+80, 128 (padded to 64, 128 in the kernels). The gpu tests run DESIGN.md's sizes and odd ones on a GPU.
+Outputs are NaN-poisoned (PYCHOP_POISON_OUTPUTS=1), so an element a kernel leaves unwritten fails.
+"""
+
+import pytest
+import torch
+
+import pychop
+from pychop.ops import backends
+from tests.checks import (DTYPES, ERROR_FACTOR, FLOOR, GRAD_NAMES, assert_finite, check_against_reference,
+                          forward_backward, make_inputs, op_call, reference_call, relative_error)
+
+TEMPORAL_OPTIONS = [
+    {},
+    {"causal": True},
+    {"window": 2},
+    {"causal": True, "grad_window": 1},
+    {"causal": True, "grad_window": 2},
+    {"window": 3, "grad_window": 2},
+    {"grad_window": 2},  # non-causal: keys of frames t' <= t - 2 are constants, later ones are not
+]
+DTYPE_IDS = [str(dtype).replace("torch.", "") for dtype in DTYPES]
+
+
+def triton_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=str)
+@pytest.mark.parametrize("op", ["parallel", "temporal"])
+def test_temporal_options(op, options, seed):
+    check_against_reference(op, "triton", (2, 5, 7, 1, 16), torch.float32, triton_device(), seed, **options)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("op, options", [
+    ("parallel", {}),
+    ("parallel", {"causal": True, "grad_window": 2}),
+    ("temporal", {"window": 2, "grad_window": 1}),
+    ("spatial", {}),
+], ids=["parallel", "parallel-causal-grad2", "temporal-window2-grad1", "spatial"])
+def test_dtypes_with_tokens_across_blocks(op, options, dtype, seed):
+    check_against_reference(op, "triton", (1, 3, 33, 2, 40), dtype, triton_device(), seed, **options)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("head_dim", [40, 64, 80, 128])
+def test_head_dims(head_dim, dtype, seed):
+    check_against_reference("parallel", "triton", (1, 3, 7, 1, head_dim), dtype, triton_device(), seed,
+                            causal=True, grad_window=1)
+
+
+@pytest.mark.parametrize("frames, options", [
+    (1, {}),
+    (1, {"causal": True, "grad_window": 1}),
+    (3, {"window": 2}),
+    (17, {"causal": True, "grad_window": 4}),
+    (17, {"grad_window": 3}),
+])
+def test_frame_counts(frames, options, seed):
+    check_against_reference("parallel", "triton", (1, frames, 5, 1, 40), torch.float32, triton_device(), seed,
+                            **options)
+
+
+@pytest.mark.parametrize("tokens", [2, 7, 33])
+def test_token_counts(tokens, seed):
+    check_against_reference("parallel", "triton", (2, 2, tokens, 2, 24), torch.float16, triton_device(), seed,
+                            causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("op, options", [("parallel", {"causal": True}), ("temporal", {"causal": True}),
+                                         ("spatial", {})])
+def test_single_token(op, options, dtype, seed):
+    """S = 1: the spatial q/k gradients are zero in exact arithmetic, where the relative rule of
+    check_against_reference divides by zero. Errors are measured against the largest reference gradient
+    instead, with the same ERROR_FACTOR x torch-path error + FLOOR bound."""
+    count = 6 if op == "parallel" else 3
+    inputs = make_inputs((2, 3, 1, 2, 40), dtype, triton_device(), count)
+    out, dout, grads = forward_backward(lambda *x: op_call(op, x, backend="triton", **options), inputs)
+    base_out, _, base = forward_backward(lambda *x: op_call(op, x, backend="torch", **options), inputs, dout)
+    inputs64 = [x.detach().double().requires_grad_() for x in inputs]
+    ref_out, _, reference = forward_backward(lambda *x: reference_call(op, x, **options), inputs64,
+                                             dout.double())
+    assert relative_error(out, ref_out) <= ERROR_FACTOR * relative_error(base_out, ref_out) + FLOOR[dtype]
+    reference = [torch.zeros_like(x, dtype=torch.float64) if r is None else r for x, r in zip(inputs64, reference)]
+    largest = max(r.abs().max().item() for r in reference)
+    for name, actual, baseline, expected in zip(GRAD_NAMES[count], grads, base, reference):
+        assert_finite(actual, name)
+        error = (actual.double() - expected).abs().max().item() / largest
+        base_error = (baseline.double() - expected).abs().max().item() / largest
+        bound = ERROR_FACTOR * base_error + FLOOR[dtype]
+        assert error <= bound, f"{name}: error {error:.3g} of the largest gradient > {bound:.3g} ({op} {dtype})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("op, options", [
+    ("parallel", {"window": 2, "grad_window": 1}),
+    ("temporal", {"causal": True}),
+    ("spatial", {}),
+])
+def test_packed_projection_views(op, options, dtype, seed):
+    """Strided views of one (B, T, S, n, H, D) projection: read in place, gradients land in the projection."""
+    check_against_reference(op, "triton", (1, 3, 19, 2, 40), dtype, triton_device(), seed, packed=True,
+                            **options)
+
+
+def test_strided_output_gradient(seed):
+    """An upstream gradient with unusual strides (last one 1) is read as it lies."""
+    inputs = make_inputs((1, 3, 9, 2, 16), torch.float32, triton_device(), packed=True)
+    dout = torch.randn(1, 3, 2, 9, 16, device=triton_device()).transpose(2, 3)  # (B, T, S, H, D) view
+    _, _, grads = forward_backward(lambda *x: op_call("parallel", x, backend="triton", causal=True), inputs, dout)
+    _, _, expected = forward_backward(lambda *x: op_call("parallel", x, backend="torch", causal=True), inputs,
+                                      dout)
+    for name, actual, reference in zip(GRAD_NAMES[6], grads, expected):
+        torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_kernel_interface_statistics(seed):
+    """forward() returns each branch's natural-log logsumexp of the scaled scores, (B, T, H, S) float32."""
+    kernels = backends.load("triton", torch.device(triton_device()))
+    B, T, S, H, D = 2, 4, 9, 2, 16
+    q_s, k_s, v_s, q_t, k_t, v_t = make_inputs((B, T, S, H, D), torch.float32, triton_device())
+    scale = 0.3
+    with torch.no_grad():
+        out, lse_s, lse_t = kernels.forward(q_s, k_s, v_s, q_t, k_t, v_t, scale=scale, temporal_causal=True,
+                                            temporal_window=2)
+        spatial_scores = torch.einsum("btshd,btzhd->bthsz", q_s.double(), k_s.double()) * scale
+        temporal_scores = torch.einsum("btshd,bushd->bthsu", q_t.double(), k_t.double()) * scale
+        lag = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+        allowed = ((lag >= 0) & (lag < 2)).to(temporal_scores.device)
+        temporal_scores = temporal_scores.masked_fill(~allowed[None, :, None, None, :], float("-inf"))
+    assert lse_s.shape == lse_t.shape == (B, T, H, S) and lse_s.dtype == lse_t.dtype == torch.float32
+    torch.testing.assert_close(lse_s.double(), spatial_scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_t.double(), temporal_scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    expected = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, scale=scale, temporal_window=2,
+                                            backend="torch")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    _, only_s, none_t = kernels.forward(q_s, k_s, v_s, None, None, None, scale=scale, temporal_causal=False,
+                                        temporal_window=None)
+    assert none_t is None and only_s.shape == (B, T, H, S)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU: DESIGN.md's sizes, and odd sizes against the float64 loop reference.
+# ----------------------------------------------------------------------------------------------------------
+
+DESIGN_SHAPES = {  # (B, T, S, H, D)
+    "A": (1, 16, 64 * 64, 5, 64),
+    "B": (2, 16, 32 * 32, 10, 64),
+    "C": (1, 32, 64 * 64, 8, 64),
+    "D": (1, 16, 32 * 32, 8, 128),
+    "E": (4, 64, 16 * 16, 8, 64),
+    "F": (2, 16, 32 * 32, 8, 40),
+}
+
+
+def check_against_float32_torch(shape, dtype, **options):
+    """check_against_reference's rule with the torch backend in float32 on upcast inputs as the reference
+    (the float64 loop reference would need tens of GiB at these sizes)."""
+    inputs = make_inputs(shape, dtype, "cuda")
+    out, dout, grads = forward_backward(lambda *x: op_call("parallel", x, backend="triton", **options), inputs)
+    base_out, _, base_grads = forward_backward(lambda *x: op_call("parallel", x, backend="torch", **options),
+                                               inputs, dout)
+    inputs32 = [x.detach().float().requires_grad_() for x in inputs]
+    ref_out, _, ref_grads = forward_backward(lambda *x: op_call("parallel", x, backend="torch", **options),
+                                             inputs32, dout.float())
+    for name, actual, baseline, reference in zip(("out",) + GRAD_NAMES[6], (out, *grads), (base_out, *base_grads),
+                                                 (ref_out, *ref_grads)):
+        assert_finite(actual, name)
+        error, base_error = relative_error(actual, reference.double()), relative_error(baseline, reference.double())
+        bound = ERROR_FACTOR * base_error + FLOOR[dtype]
+        assert error <= bound, f"{name}: {error:.3g} > {bound:.3g} at {shape} {dtype} {options}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [{}, {"causal": True, "grad_window": 1}, {"window": 8, "grad_window": 4}],
+                         ids=str)
+@pytest.mark.parametrize("shape_name", list(DESIGN_SHAPES))
+def test_design_shapes_gpu(shape_name, options):
+    torch.manual_seed(0)
+    check_against_float32_torch(DESIGN_SHAPES[shape_name], torch.bfloat16, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(2, 17, 333, 3, 80), (1, 3, 1000, 2, 160), (3, 1, 77, 4, 40),
+                                   (1, 5, 129, 2, 256), (2, 9, 200, 2, 128)], ids=str)
+@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=str)
+def test_odd_shapes_gpu(shape, dtype, options, seed):
+    check_against_reference("parallel", "triton", shape, dtype, "cuda", seed, packed=shape[1] == 17, **options)
