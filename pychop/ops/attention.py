@@ -52,21 +52,28 @@ def temporal_mask(num_frames: int, causal: bool, window: Optional[int], device) 
 
 
 def spatial_attention_torch(q, k, v, scale: float) -> torch.Tensor:
-    """Attention over the S tokens of each frame, via scaled_dot_product_attention on (B, T, H, S, D)."""
-    q, k, v = (x.transpose(2, 3) for x in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(2, 3)
+    """Attention over the S tokens of each frame: scaled_dot_product_attention on (B*T, H, S, D).
+
+    Four dimensions, so that SDPA can take its flash or memory-efficient kernels (on five it falls back to
+    its math path, which stores the S x S probabilities). For views of a packed projection the flatten is a
+    view too.
+    """
+    batch, frames = q.shape[:2]
+    q, k, v = (x.transpose(2, 3).flatten(0, 1) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.unflatten(0, (batch, frames)).transpose(2, 3)
 
 
 def temporal_attention_torch(q, k, v, scale: float, causal: bool, window: Optional[int],
                              grad_window: Optional[int]) -> torch.Tensor:
-    """Attention over the T frames of each token, via scaled_dot_product_attention on (B, S, H, T, D).
+    """Attention over the T frames of each token: scaled_dot_product_attention on (B*S, H, T, D).
 
     The grad window is expressed by attending to 2T keys, ``[k, k.detach()]``: a key frame in the grad
     window of the query is taken from the first half, one outside it from the second. The softmax runs over
     the same scores, so the forward is unchanged, and the detached half passes no gradient.
     """
-    q, k, v = (x.permute(0, 2, 3, 1, 4) for x in (q, k, v))
-    num_frames = q.shape[-2]
+    batch, num_frames, tokens = q.shape[:3]
+    q, k, v = (x.permute(0, 2, 3, 1, 4).flatten(0, 1) for x in (q, k, v))
     mask = temporal_mask(num_frames, causal, window, q.device)
     if grad_window is not None:
         t = torch.arange(num_frames, device=q.device)
@@ -76,7 +83,7 @@ def temporal_attention_torch(q, k, v, scale: float, causal: bool, window: Option
         k = torch.cat([k, k.detach()], dim=-2)
         v = torch.cat([v, v.detach()], dim=-2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.permute(0, 3, 1, 2, 4)
+    return out.unflatten(0, (batch, tokens)).permute(0, 3, 1, 2, 4)
 
 
 # ----------------------------------------------------------------------------------------------------------
