@@ -106,19 +106,27 @@ def test_serial_and_parallel_are_different_functions(seed):
     assert relative_error(serial(x).double(), parallel(x).double()) > 1e-3
 
 
-@pytest.mark.parametrize("backend", available_backends())
+# (device, (B, T, S, C), heads): a small CPU case; on a GPU DESIGN.md's shape B (2, 16, 32x32, H=10, D=64).
+GEOMETRY = {"cpu": (SHAPE, HEADS), "cuda": ((2, 16, 32 * 32, 640), 10)}
+BACKEND_CASES = [pytest.param("cpu", name, id=f"cpu-{name}") for name in available_backends("cpu")] + [
+    pytest.param("cuda", name, id=f"cuda-{name}", marks=pytest.mark.gpu)
+    for name in (available_backends("cuda") if torch.cuda.is_available() else ["torch"])]
+
+
+@pytest.mark.parametrize("device, backend", BACKEND_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("freeze_spatial", [False, True])
-def test_parallel_block_gradients_every_backend(backend, dtype, freeze_spatial, seed):
+def test_parallel_block_gradients_every_backend(device, backend, dtype, freeze_spatial, seed):
     """Each available backend against float64, within 3x the torch backend's error in the same dtype."""
-    block = ParallelSTBlock(DIM, HEADS, backend=backend).to(dtype)
-    baseline = ParallelSTBlock(DIM, HEADS, backend="torch").to(dtype)
+    shape, heads = GEOMETRY[device]
+    block = ParallelSTBlock(shape[-1], heads, backend=backend).to(device, dtype)
+    baseline = ParallelSTBlock(shape[-1], heads, backend="torch").to(device, dtype)
     baseline.load_state_dict(block.state_dict())
     if freeze_spatial:
         block.spatial.requires_grad_(False)
         baseline.spatial.requires_grad_(False)
-    x = torch.randn(SHAPE, dtype=dtype, requires_grad=True)
-    dout = torch.randn(SHAPE, dtype=dtype)
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    dout = torch.randn(shape, dtype=dtype, device=device)
     actual, base = module_run(block, x, dout), module_run(baseline, x, dout)
     reference = reference_run(block, "parallel", x, dout)
     names = ["out", "x", *(name for name, p in block.named_parameters())]

@@ -94,3 +94,19 @@ def test_bad_input_is_named():
         model(sample, timestep, text[..., :-1])
     with pytest.raises(ValueError, match="attention must have one entry per stage"):
         VideoUNetConfig(block_channels=(32, 64), attention=(True,))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["serial", "parallel"])
+def test_realistic_training_step_on_gpu(mode):
+    """SD15_VIDEO in bf16 on a GPU: a training step runs in both forms and trains only the temporal layers."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = VideoUNet(SD15_VIDEO, mode).to(torch.bfloat16).freeze_spatial()
+    inputs = model.example_inputs(batch=1, device="cuda", dtype=torch.bfloat16)
+    out = model(*inputs)
+    assert out.shape == (1, 16, 4, 32, 32) and torch.isfinite(out).all()
+    out.float().square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
