@@ -27,8 +27,8 @@ def plain_layer_norm(x, weight, bias, eps):
     return (x - mean) / torch.sqrt(var + eps) * weight + bias
 
 
-def plain_branch(x, params, prefix, heads, axis, eps=1e-5):
-    """A(x) of one branch on (B, T, S, C) tokens; attention over S (axis 2) or over T (axis 1)."""
+def plain_branch(x, params, prefix, heads, axis, eps=1e-5, causal=False):
+    """A(x) of one branch on (B, T, S, C) tokens; attention over S (axis 2) or over T (axis 1, optionally causal)."""
     p = lambda name: params[f"{prefix}.{name}"]
     B, T, S, C = x.shape
     n = plain_layer_norm(x, p("norm.weight"), p("norm.bias"), eps)
@@ -39,7 +39,10 @@ def plain_branch(x, params, prefix, heads, axis, eps=1e-5):
         probs = (torch.einsum("btshd,btzhd->bthsz", q, k) * scale).softmax(-1)
         o = torch.einsum("bthsz,btzhd->btshd", probs, v)
     else:
-        probs = (torch.einsum("btshd,bushd->bshtu", q, k) * scale).softmax(-1)
+        scores = torch.einsum("btshd,bushd->bshtu", q, k) * scale
+        if causal:  # query frame t sees key frames u <= t
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        probs = scores.softmax(-1)
         o = torch.einsum("bshtu,bushd->btshd", probs, v)
     return torch.einsum("btsc,oc->btso", o.reshape(B, T, S, C), p("to_out.weight")) + p("to_out.bias")
 
@@ -97,6 +100,14 @@ def test_st_block_float64_matches_plain_composition(mode, seed):
     for name, actual, expected in zip(names_of(block), module_run(block, x, dout), reference_run(block, mode, x, dout)):
         assert actual is not None, f"{mode}: {name} got no gradient (seed {seed})"
         assert relative_error(actual, expected) < 1e-10, f"{mode}: {name} differs from the composition (seed {seed})"
+
+
+def test_parallel_block_passes_temporal_options(seed):
+    block = ParallelSTBlock(DIM, HEADS, backend="torch", temporal_causal=True).double()
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    expected = x + plain_branch(x, float64_copy(block), "spatial", HEADS, 2) + plain_branch(
+        x, float64_copy(block), "temporal", HEADS, 1, causal=True)
+    assert relative_error(block(x).detach(), expected.detach()) < 1e-10
 
 
 def test_serial_and_parallel_are_different_functions(seed):
