@@ -35,8 +35,11 @@ kernel launches instead of one, and one (B, T, S, C) output more held for backwa
 instead of their sum; ``o_s`` only while the spatial output projection is trainable, since ``addmm`` saves
 its input only for a weight gradient).
 
-Saved for backward by the parallel block: the input x, LayerNorm statistics, the packed projection (B, T, S,
-6C), ``o_s`` and ``o_t`` and the attention's row statistics (fused backends) or SDPA's (torch backend).
+Saved for backward by the parallel block with a fused backend: the input x and its LayerNorm statistics, the
+packed projection (B, T, S, 6C), ``o_s`` and ``o_t`` with the attention's row statistics, and the folded
+(6C, C) projection weight: about 9 (B, T, S, C) activations. The serial block with the spatial side frozen
+keeps about 11 (its input, spatial q, k, v and output, the permuted copy, the temporal LayerNorm output,
+temporal q, k, v and output).
 """
 
 from __future__ import annotations
