@@ -24,7 +24,7 @@ layers (channels 320/640/1280/1280, 8 heads, text width 768) at 16 frames.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Tuple
 
 import torch
