@@ -79,11 +79,11 @@ class AttentionBranch(nn.Module):
 
     def folded_qkv(self):
         """(weight (3C, C), bias (3C,)) of q, k, v applied to the un-affine LayerNorm output (affine folded in)."""
-        weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-        bias = weight @ self.norm.bias
-        if self.to_q.bias is not None:
-            bias = bias + torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
-        return weight * self.norm.weight, bias
+        # Per projection, so that autograd saves the parameters themselves rather than a concatenated copy.
+        projections = (self.to_q, self.to_k, self.to_v)
+        weight = torch.cat([proj.weight * self.norm.weight for proj in projections])
+        bias = torch.cat([F.linear(self.norm.bias, proj.weight, proj.bias) for proj in projections])
+        return weight, bias
 
 
 def check_tokens(x: torch.Tensor, dim: int) -> None:
