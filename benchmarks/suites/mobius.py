@@ -1,0 +1,174 @@
+"""Suite `mobius`: one training step of the reference VideoUNet, serial vs parallel (Mobius), temporal layers only.
+
+Three forms of ``pychop.models.VideoUNet`` with identical weights, spatial layers frozen (``freeze_spatial``),
+AdamW on the temporal parameters, side by side in one run:
+
+- ``serial+reference``: serial spatial-temporal blocks written the diffusers way (SDPA, the usual permutes);
+- ``parallel+reference``: parallel blocks with pychop's ``"torch"`` backend (the unfused reference attention);
+- ``parallel+fused``: parallel blocks with ``backend="auto"`` when a fused backend is available on the device
+  (otherwise the row says what was available and is left empty).
+
+Per form: the median time of a whole step (forward, backward, optimizer) and the allocator's peak above the
+weights and optimizer state. Then a saved-tensor account of one forward (``saved_tensors_hooks``): the bytes
+autograd keeps for backward, attributed to the innermost component that saved them, each storage counted
+once, parameters left out. GPU: ``SD15_VIDEO`` (a Stable-Diffusion-1.5 video UNet, 16 frames, 32x32
+latents), batch 2, bfloat16 weights. CPU: ``TINY``, batch 1, float32 (timings say nothing about a GPU).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+import pychop
+from pychop.models import SD15_VIDEO, TINY, VideoUNet
+from pychop.models.video_unet import CrossAttention, FeedForward, VideoTransformer
+from pychop.nn import ParallelSTBlock, ResConvBlock, SerialSTBlock, TemporalConv
+
+DESCRIPTION = "Mobius: VideoUNet training step, serial vs parallel spatial-temporal blocks (temporal layers trained)"
+
+FORMS = (("serial+reference", "serial", "torch"), ("parallel+reference", "parallel", "torch"),
+         ("parallel+fused", "parallel", "auto"))
+
+# Innermost match wins; the order only names the components in the table.
+COMPONENTS = ((SerialSTBlock, "st_attention"), (ParallelSTBlock, "st_attention"), (TemporalConv, "temporal_conv"),
+              (ResConvBlock, "res_conv (spatial part)"), (CrossAttention, "cross_attention"),
+              (FeedForward, "feed_forward"), (VideoTransformer, "transformer in/out"))
+
+
+def width(module) -> int:
+    """Channels of a component, to tell the UNet's levels apart in the account."""
+    for tensor in module.parameters():
+        return tensor.shape[0]
+    return 0
+
+
+def fused_backends(device):
+    reasons = pychop.available_backends(device)
+    return [name for name, reason in reasons.items() if reason is None and name != "torch"], reasons
+
+
+def build(config, mode, backend, device, dtype):
+    torch.manual_seed(0)  # the same weights in every form: the parameter structure is identical
+    with torch.device(device):
+        model = VideoUNet(config, mode, backend=backend).to(dtype)
+    return model.freeze_spatial()
+
+
+def training_step(model, inputs, target):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        out = model(*inputs)
+        F.mse_loss(out.float(), target.float()).backward()
+        optimizer.step()
+    return step
+
+
+def saved_tensor_account(model, inputs):
+    """MiB saved for backward per component during one forward (storages counted once, parameters excluded)."""
+    stack, totals, counts, seen = ["unet in/out"], defaultdict(float), defaultdict(int), set()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    handles = []
+
+    def leave(module, args, output):  # a forward hook's return value would replace the output: return None
+        stack.pop()
+
+    for module in model.modules():
+        label = next((name for cls, name in COMPONENTS if isinstance(module, cls)), None)
+        if label is not None:
+            label = f"{label} C={width(module) if label != 'res_conv (spatial part)' else module.conv2.out_channels}"
+            handles.append(module.register_forward_pre_hook(lambda m, a, label=label: stack.append(label)))
+            handles.append(module.register_forward_hook(leave))
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key not in seen and key not in params and storage.nbytes() > 0:
+            seen.add(key)
+            totals[stack[-1]] += storage.nbytes() / 2 ** 20
+            counts[stack[-1]] += 1
+        return tensor
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    del out
+    return totals, counts
+
+
+def run(ctx):
+    device = ctx.device
+    config, batch, dtype = (SD15_VIDEO, 2, torch.bfloat16) if ctx.on_gpu else (TINY, 1, torch.float32)
+    fused, reasons = fused_backends(device)
+    print(f"fused backends on {device.type}: {fused or 'none'}; "
+          + "; ".join(f"{name}: {reason}" for name, reason in reasons.items() if reason), flush=True)
+
+    rows, accounts, baseline = [], {}, None
+    for label, mode, backend in ctx.progress(FORMS, "mobius forms"):
+        row = {"table": "step", "form": label, "config": "SD15_VIDEO" if ctx.on_gpu else "TINY", "batch": batch}
+        if backend == "auto" and not fused:
+            rows.append({**row, "note": f"no fused backend on {device.type}"})
+            continue
+        model = build(config, mode, backend, device, dtype)
+        torch.manual_seed(1)
+        inputs = model.example_inputs(batch, device=device, dtype=dtype)
+        target = torch.randn(batch, config.num_frames, config.out_channels, *config.latent_size, device=device,
+                             dtype=dtype)
+        step = training_step(model, inputs, target)
+        step()  # allocates the optimizer state before anything is measured
+        row["attention"] = "sdpa" if mode == "serial" else pychop.ops.backends.resolve(backend, device)[0]
+        row["trainable_M"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+        row["peak_mb"] = ctx.peak_memory_mb(step)
+        row["step_ms"] = ctx.time_ms(step)
+        totals, counts = saved_tensor_account(model, inputs)
+        accounts[label] = totals
+        row["saved_mb"] = sum(totals.values())
+        if baseline is None:
+            baseline = row
+        else:
+            if row["peak_mb"] is not None:
+                row["peak_vs_serial"] = row["peak_mb"] / baseline["peak_mb"]
+            row["saved_vs_serial"] = row["saved_mb"] / baseline["saved_mb"]
+            row["time_vs_serial"] = row["step_ms"] / baseline["step_ms"]
+        rows.append(row)
+        del model, step
+        if ctx.on_gpu:
+            torch.cuda.empty_cache()
+
+    components = sorted({name for totals in accounts.values() for name in totals},
+                        key=lambda name: (name == "unet in/out", name.split(" C=")[0], int(name.split("C=")[-1])
+                                          if "C=" in name else 0))
+    for component in components:
+        account_row = {"table": "saved", "form": "per component", "component": component}
+        for label, totals in accounts.items():
+            account_row[f"{label} MiB"] = totals.get(component, 0.0)
+        rows.append(account_row)
+    if accounts:
+        rows.append({"table": "saved", "form": "per component", "component": "total",
+                     **{f"{label} MiB": sum(totals.values()) for label, totals in accounts.items()}})
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in rows if r["table"] == "step" and r.get("step_ms") is not None]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, key, title in zip(axes, ("step_ms", "peak_mb", "saved_mb"),
+                              ("step time (ms)", "peak memory (MiB)", "saved for backward (MiB)")):
+        values = [r.get(key) or 0.0 for r in steps]
+        ax.bar(range(len(steps)), values)
+        ax.set_xticks(range(len(steps)), [r["form"] for r in steps], rotation=15)
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""pychop.integrations: adapters to other libraries (``pychop.integrations.diffusers``), imported on use."""

@@ -1,0 +1,126 @@
+"""Attention processors that run diffusers' temporal self-attention through ``pychop.temporal_attention``.
+
+Temporal attention in diffusers (the motion modules of ``UNetMotionModel``, i.e. ``AnimateDiffTransformer3D``;
+``TransformerTemporalModel`` of ``UNet3DConditionModel``; the temporal blocks of
+``TransformerSpatioTemporalModel`` in ``UNetSpatioTemporalConditionModel``) calls its ``Attention`` modules on
+hidden states of shape (B*S, T, C): every spatial token is a sequence of T frames. Positional embeddings and
+normalisation happen in the transformer block before the processor, and stay there.
+
+``TemporalAttentionProcessor`` projects q, k, v with the module's own layers (or its fused ``to_qkv``), views
+each (B*S, T, C) projection as pychop's (B', T, S', H, D) = (B*S, T, 1, H, D) (a view, no copy), calls
+``pychop.temporal_attention`` with the module's scale, and applies the module's output projection, dropout,
+residual and output rescale exactly as diffusers' ``AttnProcessor2_0`` does. The op's (B*S, T, 1, H, D)
+output is (B*S, T, C) again without a copy (fused backends return it contiguous).
+
+``patch_temporal_attention(model, backend="auto")`` installs one on every temporal self-attention module of
+``model`` and returns a ``TemporalAttentionPatch``; ``patch.remove()`` (or leaving its ``with`` block) puts the
+original processors back. Cross-attention modules (those with ``is_cross_attention``) and every spatial
+attention are left alone. Modules using features the processor does not implement (spatial or group norm,
+q/k norms, attention masks) are refused with a clear error when patching.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_temporal import (TransformerSpatioTemporalModel,
+                                                                  TransformerTemporalModel)
+from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+import pychop
+
+
+class TemporalAttentionProcessor:
+    """A diffusers attention processor for temporal self-attention on (B*S, T, C) hidden states."""
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("TemporalAttentionProcessor runs self-attention without a mask; it got "
+                             f"encoder_hidden_states={type(encoder_hidden_states).__name__}, "
+                             f"attention_mask={type(attention_mask).__name__}")
+        if hidden_states.dim() != 3:
+            raise ValueError(f"hidden_states must be (batch * tokens, frames, channels), got "
+                             f"{tuple(hidden_states.shape)}")
+        residual = hidden_states
+        sequences, frames, _ = hidden_states.shape
+        heads = attn.heads
+        if getattr(attn, "fused_projections", False):
+            qkv = attn.to_qkv(hidden_states)
+            q, k, v = qkv.view(sequences, frames, 1, 3, heads, -1).unbind(3)
+        else:
+            q, k, v = (proj(hidden_states).view(sequences, frames, 1, heads, -1)
+                       for proj in (attn.to_q, attn.to_k, attn.to_v))
+        out = pychop.temporal_attention(q, k, v, scale=attn.scale, backend=self.backend)
+        out = out.reshape(sequences, frames, -1).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def temporal_attention_modules(model: nn.Module) -> List[Tuple[str, Attention]]:
+    """(name, module) of every temporal self-attention ``Attention`` in ``model`` (see the module docstring)."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (AnimateDiffTransformer3D, TransformerTemporalModel)):
+            scope = module
+        elif isinstance(module, TransformerSpatioTemporalModel):
+            scope = module.temporal_transformer_blocks
+            name = f"{name}.temporal_transformer_blocks" if name else "temporal_transformer_blocks"
+        else:
+            continue
+        for sub_name, sub in scope.named_modules():
+            if isinstance(sub, Attention) and not sub.is_cross_attention:
+                found[f"{name}.{sub_name}" if name else sub_name] = sub
+    return list(found.items())
+
+
+def _check_supported(name: str, attn: Attention) -> None:
+    for feature in ("spatial_norm", "group_norm", "norm_q", "norm_k"):
+        if getattr(attn, feature, None) is not None:
+            raise ValueError(f"{name}: attention with {feature} is not supported by TemporalAttentionProcessor")
+
+
+class TemporalAttentionPatch:
+    """The processors replaced by ``patch_temporal_attention``; ``remove()`` restores them."""
+
+    def __init__(self, originals: List[Tuple[str, Attention, object]]):
+        self._originals = originals
+
+    @property
+    def module_names(self) -> List[str]:
+        return [name for name, _, _ in self._originals]
+
+    def remove(self) -> None:
+        for _, attn, processor in self._originals:
+            attn.set_processor(processor)
+        self._originals = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def patch_temporal_attention(model: nn.Module, backend: str = "auto") -> TemporalAttentionPatch:
+    """Runs every temporal self-attention of ``model`` through pychop; returns the patch (``.remove()``)."""
+    modules = temporal_attention_modules(model)
+    if not modules:
+        raise ValueError(f"model ({type(model).__name__}) has no temporal self-attention modules (motion "
+                         "modules, TransformerTemporalModel or TransformerSpatioTemporalModel)")
+    for name, attn in modules:
+        _check_supported(name, attn)
+    processor = TemporalAttentionProcessor(backend)
+    originals = []
+    for name, attn in modules:
+        originals.append((name, attn, attn.get_processor()))
+        attn.set_processor(processor)
+    return TemporalAttentionPatch(originals)

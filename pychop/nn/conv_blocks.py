@@ -1,0 +1,68 @@
+"""Residual convolution block of a video UNet with a spatial and a temporal part, in serial or parallel form.
+
+Frames travel as (B*T, C, H, W), as in diffusers' video UNets. ``ResConvBlock(x, temb, num_frames)``:
+
+    spatial:   x_skip = skip(x);  r = conv2(silu(norm2(conv1(silu(norm1(x))) + time_proj(silu(temb)))))
+    serial:    y = x_skip + r;  out = y + temporal(y)            (the temporal conv reads the spatial output)
+    parallel:  out = x_skip + r + temporal(x_skip)               (both read the block input)
+
+``temporal`` is ``TemporalConv``: GroupNorm, SiLU and a (3, 1, 1) convolution over frames on (B, C, T, H, W),
+returning a residual update. The spatial parameters (``norm1``, ``conv1``, ``time_proj``, ``norm2``,
+``conv2``, ``skip``) and the temporal ones (``temporal``) are separate modules of the same shapes in both
+forms, so a state dict moves between the forms and either side can be frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CONV_MODES = ("serial", "parallel")
+
+
+class TemporalConv(nn.Module):
+    """GroupNorm, SiLU, Conv3d with kernel (3, 1, 1) across frames: (B*T, C, H, W) -> update of that shape."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.conv = nn.Conv3d(channels, channels, kernel_size=(3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        frames, channels, height, width = x.shape
+        video = x.view(frames // num_frames, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
+        update = self.conv(F.silu(self.norm(video)))
+        return update.permute(0, 2, 1, 3, 4).reshape(frames, channels, height, width)
+
+
+class ResConvBlock(nn.Module):
+    """Residual block of two 3x3 frame convolutions with a timestep embedding, plus a temporal convolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, groups: int = 32,
+                 mode: str = "serial"):
+        super().__init__()
+        if mode not in CONV_MODES:
+            raise ValueError(f"mode must be one of {CONV_MODES}, got {mode!r}")
+        self.mode = mode
+        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.temporal = TemporalConv(out_channels, groups)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x: (B*T, C_in, H, W); temb: (B*T, temb_channels) -> (B*T, C_out, H, W)."""
+        if x.dim() != 4 or x.shape[0] % num_frames:
+            raise ValueError(f"x must be frames (B*T, C, H, W) with B*T divisible by num_frames={num_frames}, "
+                             f"got {tuple(x.shape)}")
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = self.skip(x)
+        if self.mode == "serial":
+            y = skip + h
+            return y + self.temporal(y, num_frames)
+        return skip + h + self.temporal(skip, num_frames)

@@ -1,0 +1,170 @@
+"""pychop.integrations.diffusers on tiny random diffusers models (no weight downloads)."""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from diffusers import UNetMotionModel  # noqa: E402
+from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D  # noqa: E402
+from diffusers.models.transformers.transformer_temporal import (  # noqa: E402
+    TransformerSpatioTemporalModel, TransformerTemporalModel)
+
+import pychop  # noqa: E402
+from pychop.integrations.diffusers.mobius import convert_to_parallel, parallel_pairs  # noqa: E402
+from pychop.integrations.diffusers.motion import (  # noqa: E402
+    TemporalAttentionProcessor, patch_temporal_attention, temporal_attention_modules)
+from tests.checks import relative_error  # noqa: E402
+
+BATCH, FRAMES, TEXT_DIM = 2, 3, 24
+
+
+def available_backends():
+    return [name for name, reason in pychop.available_backends(torch.device("cpu")).items() if reason is None]
+
+
+def tiny_motion_unet(seed):
+    torch.manual_seed(seed)
+    return UNetMotionModel(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
+                           down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+                           up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"), cross_attention_dim=TEXT_DIM,
+                           num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=8)
+
+
+def unet_inputs():
+    sample = torch.randn(BATCH, 4, FRAMES, 8, 8)  # (B, C, T, H, W)
+    text = torch.randn(BATCH * FRAMES, 5, TEXT_DIM)  # one copy per frame, as diffusers' pipelines pass it
+    return sample, torch.tensor([10, 700]), text
+
+
+def forward_backward(model, inputs, call=None):
+    out = call(model, inputs) if call else model(*inputs).sample
+    model.zero_grad()
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Temporal attention processors.
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_motion_patch_matches_unpatched_and_removes_cleanly(backend, seed):
+    unet = tiny_motion_unet(seed)
+    inputs = unet_inputs()
+    before = {name: p for name, p in unet.attn_processors.items()}
+    out_ref, grads_ref = forward_backward(unet, inputs)
+
+    patch = patch_temporal_attention(unet, backend=backend)
+    names = patch.module_names
+    assert len(names) == 2 * sum(isinstance(m, AnimateDiffTransformer3D) for m in unet.modules())  # attn1, attn2
+    assert all(".motion_modules." in n for n in names)
+    for name, processor in unet.attn_processors.items():
+        patched = name.removesuffix(".processor") in names
+        assert isinstance(processor, TemporalAttentionProcessor) == patched, name
+    out, grads = forward_backward(unet, inputs)
+    assert relative_error(out.double(), out_ref.double()) < 1e-5
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert relative_error(grads[name].double(), grads_ref[name].double()) < 1e-4, name
+
+    # The patched path is live: diffusers' own processor ignores attn.scale, pychop's honours it.
+    first = dict(temporal_attention_modules(unet))[names[0]]
+    first.scale *= 3.0
+    assert relative_error(unet(*inputs).sample.detach().double(), out_ref.double()) > 1e-5
+    first.scale /= 3.0
+
+    patch.remove()
+    assert unet.attn_processors == before  # the very same processor objects
+    assert torch.equal(unet(*inputs).sample.detach(), out_ref)
+
+
+def test_patch_covers_temporal_transformers(seed):
+    torch.manual_seed(seed)
+    svd = TransformerSpatioTemporalModel(num_attention_heads=2, attention_head_dim=16, in_channels=32,
+                                         cross_attention_dim=TEXT_DIM)
+    hidden = torch.randn(BATCH * FRAMES, 32, 4, 4)
+    context = torch.randn(BATCH * FRAMES, 3, TEXT_DIM)
+    indicator = torch.zeros(BATCH, FRAMES)
+    call_svd = lambda m, x: m(x[0], encoder_hidden_states=x[1], image_only_indicator=x[2], return_dict=False)[0]
+
+    temporal = TransformerTemporalModel(num_attention_heads=2, attention_head_dim=16, in_channels=32,
+                                        norm_num_groups=4)
+    call_temporal = lambda m, x: m(x[0], num_frames=FRAMES, return_dict=False)[0]
+
+    for model, inputs, call in ((svd, (hidden, context, indicator), call_svd), (temporal, (hidden,), call_temporal)):
+        out_ref, grads_ref = forward_backward(model, inputs, call)
+        with patch_temporal_attention(model, backend="torch") as patch:
+            assert patch.module_names and all("temporal" in n or "transformer_blocks" in n
+                                              for n in patch.module_names)
+            assert all(not m.is_cross_attention for _, m in temporal_attention_modules(model))
+            out, grads = forward_backward(model, inputs, call)
+        assert relative_error(out.double(), out_ref.double()) < 1e-5, type(model).__name__
+        for name in grads_ref:
+            assert relative_error(grads[name].double(), grads_ref[name].double()) < 1e-4, name
+        assert torch.equal(call(model, inputs).detach(), out_ref)
+
+
+def test_patch_refuses_models_without_temporal_attention():
+    with pytest.raises(ValueError, match="has no temporal self-attention modules"):
+        patch_temporal_attention(torch.nn.Linear(4, 4))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Mobius converter.
+# --------------------------------------------------------------------------------------------------------------
+
+def test_converter_rewires_pairs_in_parallel_and_reverts_exactly(seed):
+    unet = tiny_motion_unet(seed)
+    inputs = unet_inputs()
+    with torch.no_grad():
+        original = unet(*inputs).sample
+
+        # The parallel function of one rewired stage, composed by hand from the original modules.
+        block = unet.down_blocks[0]
+        h = torch.randn(BATCH * FRAMES, 16, 8, 8)
+        temb = torch.randn(BATCH * FRAMES, unet.time_embedding.linear_2.out_features)
+        text = inputs[2]
+        r = block.resnets[0](h, temb)
+        expected = block.attentions[0](r, encoder_hidden_states=text, return_dict=False)[0] \
+            + block.motion_modules[0](r, num_frames=FRAMES) - r
+        serial_stage = block(h, temb, encoder_hidden_states=text, num_frames=FRAMES)[1][0]  # before downsampling
+
+        conversion = convert_to_parallel(unet)
+        assert conversion.pair_names == [name for name, _, _ in parallel_pairs(unet)] and conversion.pair_names
+        parallel_stage = block(h, temb, encoder_hidden_states=text, num_frames=FRAMES)[1][0]
+        assert relative_error(parallel_stage.double(), expected.double()) < 1e-6
+        assert relative_error(parallel_stage.double(), serial_stage.double()) > 1e-3  # a different function
+        converted = unet(*inputs).sample
+        assert torch.isfinite(converted).all()
+        assert relative_error(converted.double(), original.double()) > 1e-4
+
+    unet.freeze_unet2d_params()  # diffusers' switch: only the motion modules train
+    unet(*inputs).sample.square().mean().backward()
+    for name, p in unet.named_parameters():
+        if "motion_modules" in name:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        else:
+            assert p.grad is None, f"{name} is spatial but got a gradient"
+    assert sum(p.grad.abs().sum() for n, p in unet.named_parameters() if "motion_modules" in n) > 0
+
+    with pytest.raises(ValueError, match="already converted"):
+        convert_to_parallel(unet)
+    conversion.revert()
+    with torch.no_grad():
+        assert torch.equal(unet(*inputs).sample, original)
+
+
+def test_converter_composes_with_the_processors_and_refuses_bad_models(seed):
+    unet = tiny_motion_unet(seed)
+    inputs = unet_inputs()
+    conversion = convert_to_parallel(unet)
+    with torch.no_grad():
+        converted = unet(*inputs).sample
+        with patch_temporal_attention(unet, backend="torch"):
+            assert relative_error(unet(*inputs).sample.double(), converted.double()) < 1e-5
+    conversion.revert()
+    unet.enable_gradient_checkpointing()
+    with pytest.raises(ValueError, match="disable gradient checkpointing"):
+        convert_to_parallel(unet)
+    with pytest.raises(ValueError, match="no spatial transformer \\+ motion module pairs"):
+        convert_to_parallel(torch.nn.Linear(4, 4))
