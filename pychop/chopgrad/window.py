@@ -1,0 +1,96 @@
+"""The two ways to backpropagate each segment's loss through its last ``window`` segments.
+
+Both run the recurrence forward exactly once in value (every forward value is the plain recurrence's) and
+call ``backward(loss)`` once per segment whose loss requires grad. ``call(state, x, j)`` runs step ``j``
+(checked, and under DDP's ``no_sync`` where needed); ``state`` is the initial state, whose tensor leaves may
+require grad: a gradient reaches them only from losses whose window starts at segment 0.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from pychop.chopgrad.state import detach_state, grad_leaf_state, tensor_leaves
+
+Call = Callable[[Any, torch.Tensor, int], Tuple[Any, Any]]
+LossFn = Callable[[Any, int], torch.Tensor]
+
+
+def _checked_loss(loss: Any, index: int) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(f"loss_fn(y_seg, {index}) must return a scalar tensor, got "
+                        f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+    return loss.reshape(())
+
+
+def _detached_output(y: Any) -> Any:
+    return detach_state(y)
+
+
+def recompute_sweep(call: Call, state: Any, segments: Sequence[torch.Tensor], loss_fn: LossFn, window: int,
+                    backward: Callable[[torch.Tensor], None], keep_outputs: bool
+                    ) -> Tuple[torch.Tensor, Optional[List[Any]]]:
+    """Recompute strategy: keep the detached states entering the last ``window`` segments; for loss i,
+    rebuild steps i-window+1..i from the oldest of them with grad enabled, backpropagate, discard.
+
+    Memory: ``window`` boundary states and one window of activations. Cost per segment: ``min(window, i+1)``
+    step forwards and one backward through them.
+    """
+    boundaries = deque([state], maxlen=window)  # states entering segments i-len+1 .. i
+    total, outputs = None, ([] if keep_outputs else None)
+    for i in range(len(segments)):
+        start = i - len(boundaries) + 1
+        with torch.enable_grad():
+            carried = boundaries[0]
+            for j in range(start, i + 1):
+                carried, y = call(carried, segments[j], j)
+            loss = _checked_loss(loss_fn(y, i), i)
+            if loss.requires_grad:
+                backward(loss)
+        total = loss.detach() if total is None else total + loss.detach()
+        if keep_outputs:
+            outputs.append(_detached_output(y))
+        boundaries.append(detach_state(carried))
+        del carried, y, loss
+    return total, outputs
+
+
+def retain_sweep(call: Call, state: Any, segments: Sequence[torch.Tensor], loss_fn: LossFn, window: int,
+                 backward: Callable[..., None], keep_outputs: bool
+                 ) -> Tuple[torch.Tensor, Optional[List[Any]]]:
+    """Retain strategy: run each segment once, from a detached copy of the state entering it whose leaves
+    require grad, and keep the last ``window`` segment graphs alive. Loss i is backpropagated through segment
+    i, then its gradient on the entering state is handed to segment i-1's graph, and so on back to segment
+    i-window+1; the gradient reaching that segment's entering state is dropped (it is a constant there).
+
+    Memory: ``window`` segment graphs. Cost per segment: one step forward and ``min(window, i+1)`` backwards.
+    """
+    links = deque(maxlen=window)  # (state entering segment j, state leaving segment j), graphs kept alive
+    total, outputs = None, ([] if keep_outputs else None)
+    leaving = None
+    for i in range(len(segments)):
+        entering = state if i == 0 else grad_leaf_state(leaving)
+        with torch.enable_grad():
+            leaving, y = call(entering, segments[i], i)
+            links.append((entering, leaving))
+            loss = _checked_loss(loss_fn(y, i), i)
+            if loss.requires_grad:
+                backward(loss, retain_graph=True)
+                for m in range(len(links) - 1, 0, -1):
+                    entering_m = tensor_leaves(links[m][0])
+                    leaving_before = tensor_leaves(links[m - 1][1])
+                    pairs = [(out, leaf.grad) for out, leaf in zip(leaving_before, entering_m)
+                             if leaf.grad is not None and out.requires_grad]
+                    for leaf in entering_m:
+                        leaf.grad = None
+                    if not pairs:
+                        break
+                    backward([out for out, _ in pairs], [grad for _, grad in pairs], retain_graph=True)
+        total = loss.detach() if total is None else total + loss.detach()
+        if keep_outputs:
+            outputs.append(_detached_output(y))
+        del y, loss
+    return total, outputs
