@@ -132,7 +132,8 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, cache: _Cache) -> torch.Tensor:
         if self.time_conv is not None:
             if not cache.streaming:
-                x = torch.cat([x[:, :, :1], self._double_frames(x[:, :, 1:], cache)], dim=2)
+                if x.shape[2] > 1:
+                    x = torch.cat([x[:, :, :1], self._double_frames(x[:, :, 1:], cache)], dim=2)
             elif cache.first:
                 cache.take()
                 cache.put(None)  # frame 0 skips the time convolution; its history stays empty (zeros)
