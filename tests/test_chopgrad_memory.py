@@ -1,0 +1,104 @@
+"""Activation memory: bytes saved for backward and still alive, counted with saved-tensor hooks.
+
+Under ChopGrad the peak stays flat as segments are added; under full backpropagation it grows linearly.
+"""
+
+import weakref
+
+import pytest
+import torch
+
+from pychop.chopgrad import scan, stream
+from pychop.models import CausalDecoderConfig, CausalVideoDecoder
+
+
+class LiveSavedBytes:
+    """Counts the bytes of non-leaf tensors saved for backward while they are alive (their graph node holds
+    them), and the peak of that count."""
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+
+    def _release(self, nbytes):
+        self.live -= nbytes
+
+    def pack(self, tensor):
+        box = [tensor]
+        if tensor.grad_fn is not None or not tensor.requires_grad:  # activations, not parameters
+            nbytes = tensor.numel() * tensor.element_size()
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            holder = _Holder(tensor.detach())  # holding `tensor` itself would tie a cycle through grad_fn
+            weakref.finalize(holder, self._release, nbytes)
+            return holder
+        return box
+
+    @staticmethod
+    def unpack(packed):
+        return packed.tensor if isinstance(packed, _Holder) else packed[0]
+
+    def measure(self, fn):
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+            fn()
+        return self.peak
+
+
+class _Holder:
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def problem(segments):
+    torch.manual_seed(0)
+    decoder = CausalVideoDecoder(CausalDecoderConfig.tiny())
+    z = [torch.randn(1, 4, 1, 4, 4) for _ in range(segments)]
+    return decoder, z, lambda y, i: (y ** 2).mean()
+
+
+def full_backprop(segments):
+    decoder, z, loss_fn = problem(segments)
+
+    def run():
+        state, total = decoder.init_state(), 0
+        for i, x in enumerate(z):
+            state, y = decoder.step(state, x)
+            total = total + loss_fn(y, i)
+        total.backward()
+    return LiveSavedBytes().measure(run)
+
+
+def chopgrad(segments, window, strategy):
+    decoder, z, loss_fn = problem(segments)
+    return LiveSavedBytes().measure(
+        lambda: stream(decoder.step, decoder.init_state(), z, loss_fn, window=window, strategy=strategy))
+
+
+def chopgrad_scan(segments, window):
+    decoder, z, loss_fn = problem(segments)
+
+    def run():
+        outputs = scan(decoder.step, decoder.init_state(), z, window=window)
+        sum(loss_fn(y, i) for i, y in enumerate(outputs)).backward()
+    return LiveSavedBytes().measure(run)
+
+
+def test_full_backprop_grows_linearly():
+    peaks = {n: full_backprop(n) for n in (3, 5, 9)}
+    first, second = peaks[5] - peaks[3], peaks[9] - peaks[5]
+    assert first > 0 and abs(second / first - 2.0) < 0.05, peaks
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "retain"])
+@pytest.mark.parametrize("window", [1, 2])
+def test_chopgrad_stays_flat(strategy, window):
+    peaks = {n: chopgrad(n, window, strategy) for n in (3, 5, 9)}
+    assert peaks[3] > 0 and peaks[9] == peaks[5], peaks
+    assert peaks[9] < full_backprop(5) * 0.8, "a window of 1-2 segments must hold less than 5 segments"
+
+
+def test_scan_backward_stays_flat():
+    peaks = {n: chopgrad_scan(n, 2) for n in (3, 5, 9)}
+    assert peaks[9] <= peaks[5] * 1.02, peaks
