@@ -1,54 +1,15 @@
-"""Activation memory: bytes saved for backward and still alive, counted with saved-tensor hooks.
+"""Activation memory: bytes saved for backward and still alive, counted with saved-tensor hooks
+(pychop.chopgrad.memory.SavedActivationMeter).
 
 Under ChopGrad the peak stays flat as segments are added; under full backpropagation it grows linearly.
 """
-
-import weakref
 
 import pytest
 import torch
 
 from pychop.chopgrad import scan, stream
+from pychop.chopgrad.memory import SavedActivationMeter
 from pychop.models import CausalDecoderConfig, CausalVideoDecoder
-
-
-class LiveSavedBytes:
-    """Counts the bytes of non-leaf tensors saved for backward while they are alive (their graph node holds
-    them), and the peak of that count."""
-
-    def __init__(self):
-        self.live = 0
-        self.peak = 0
-
-    def _release(self, nbytes):
-        self.live -= nbytes
-
-    def pack(self, tensor):
-        box = [tensor]
-        if tensor.grad_fn is not None or not tensor.requires_grad:  # activations, not parameters
-            nbytes = tensor.numel() * tensor.element_size()
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            holder = _Holder(tensor.detach())  # holding `tensor` itself would tie a cycle through grad_fn
-            weakref.finalize(holder, self._release, nbytes)
-            return holder
-        return box
-
-    @staticmethod
-    def unpack(packed):
-        return packed.tensor if isinstance(packed, _Holder) else packed[0]
-
-    def measure(self, fn):
-        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
-            fn()
-        return self.peak
-
-
-class _Holder:
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor):
-        self.tensor = tensor
 
 
 def problem(segments):
@@ -67,12 +28,12 @@ def full_backprop(segments):
             state, y = decoder.step(state, x)
             total = total + loss_fn(y, i)
         total.backward()
-    return LiveSavedBytes().measure(run)
+    return SavedActivationMeter().measure(run)
 
 
 def chopgrad(segments, window, strategy):
     decoder, z, loss_fn = problem(segments)
-    return LiveSavedBytes().measure(
+    return SavedActivationMeter().measure(
         lambda: stream(decoder.step, decoder.init_state(), z, loss_fn, window=window, strategy=strategy))
 
 
@@ -82,7 +43,7 @@ def chopgrad_scan(segments, window):
     def run():
         outputs = scan(decoder.step, decoder.init_state(), z, window=window)
         sum(loss_fn(y, i) for i, y in enumerate(outputs)).backward()
-    return LiveSavedBytes().measure(run)
+    return SavedActivationMeter().measure(run)
 
 
 def test_full_backprop_grows_linearly():
