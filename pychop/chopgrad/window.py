@@ -58,6 +58,20 @@ def recompute_sweep(call: Call, state: Any, segments: Sequence[torch.Tensor], lo
     return total, outputs
 
 
+def _hand_back(links, backward) -> None:
+    """Pass the gradient on each link's entering state back to the previous link's leaving state, newest
+    to oldest; the oldest link's entering gradient stays where it is (a constant, or the initial state)."""
+    for m in range(len(links) - 1, 0, -1):
+        entering = tensor_leaves(links[m][0])
+        pairs = [(out, leaf.grad) for out, leaf in zip(tensor_leaves(links[m - 1][1]), entering)
+                 if leaf.grad is not None and out.requires_grad]
+        for leaf in entering:
+            leaf.grad = None
+        if not pairs:
+            return
+        backward([out for out, _ in pairs], [grad for _, grad in pairs], retain_graph=True)
+
+
 def retain_sweep(call: Call, state: Any, segments: Sequence[torch.Tensor], loss_fn: LossFn, window: int,
                  backward: Callable[..., None], keep_outputs: bool
                  ) -> Tuple[torch.Tensor, Optional[List[Any]]]:
@@ -68,29 +82,23 @@ def retain_sweep(call: Call, state: Any, segments: Sequence[torch.Tensor], loss_
 
     Memory: ``window`` segment graphs. Cost per segment: one step forward and ``min(window, i+1)`` backwards.
     """
-    links = deque(maxlen=window)  # (state entering segment j, state leaving segment j), graphs kept alive
+    links = deque()  # (state entering segment j, state leaving segment j), graphs kept alive
     total, outputs = None, ([] if keep_outputs else None)
     leaving = None
     for i in range(len(segments)):
         entering = state if i == 0 else grad_leaf_state(leaving)
+        leaving = None
+        if len(links) == window:
+            links.popleft()  # before the forward, so that at most `window` graphs are alive at once
         with torch.enable_grad():
             leaving, y = call(entering, segments[i], i)
             links.append((entering, leaving))
             loss = _checked_loss(loss_fn(y, i), i)
             if loss.requires_grad:
                 backward(loss, retain_graph=True)
-                for m in range(len(links) - 1, 0, -1):
-                    entering_m = tensor_leaves(links[m][0])
-                    leaving_before = tensor_leaves(links[m - 1][1])
-                    pairs = [(out, leaf.grad) for out, leaf in zip(leaving_before, entering_m)
-                             if leaf.grad is not None and out.requires_grad]
-                    for leaf in entering_m:
-                        leaf.grad = None
-                    if not pairs:
-                        break
-                    backward([out for out, _ in pairs], [grad for _, grad in pairs], retain_graph=True)
+                _hand_back(links, backward)
         total = loss.detach() if total is None else total + loss.detach()
         if keep_outputs:
             outputs.append(_detached_output(y))
-        del y, loss
+        del y, loss, entering
     return total, outputs
