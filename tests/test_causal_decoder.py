@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tests.chopgrad_helpers import single_thread  # noqa: F401
 from pychop.models import CausalDecoderConfig, CausalVideoDecoder
 
 

@@ -5,7 +5,7 @@ import torch
 
 from pychop.chopgrad import scan, stream
 from pychop.models import CausalDecoderConfig, CausalVideoDecoder
-from tests.chopgrad_helpers import cosine, max_relative_difference, take_grads, truncated_reference
+from tests.chopgrad_helpers import cosine, max_relative_difference, take_grads, truncated_reference, single_thread  # noqa: F401
 
 SEGMENTS = 5
 FRAMES = [1] + [4] * (SEGMENTS - 1)

@@ -7,7 +7,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from pychop.chopgrad import scan, stream  # noqa: E402
 from pychop.integrations.diffusers import WanDecoderRecurrence  # noqa: E402
-from tests.chopgrad_helpers import max_relative_difference, take_grads  # noqa: E402
+from tests.chopgrad_helpers import max_relative_difference, take_grads, single_thread  # noqa: E402, F401
 
 LAYOUTS = {
     "wan2.1": dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True]),

@@ -5,7 +5,8 @@ The step: decode latents with ``pychop.models.CausalVideoDecoder`` segment by se
 4 video frames, 1 for the first), an MSE loss per segment, backward. "full" backpropagates the summed loss
 through the whole recurrence; "recompute k" / "retain k" are ``pychop.chopgrad.stream`` with window k.
 Memory: on a GPU the allocator's peak above the model (bf16, Wan 2.1 decoder widths, 32x32 latents ->
-256x256 video); on a CPU the peak bytes of activations saved for backward (tiny decoder, 6x6 latents).
+256x256 video); on a CPU the peak bytes of activations saved for backward (tiny decoder, 6x6 latents,
+one thread).
 Frames = 1 + 4 (segments - 1).
 """
 
@@ -82,7 +83,17 @@ def flat_grad(decoder):
 
 
 def run(ctx):
-    setup = GPU if ctx.on_gpu else CPU
+    if ctx.on_gpu:
+        return measure_all(ctx, GPU)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared CPU, intra-op threads make timings swing by 10x
+    try:
+        return measure_all(ctx, CPU)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure_all(ctx, setup):
     torch.manual_seed(0)
     decoder = CausalVideoDecoder(setup["config"]).to(ctx.device, setup["dtype"])
     rows = []

@@ -33,7 +33,9 @@ def stream(step: Step, state: Any, segments: Sequence[torch.Tensor],
     the window for every loss; ``"retain"`` keeps the last ``window`` segment graphs alive instead (one
     forward per segment, ``window`` backwards). If ``step`` is a ``DistributedDataParallel`` module (whose
     forward is a step), every call but the last segment's runs under ``no_sync``, so the last backward
-    averages the accumulated gradients over ranks.
+    averages the accumulated gradients over ranks; there ``"retain"`` with ``window > 1`` runs as
+    ``"recompute"`` (its chained backwards cannot be the single backward DDP's sync needs; the gradients are
+    the same), and the last segment must use every parameter (or pass ``find_unused_parameters=True``).
     """
     window = check_window(window)
     if strategy not in STRATEGIES:
