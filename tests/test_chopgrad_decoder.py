@@ -5,7 +5,8 @@ import torch
 
 from pychop.chopgrad import scan, stream
 from pychop.models import CausalDecoderConfig, CausalVideoDecoder
-from tests.chopgrad_helpers import cosine, max_relative_difference, take_grads, truncated_reference, single_thread  # noqa: F401
+from tests.chopgrad_helpers import (cosine, max_relative_difference, single_thread,  # noqa: F401
+                                   take_grads, truncated_reference)
 
 SEGMENTS = 5
 FRAMES = [1] + [4] * (SEGMENTS - 1)

@@ -26,10 +26,6 @@ def _checked_loss(loss: Any, index: int) -> torch.Tensor:
     return loss.reshape(())
 
 
-def _detached_output(y: Any) -> Any:
-    return detach_state(y)
-
-
 def recompute_sweep(call: Call, state: Any, segments: Sequence[torch.Tensor], loss_fn: LossFn, window: int,
                     backward: Callable[[torch.Tensor], None], keep_outputs: bool
                     ) -> Tuple[torch.Tensor, Optional[List[Any]]]:
@@ -52,7 +48,7 @@ def recompute_sweep(call: Call, state: Any, segments: Sequence[torch.Tensor], lo
                 backward(loss)
         total = loss.detach() if total is None else total + loss.detach()
         if keep_outputs:
-            outputs.append(_detached_output(y))
+            outputs.append(detach_state(y))
         boundaries.append(detach_state(carried))
         del carried, y, loss
     return total, outputs
@@ -99,6 +95,6 @@ def retain_sweep(call: Call, state: Any, segments: Sequence[torch.Tensor], loss_
                 _hand_back(links, backward)
         total = loss.detach() if total is None else total + loss.detach()
         if keep_outputs:
-            outputs.append(_detached_output(y))
+            outputs.append(detach_state(y))
         del y, loss, entering
     return total, outputs
