@@ -1,1 +1,1 @@
-"""pychop.integrations: adapters to other libraries (``pychop.integrations.diffusers``), imported on use."""
+"""pychop.integrations: adapters to other libraries, imported on use (each needs its library installed)."""

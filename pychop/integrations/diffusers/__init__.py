@@ -1,9 +1,20 @@
-"""pychop inside diffusers models.
+"""pychop inside diffusers models (needs ``pip install 'pychop[diffusers]'``); diffusers itself is unchanged.
 
-- ``motion``: ``patch_temporal_attention(model)`` runs the temporal self-attention of motion modules and
+- ``patch_temporal_attention(model)`` (``motion``): runs the temporal self-attention of motion modules and
   temporal transformers through ``pychop.temporal_attention``; ``.remove()`` undoes it.
-- ``mobius``: ``convert_to_parallel(unet)`` rewires a ``UNetMotionModel``'s spatial transformer + motion
+- ``convert_to_parallel(unet)`` (``mobius``): rewires a ``UNetMotionModel``'s spatial transformer + motion
   module pairs into the parallel Mobius form for fine-tuning; ``.revert()`` undoes it.
-
-Submodules import diffusers; this package does not.
+- ``WanDecoderRecurrence(vae)`` (``wan``): ``AutoencoderKLWan``'s decoder as a ChopGrad recurrence, its
+  feature cache as the state.
 """
+
+try:
+    import diffusers  # noqa: F401
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("pychop.integrations.diffusers needs diffusers: pip install 'pychop[diffusers]'") from error
+
+from pychop.integrations.diffusers.mobius import convert_to_parallel
+from pychop.integrations.diffusers.motion import patch_temporal_attention
+from pychop.integrations.diffusers.wan import WanDecoderRecurrence
+
+__all__ = ["convert_to_parallel", "patch_temporal_attention", "WanDecoderRecurrence"]

@@ -1,0 +1,77 @@
+"""``stream``: truncated backpropagation through a recurrence, segment by segment, in constant memory."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, List, Sequence, Tuple, Union
+
+import torch
+
+from pychop.chopgrad.state import (Step, call_step, check_segments, check_window, detach_state,
+                                   tensor_leaves)
+from pychop.chopgrad.window import recompute_sweep, retain_sweep
+
+STRATEGIES = ("recompute", "retain")
+
+
+def _is_ddp(step: Any) -> bool:
+    return isinstance(step, torch.nn.parallel.DistributedDataParallel)
+
+
+def stream(step: Step, state: Any, segments: Sequence[torch.Tensor],
+           loss_fn: Callable[[Any, int], torch.Tensor], *, window: int = 1, strategy: str = "recompute",
+           return_outputs: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, List[Any]]]:
+    """Run ``state, y_i = step(state, segments[i])`` for every segment and backpropagate each
+    ``loss_fn(y_i, i)`` through segments ``i-window+1 .. i`` only (see the package docstring).
+
+    Gradients accumulate into ``.grad`` of the leaf tensors the step uses (its parameters), of segments and of
+    initial-state tensors that are leaves requiring grad; for non-leaf ones (say latents produced by a
+    diffusion model) the gradient is passed on upstream with one backward call at the end. Returns the
+    detached sum of the losses, and with ``return_outputs`` also the list of detached ``y_i``.
+
+    ``strategy="recompute"`` keeps only the detached states entering the last ``window`` segments and rebuilds
+    the window for every loss; ``"retain"`` keeps the last ``window`` segment graphs alive instead (one
+    forward per segment, ``window`` backwards). If ``step`` is a ``DistributedDataParallel`` module (whose
+    forward is a step), every call but the last segment's runs under ``no_sync``, so the last backward
+    averages the accumulated gradients over ranks; there ``"retain"`` with ``window > 1`` runs as
+    ``"recompute"`` (its chained backwards cannot be the single backward DDP's sync needs; the gradients are
+    the same), and the last segment must use every parameter (or pass ``find_unused_parameters=True``).
+    """
+    window = check_window(window)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not callable(step):
+        raise TypeError(f"step must be callable as step(state, x_seg), got {type(step).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(y_seg, index), got {type(loss_fn).__name__}")
+    segments = check_segments(segments)
+    n = len(segments)
+
+    # Leaf proxies: the sweeps backpropagate many times, so they must never reach an upstream graph; the
+    # gradient collected on the proxies goes upstream once at the end.
+    proxies = [seg.detach().requires_grad_(seg.requires_grad) for seg in segments]
+    state_proxy = detach_state(state, keep_requires_grad=True)
+    ddp = _is_ddp(step)
+
+    def call(carried, x, j):
+        sync = contextlib.nullcontext() if not ddp or j == n - 1 else step.no_sync()
+        with sync:
+            return call_step(step, carried, x, j)
+
+    if strategy == "recompute" or (ddp and strategy == "retain" and n > 1 and window > 1):
+        # Under DDP the last loss needs one backward after the one synced forward; retain's chained backwards
+        # cannot give that, so DDP runs recompute (same gradients, see tests).
+        total, outputs = recompute_sweep(call, state_proxy, proxies, loss_fn, window,
+                                         lambda loss: loss.backward(), return_outputs)
+    else:
+        total, outputs = retain_sweep(call, state_proxy, proxies, loss_fn, window,
+                                      torch.autograd.backward, return_outputs)
+
+    originals = [seg for seg in segments if seg.requires_grad] + \
+        [leaf for leaf in tensor_leaves(state) if leaf.requires_grad]
+    grads = [p.grad for p in proxies if p.requires_grad] + \
+        [leaf.grad for leaf in tensor_leaves(state_proxy) if leaf.requires_grad]
+    pairs = [(t, g) for t, g in zip(originals, grads) if g is not None]
+    if pairs:
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+    return (total, outputs) if return_outputs else total

@@ -1,0 +1,175 @@
+"""pychop.chopgrad semantics on a float64 toy recurrence, against an independent truncated-BPTT reference."""
+
+import pytest
+import torch
+
+from pychop.chopgrad import scan, stream
+from tests.chopgrad_helpers import ToyRecurrence, take_grads, truncated_reference, single_thread  # noqa: F401
+
+N = 6
+EXACT = 1e-12
+
+
+def make_problem(seed, *, segments_require_grad=True):
+    model = ToyRecurrence()
+    segments = [torch.randn(3, 6, dtype=torch.float64, requires_grad=segments_require_grad) for _ in range(N)]
+    targets = [torch.randn(3, 6, dtype=torch.float64) for _ in range(N)]
+    loss_fn = lambda y, i: ((y - targets[i]) ** 2).mean() * (1 + i % 3)
+    return model, segments, loss_fn
+
+
+def assert_grads_close(actual, expected, context):
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        err = (a - e).abs().max().item()
+        assert err <= EXACT * max(1.0, e.abs().max().item()), f"gradient {k} off by {err:.3g}: {context}"
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "retain"])
+@pytest.mark.parametrize("window", [1, 2, 3, N, N + 3])
+def test_stream_matches_truncated_reference(seed, strategy, window):
+    model, segments, loss_fn = make_problem(seed)
+    tracked = list(model.parameters()) + segments
+    expected_loss = truncated_reference(model.step, model.init_state(3), segments, loss_fn, window)
+    expected = take_grads(tracked)
+    loss = stream(model.step, model.init_state(3), segments, loss_fn, window=window, strategy=strategy)
+    actual = take_grads(tracked)
+    context = f"strategy={strategy} window={window} seed={seed}"
+    assert loss.requires_grad is False and abs(loss.item() - expected_loss) < 1e-12 * abs(expected_loss), context
+    assert_grads_close(actual, expected, context)
+
+
+@pytest.mark.parametrize("window", [1, 2, N])
+def test_scan_matches_truncated_reference(seed, window):
+    model, segments, loss_fn = make_problem(seed)
+    tracked = list(model.parameters()) + segments
+    truncated_reference(model.step, model.init_state(3), segments, loss_fn, window)
+    expected = take_grads(tracked)
+    outputs = scan(model.step, model.init_state(3), segments, window=window)
+    sum(loss_fn(y, i) for i, y in enumerate(outputs)).backward()
+    assert_grads_close(take_grads(tracked), expected, f"scan window={window} seed={seed}")
+
+
+def test_scan_parameters_reach_autograd_grad(seed):
+    """Parameters are explicit inputs of scan's autograd op, so torch.autograd.grad sees them."""
+    model, segments, loss_fn = make_problem(seed)
+    params = list(model.parameters())
+    full = sum(loss_fn(y, i) for i, y in enumerate(scan(model.step, model.init_state(3), segments, window=N)))
+    via_scan = torch.autograd.grad(full, params)
+    truncated_reference(model.step, model.init_state(3), segments, loss_fn, N)
+    assert_grads_close(via_scan, take_grads(params), f"seed={seed}")
+
+
+def test_full_window_equals_full_backprop_with_initial_state_grad(seed):
+    """window >= n is full BPTT, including the gradient on an initial state that requires grad."""
+    model, segments, loss_fn = make_problem(seed)
+    h0 = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    tracked = list(model.parameters()) + segments + [h0]
+    state = lambda: {"h": h0, "cache": [None, "Rep"], "memory": None}
+    carried, total = state(), 0
+    for i, x in enumerate(segments):
+        carried, y = model.step(carried, x)
+        total = total + loss_fn(y, i)
+    total.backward()
+    expected = take_grads(tracked)
+    for strategy in ("recompute", "retain"):
+        stream(model.step, state(), segments, loss_fn, window=N, strategy=strategy)
+        assert_grads_close(take_grads(tracked), expected, f"{strategy} seed={seed}")
+    sum(loss_fn(y, i) for i, y in enumerate(scan(model.step, state(), segments, window=N))).backward()
+    assert_grads_close(take_grads(tracked), expected, f"scan seed={seed}")
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "retain"])
+def test_gradient_continues_upstream_from_non_leaf_segments(seed, strategy):
+    """Segments computed from upstream parameters (latents of a diffusion model): the upstream parameter
+    gets the gradient of the truncated objective, once."""
+    model, _, loss_fn = make_problem(seed)
+    upstream = torch.nn.Linear(6, 6, dtype=torch.float64)
+    noise = torch.randn(N, 3, 6, dtype=torch.float64)
+    latents = lambda: list(upstream(noise).unbind(0))
+    truncated_reference(model.step, model.init_state(3), latents(), loss_fn, 2)
+    expected = take_grads(list(upstream.parameters()))
+    stream(model.step, model.init_state(3), latents(), loss_fn, window=2, strategy=strategy)
+    assert_grads_close(take_grads(list(upstream.parameters())), expected, f"{strategy} seed={seed}")
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "retain"])
+def test_outputs_are_the_plain_recurrence_bit_for_bit(seed, strategy):
+    model, segments, loss_fn = make_problem(seed)
+    carried, plain = model.init_state(3), []
+    with torch.no_grad():
+        for x in segments:
+            carried, y = model.step(carried, x)
+            plain.append(y)
+    for window in (1, 3):
+        _, outputs = stream(model.step, model.init_state(3), segments, loss_fn, window=window,
+                            strategy=strategy, return_outputs=True)
+        assert all(torch.equal(a, b) and not a.requires_grad for a, b in zip(outputs, plain))
+    assert all(torch.equal(a, b) for a, b in zip(scan(model.step, model.init_state(3), segments), plain))
+
+
+def test_truncation_changes_the_gradient(seed):
+    """A window shorter than the sequence must not quietly give the full gradient (guards the reference)."""
+    model, segments, loss_fn = make_problem(seed)
+    params = list(model.parameters())
+    stream(model.step, model.init_state(3), segments, loss_fn, window=1)
+    short = take_grads(params)
+    stream(model.step, model.init_state(3), segments, loss_fn, window=N)
+    full = take_grads(params)
+    assert max((a - b).abs().max().item() for a, b in zip(short, full)) > 1e-6
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+def mutating_step(state, x):
+    state[0].mul_(0.5)
+    return [state[0] + x], x * 2
+
+
+def test_in_place_state_mutation_is_an_error_naming_the_step():
+    segments = [torch.randn(2, 3) for _ in range(3)]
+    with pytest.raises(RuntimeError, match=r"mutating_step.*state\[0\].*in place"):
+        stream(mutating_step, [torch.zeros(2, 3)], segments, lambda y, i: y.sum())
+    with pytest.raises(RuntimeError, match=r"mutating_step.*in place"):
+        scan(mutating_step, [torch.zeros(2, 3)], segments)
+
+
+def test_reassigning_state_entries_is_not_mutation():
+    """diffusers-style list assignment: the step gets fresh containers, so this is pure."""
+    def assigning_step(state, x):
+        state[0] = state[0] + x
+        return state, state[0] * 1.0
+    segments = [torch.randn(2, 3) for _ in range(3)]
+    initial = [torch.zeros(2, 3)]
+    _, outputs = stream(assigning_step, initial, segments, lambda y, i: y.sum(), window=2, return_outputs=True)
+    torch.testing.assert_close(outputs[-1], sum(segments), rtol=0, atol=0)
+    assert torch.equal(initial[0], torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("window", [0, -1, 1.5, True, "2"])
+def test_bad_window(window):
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        stream(lambda s, x: (s, x), [], [torch.zeros(1)], lambda y, i: y.sum(), window=window)
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        scan(lambda s, x: (s, x), [], [torch.zeros(1)], window=window)
+
+
+def test_mismatched_segments():
+    segments = [torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4)]
+    with pytest.raises(ValueError, match=r"segments\[2\] is \(2, 4\)"):
+        stream(lambda s, x: (s, x), [], segments, lambda y, i: y.sum())
+    with pytest.raises(ValueError, match=r"segments\[2\] is \(2, 4\)"):
+        scan(lambda s, x: (s, x), [], segments)
+    with pytest.raises(ValueError, match="at least one"):
+        stream(lambda s, x: (s, x), [], [], lambda y, i: y.sum())
+    with pytest.raises(TypeError, match="not one tensor"):
+        stream(lambda s, x: (s, x), [], torch.zeros(3, 2), lambda y, i: y.sum())
+
+
+def test_bad_strategy_step_output_and_loss():
+    segments = [torch.zeros(2, 3)]
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        stream(lambda s, x: (s, x), [], segments, lambda y, i: y.sum(), strategy="checkpoint")
+    with pytest.raises(TypeError, match=r"must return a \(new_state, y_seg\) pair"):
+        stream(lambda s, x: x, [], segments, lambda y, i: y.sum())
+    with pytest.raises(TypeError, match="scalar tensor"):
+        stream(lambda s, x: (s, x), [], segments, lambda y, i: y)
