@@ -25,7 +25,10 @@ Inputs are read where they lie (any strides with a last-dimension stride of 1, e
   within the gradient band, ``u < t + min(window, grad_window)``: with a grad window k its cost grows with
   T * k, not T^2. (dq_t keeps its full range: the queries always receive their whole gradient.)
 
-Every program recomputes probabilities from the row statistics and keeps nothing quadratic.
+Every program recomputes probabilities from the row statistics and keeps nothing quadratic. Each kernel is
+compiled per head dim D (padded to a power of two >= 16 with masks) and per dtype; float16 and bfloat16
+accumulate in float32, float32 multiplies in full precision (``input_precision="ieee"``, no TF32). Loads are
+16-byte vectors when row strides are multiples of 8 elements (Triton specialises on it), else scalar.
 """
 
 from __future__ import annotations
