@@ -28,7 +28,8 @@ Inputs are read where they lie (any strides with a last-dimension stride of 1, e
 Every program recomputes probabilities from the row statistics and keeps nothing quadratic. Each kernel is
 compiled per head dim D (padded to a power of two >= 16 with masks) and per dtype; float16 and bfloat16
 accumulate in float32, float32 multiplies in full precision (``input_precision="ieee"``, no TF32). Loads are
-16-byte vectors when row strides are multiples of 8 elements (Triton specialises on it), else scalar.
+16-byte vectors when strides are multiples of 16 and pointers 16-byte aligned (Triton specialises launches on
+both), else narrower.
 """
 
 from __future__ import annotations
