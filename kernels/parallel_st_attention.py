@@ -18,8 +18,10 @@ Inputs are read where they lie (any strides with a last-dimension stride of 1, e
   (CUDA-core work, bound by memory). Writes ``out = o_s + o_t`` once and the natural-log logsumexp of each.
 - ``_backward_query_kernel``: per block of query tokens of frame t. Temporal: one pass over N(t) recomputes
   p from lse_t and accumulates dq_t and the branch's ``delta_t = sum_t' p dp`` (no o_t needed). Spatial:
-  ``delta_s = rowsum(dO * out) - delta_t`` (only the sum was saved), then FlashAttention-2's dq loop.
-  Stores dq_s, dq_t and both deltas (float32, B*T*H*S each).
+  FlashAttention-2's dq loop with ``delta_s = rowsum(dO * out) - delta_t`` (only the sum was saved),
+  which also accumulates the exact ``delta_s = sum_j p dp`` and, with both branches, ``sum_j p k`` to
+  correct dq for the rounding of the saved sum (one extra tl.dot). Stores dq_s, dq_t and both exact deltas
+  (float32, B*T*H*S each).
 - ``_backward_key_kernel``: per block of key tokens of frame t. Spatial: FlashAttention-2's dk/dv loop over
   the query blocks of the frame. Temporal: dk_t and dv_t from the query frames u that attend to frame t
   within the gradient band, ``u < t + min(window, grad_window)``: with a grad window k its cost grows with
@@ -199,8 +201,12 @@ def _backward_query_kernel(
 
     if HAS_SPATIAL:
         o = tl.load(_tile(Out, b, t, h, offs_m, offs_d, so_b, so_t, so_s, so_h), mask=tile_ok, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1) - delta_t  # rowsum(dO * o_s)
-        tl.store(DeltaS + stats, delta, mask=row_ok)
+        # delta = rowsum(dO * o_s), first from the saved output (rounded to its dtype) minus delta_t; the exact
+        # value, sum_j p dp, is accumulated on the way and goes to the key kernel. With both branches the
+        # rounding of the saved *sum* would dominate dq's error, so dq is corrected through sum_j p k.
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1) - delta_t
+        delta_exact = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         q = tl.load(_tile(Qs, b, t, h, offs_m, offs_d, sqs_b, sqs_t, sqs_s, sqs_h), mask=tile_ok, other=0.0)
         lse = tl.load(LseS + stats, mask=row_ok, other=0.0) * 1.4426950408889634
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -213,8 +219,15 @@ def _backward_query_kernel(
             s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
             p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = _mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)
-            ds = p * (dp - delta[:, None])
+            p_dp = p * dp
+            delta_exact += tl.sum(p_dp, 1)
+            ds = p_dp - p * delta[:, None]
             dq += _mma(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
+            if HAS_TEMPORAL:
+                pk += _mma(p.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
+        if HAS_TEMPORAL:
+            dq += (delta - delta_exact)[:, None] * pk
+        tl.store(DeltaS + stats, delta_exact, mask=row_ok)
         tl.store(_tile(DQs, b, t, h, offs_m, offs_d, sg_b, sg_t, sg_s, sg_h),
                  (dq * scale).to(DQs.dtype.element_ty), mask=tile_ok)
 
@@ -309,7 +322,7 @@ _GPU_CONFIGS = {
     (128, True): (LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 8, 2), LaunchConfig(64, 64, 8, 2)),
     (256, True): (LaunchConfig(64, 32, 8, 2), LaunchConfig(32, 32, 8, 1), LaunchConfig(32, 32, 8, 1)),
     (64, False): (LaunchConfig(64, 64, 8, 2), LaunchConfig(64, 32, 8, 2), LaunchConfig(32, 32, 8, 2)),
-    (128, False): (LaunchConfig(32, 32, 8, 2), LaunchConfig(32, 32, 8, 2), LaunchConfig(16, 32, 8, 1)),
+    (128, False): (LaunchConfig(32, 32, 8, 2), LaunchConfig(32, 16, 8, 2), LaunchConfig(16, 32, 8, 1)),
     (256, False): (LaunchConfig(32, 16, 8, 1), LaunchConfig(16, 16, 8, 1), LaunchConfig(16, 16, 8, 1)),
 }
 # Triton's CPU interpreter: small tiles (S = 33 spans three blocks), warps and stages are ignored.
