@@ -188,11 +188,25 @@ def test_design_shapes_gpu(shape_name, options):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", [(2, 17, 333, 3, 80), (1, 3, 1000, 2, 160), (3, 1, 77, 4, 40),
-                                   (1, 5, 129, 2, 256), (2, 9, 200, 2, 128)], ids=str)
-@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=str)
+@pytest.mark.parametrize("shape", [(1, 3, 1000, 2, 160), (3, 1, 77, 4, 40), (1, 5, 129, 2, 256),
+                                   (2, 9, 200, 2, 128), (1, 3, 4096, 1, 64)], ids=str)
+@pytest.mark.parametrize("options", [{}, {"causal": True, "grad_window": 2}], ids=str)
 def test_odd_shapes_gpu(shape, dtype, options, seed):
-    check_against_reference("parallel", "triton", shape, dtype, "cuda", seed, packed=shape[1] == 17, **options)
+    check_against_reference("parallel", "triton", shape, dtype, "cuda", seed, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=str)
+@pytest.mark.parametrize("op", ["parallel", "temporal"])
+def test_temporal_options_gpu(op, options, dtype, seed):
+    check_against_reference(op, "triton", (2, 17, 333, 3, 80), dtype, "cuda", seed, packed=True, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_spatial_gpu(dtype, seed):
+    check_against_reference("spatial", "triton", (2, 3, 1000, 4, 64), dtype, "cuda", seed, packed=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
