@@ -18,14 +18,20 @@ Inputs are read where they lie (any strides with a last-dimension stride of 1, e
   (CUDA-core work, bound by memory). Writes ``out = o_s + o_t`` once and the natural-log logsumexp of each.
 - ``_backward_query_kernel``: per block of query tokens of frame t. Temporal: one pass over N(t) recomputes
   p from lse_t and accumulates dq_t and the branch's ``delta_t = sum_t' p dp`` (no o_t needed). Spatial:
-  ``delta_s = rowsum(dO * out) - delta_t`` (only the sum was saved), then FlashAttention-2's dq loop.
-  Stores dq_s, dq_t and both deltas (float32, B*T*H*S each).
+  FlashAttention-2's dq loop with ``delta_s = rowsum(dO * out) - delta_t`` (only the sum was saved),
+  which also accumulates the exact ``delta_s = sum_j p dp`` and, with both branches, ``sum_j p k`` to
+  correct dq for the rounding of the saved sum (one extra tl.dot). Stores dq_s, dq_t and both exact deltas
+  (float32, B*T*H*S each).
 - ``_backward_key_kernel``: per block of key tokens of frame t. Spatial: FlashAttention-2's dk/dv loop over
   the query blocks of the frame. Temporal: dk_t and dv_t from the query frames u that attend to frame t
   within the gradient band, ``u < t + min(window, grad_window)``: with a grad window k its cost grows with
   T * k, not T^2. (dq_t keeps its full range: the queries always receive their whole gradient.)
 
-Every program recomputes probabilities from the row statistics and keeps nothing quadratic.
+Every program recomputes probabilities from the row statistics and keeps nothing quadratic. Each kernel is
+compiled per head dim D (padded to a power of two >= 16 with masks) and per dtype; float16 and bfloat16
+accumulate in float32, float32 multiplies in full precision (``input_precision="ieee"``, no TF32). Loads are
+16-byte vectors when strides are multiples of 16 and pointers 16-byte aligned (Triton specialises launches on
+both), else narrower.
 """
 
 from __future__ import annotations
@@ -44,8 +50,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     interpreter_compat.apply()
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # the spatial branch scores in log2 units: exp2 instead of exp
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -81,7 +87,7 @@ def _forward_kernel(
         sqs_b, sqs_t, sqs_s, sqs_h, sks_b, sks_t, sks_s, sks_h, svs_b, svs_t, svs_s, svs_h,
         sqt_b, sqt_t, sqt_s, sqt_h, skt_b, skt_t, skt_s, skt_h, svt_b, svt_t, svt_s, svt_h,
         so_b, so_t, so_s, so_h,
-        T, S, H, D, scale, window,
+        T, S, H, scale, window, D: tl.constexpr,
         HAS_SPATIAL: tl.constexpr, HAS_TEMPORAL: tl.constexpr, CAUSAL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
@@ -92,8 +98,9 @@ def _forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < S
     tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
-    qk_scale = scale * 1.4426950408889634  # scores in log2 units: exp2 instead of exp
-    out = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    qk_scale = scale * LOG2E
+    # o_s is held rounded to the output dtype (as the unfused path rounds it) while the temporal branch runs.
+    out = tl.zeros((BLOCK_M, BLOCK_D), dtype=Out.dtype.element_ty)
     stats = _row_offsets(b, t, h, offs_m, T, H, S)
 
     if HAS_SPATIAL:
@@ -117,14 +124,15 @@ def _forward_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
             m_i = m_new
-        out += acc / l_i[:, None]
-        tl.store(LseS + stats, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+        out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
+        tl.store(LseS + stats, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
 
     if HAS_TEMPORAL:
+        # Per-row scalars in natural-log units: a query with one key frame then gets p = exp(0) = 1 exactly in
+        # the backward, and exact zero gradients for q_t and k_t, as the unfused path gives.
         first = tl.maximum(t - window + 1, 0)
         last = t + 1 if CAUSAL else T
-        q = tl.load(_tile(Qt, b, t, h, offs_m, offs_d, sqt_b, sqt_t, sqt_s, sqt_h), mask=tile_ok,
-                    other=0.0).to(tl.float32)
+        q = tl.load(_tile(Qt, b, t, h, offs_m, offs_d, sqt_b, sqt_t, sqt_s, sqt_h), mask=tile_ok, other=0.0)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -133,18 +141,17 @@ def _forward_kernel(
                         other=0.0)
             v = tl.load(_tile(Vt, b, u, h, offs_m, offs_d, svt_b, svt_t, svt_s, svt_h), mask=tile_ok,
                         other=0.0)
-            s = tl.sum(q * k.to(tl.float32), 1) * qk_scale
+            s = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1) * scale
             m_new = tl.maximum(m_i, s)
-            p = tl.exp2(s - m_new)
-            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp(s - m_new)
+            alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + p
             acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
             m_i = m_new
-        out += acc / l_i[:, None]
-        tl.store(LseT + stats, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+        out = (out.to(tl.float32) + acc / l_i[:, None]).to(Out.dtype.element_ty)
+        tl.store(LseT + stats, m_i + tl.log(l_i), mask=row_ok)
 
-    tl.store(_tile(Out, b, t, h, offs_m, offs_d, so_b, so_t, so_s, so_h), out.to(Out.dtype.element_ty),
-             mask=tile_ok)
+    tl.store(_tile(Out, b, t, h, offs_m, offs_d, so_b, so_t, so_s, so_h), out, mask=tile_ok)
 
 
 @triton.jit
@@ -153,7 +160,7 @@ def _backward_query_kernel(
         sqs_b, sqs_t, sqs_s, sqs_h, sks_b, sks_t, sks_s, sks_h, svs_b, svs_t, svs_s, svs_h,
         sqt_b, sqt_t, sqt_s, sqt_h, skt_b, skt_t, skt_s, skt_h, svt_b, svt_t, svt_s, svt_h,
         so_b, so_t, so_s, so_h, sdo_b, sdo_t, sdo_s, sdo_h, sg_b, sg_t, sg_s, sg_h,
-        T, S, H, D, scale, window,
+        T, S, H, scale, window, D: tl.constexpr,
         HAS_SPATIAL: tl.constexpr, HAS_TEMPORAL: tl.constexpr, CAUSAL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
@@ -164,7 +171,7 @@ def _backward_query_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < S
     tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     stats = _row_offsets(b, t, h, offs_m, T, H, S)
     do = tl.load(_tile(DOut, b, t, h, offs_m, offs_d, sdo_b, sdo_t, sdo_s, sdo_h), mask=tile_ok, other=0.0)
     delta_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -174,10 +181,8 @@ def _backward_query_kernel(
         # accumulate sum p dp k and sum p k, and combine once delta is known.
         first = tl.maximum(t - window + 1, 0)
         last = t + 1 if CAUSAL else T
-        q = tl.load(_tile(Qt, b, t, h, offs_m, offs_d, sqt_b, sqt_t, sqt_s, sqt_h), mask=tile_ok,
-                    other=0.0).to(tl.float32)
-        do_f = do.to(tl.float32)
-        lse = tl.load(LseT + stats, mask=row_ok, other=0.0) * 1.4426950408889634
+        q = tl.load(_tile(Qt, b, t, h, offs_m, offs_d, sqt_b, sqt_t, sqt_s, sqt_h), mask=tile_ok, other=0.0)
+        lse = tl.load(LseT + stats, mask=row_ok, other=0.0)
         pdpk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for u in range(first, last):
@@ -185,8 +190,8 @@ def _backward_query_kernel(
                         other=0.0).to(tl.float32)
             v = tl.load(_tile(Vt, b, u, h, offs_m, offs_d, svt_b, svt_t, svt_s, svt_h), mask=tile_ok,
                         other=0.0).to(tl.float32)
-            p = tl.exp2(tl.sum(q * k, 1) * qk_scale - lse)
-            pdp = p * tl.sum(do_f * v, 1)
+            p = tl.exp(tl.sum(q.to(tl.float32) * k, 1) * scale - lse)
+            pdp = p * tl.sum(do.to(tl.float32) * v, 1)
             delta_t += pdp
             pdpk += pdp[:, None] * k
             pk += p[:, None] * k
@@ -196,10 +201,14 @@ def _backward_query_kernel(
 
     if HAS_SPATIAL:
         o = tl.load(_tile(Out, b, t, h, offs_m, offs_d, so_b, so_t, so_s, so_h), mask=tile_ok, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1) - delta_t  # rowsum(dO * o_s)
-        tl.store(DeltaS + stats, delta, mask=row_ok)
+        # delta = rowsum(dO * o_s), first from the saved output (rounded to its dtype) minus delta_t; the exact
+        # value, sum_j p dp, is accumulated on the way and goes to the key kernel. With both branches the
+        # rounding of the saved *sum* would dominate dq's error, so dq is corrected through sum_j p k.
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1) - delta_t
+        delta_exact = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         q = tl.load(_tile(Qs, b, t, h, offs_m, offs_d, sqs_b, sqs_t, sqs_s, sqs_h), mask=tile_ok, other=0.0)
-        lse = tl.load(LseS + stats, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse = tl.load(LseS + stats, mask=row_ok, other=0.0) * LOG2E
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for start_n in range(0, S, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -210,8 +219,15 @@ def _backward_query_kernel(
             s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
             p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = _mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)
-            ds = p * (dp - delta[:, None])
+            p_dp = p * dp
+            delta_exact += tl.sum(p_dp, 1)
+            ds = p_dp - p * delta[:, None]
             dq += _mma(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
+            if HAS_TEMPORAL:
+                pk += _mma(p.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
+        if HAS_TEMPORAL:
+            dq += (delta - delta_exact)[:, None] * pk
+        tl.store(DeltaS + stats, delta_exact, mask=row_ok)
         tl.store(_tile(DQs, b, t, h, offs_m, offs_d, sg_b, sg_t, sg_s, sg_h),
                  (dq * scale).to(DQs.dtype.element_ty), mask=tile_ok)
 
@@ -222,7 +238,7 @@ def _backward_key_kernel(
         sqs_b, sqs_t, sqs_s, sqs_h, sks_b, sks_t, sks_s, sks_h, svs_b, svs_t, svs_s, svs_h,
         sqt_b, sqt_t, sqt_s, sqt_h, skt_b, skt_t, skt_s, skt_h, svt_b, svt_t, svt_s, svt_h,
         sdo_b, sdo_t, sdo_s, sdo_h, sg_b, sg_t, sg_s, sg_h,
-        T, S, H, D, scale, band,
+        T, S, H, scale, band, D: tl.constexpr,
         HAS_SPATIAL: tl.constexpr, HAS_TEMPORAL: tl.constexpr, CAUSAL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
@@ -233,7 +249,7 @@ def _backward_key_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     key_ok = offs_n < S
     tile_ok = key_ok[:, None] & (offs_d[None, :] < D)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
 
     if HAS_SPATIAL:
         k = tl.load(_tile(Ks, b, t, h, offs_n, offs_d, sks_b, sks_t, sks_s, sks_h), mask=tile_ok, other=0.0)
@@ -248,7 +264,7 @@ def _backward_key_kernel(
             do = tl.load(_tile(DOut, b, t, h, offs_m, offs_d, sdo_b, sdo_t, sdo_s, sdo_h), mask=q_ok,
                          other=0.0)
             stats = _row_offsets(b, t, h, offs_m, T, H, S)
-            lse = tl.load(LseS + stats, mask=row_ok, other=0.0) * 1.4426950408889634
+            lse = tl.load(LseS + stats, mask=row_ok, other=0.0) * LOG2E
             delta = tl.load(DeltaS + stats, mask=row_ok, other=0.0)
             s_t = _mma(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT) * qk_scale  # (keys, queries)
             p_t = tl.where(row_ok[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
@@ -264,10 +280,8 @@ def _backward_key_kernel(
         # Query frames u that attend to key frame t, within the window and the gradient band.
         first = t if CAUSAL else 0
         last = tl.minimum(t + band, T)
-        k = tl.load(_tile(Kt, b, t, h, offs_n, offs_d, skt_b, skt_t, skt_s, skt_h), mask=tile_ok,
-                    other=0.0).to(tl.float32)
-        v = tl.load(_tile(Vt, b, t, h, offs_n, offs_d, svt_b, svt_t, svt_s, svt_h), mask=tile_ok,
-                    other=0.0).to(tl.float32)
+        k = tl.load(_tile(Kt, b, t, h, offs_n, offs_d, skt_b, skt_t, skt_s, skt_h), mask=tile_ok, other=0.0)
+        v = tl.load(_tile(Vt, b, t, h, offs_n, offs_d, svt_b, svt_t, svt_s, svt_h), mask=tile_ok, other=0.0)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for u in range(first, last):
@@ -276,11 +290,11 @@ def _backward_key_kernel(
             do = tl.load(_tile(DOut, b, u, h, offs_n, offs_d, sdo_b, sdo_t, sdo_s, sdo_h), mask=tile_ok,
                          other=0.0).to(tl.float32)
             stats = _row_offsets(b, u, h, offs_n, T, H, S)
-            lse = tl.load(LseT + stats, mask=key_ok, other=0.0) * 1.4426950408889634
+            lse = tl.load(LseT + stats, mask=key_ok, other=0.0)
             delta = tl.load(DeltaT + stats, mask=key_ok, other=0.0)
-            p = tl.exp2(tl.sum(q * k, 1) * qk_scale - lse)
+            p = tl.exp(tl.sum(q * k.to(tl.float32), 1) * scale - lse)
             dv += p[:, None] * do
-            ds = p * (tl.sum(do * v, 1) - delta)
+            ds = p * (tl.sum(do * v.to(tl.float32), 1) - delta)
             dk += ds[:, None] * q
         tl.store(_tile(DKt, b, t, h, offs_n, offs_d, sg_b, sg_t, sg_s, sg_h),
                  (dk * scale).to(DKt.dtype.element_ty), mask=tile_ok)
@@ -300,15 +314,16 @@ class LaunchConfig:
 
 
 # (largest padded head dim, 2-byte dtype?) -> (forward, backward query kernel, backward key kernel).
-# Hopper-oriented: 128-row query tiles forward, FlashAttention-2's small-query / large-key split backward;
-# 8 warps where the temporal accumulators join the spatial ones; fewer rows at D = 256 and in float32.
+# Hopper-oriented: 128-row query tiles forward, FlashAttention-2's small-query / large-key split backward at
+# D <= 64, square 64-tiles at D = 128, smaller tiles at D = 256 and in float32. Every entry compiles for sm_90
+# with at most 24 bytes of register spills per thread (ptxas -v; 16-byte aligned pointers and strides).
 _GPU_CONFIGS = {
     (64, True): (LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 3), LaunchConfig(32, 128, 8, 3)),
-    (128, True): (LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 8, 2), LaunchConfig(32, 128, 8, 2)),
-    (256, True): (LaunchConfig(64, 32, 8, 2), LaunchConfig(32, 32, 8, 1), LaunchConfig(32, 64, 8, 1)),
-    (64, False): (LaunchConfig(64, 64, 8, 2), LaunchConfig(64, 32, 4, 2), LaunchConfig(32, 64, 8, 2)),
-    (128, False): (LaunchConfig(64, 32, 8, 2), LaunchConfig(32, 32, 8, 2), LaunchConfig(32, 64, 8, 2)),
-    (256, False): (LaunchConfig(32, 32, 8, 1), LaunchConfig(32, 16, 8, 1), LaunchConfig(16, 32, 8, 1)),
+    (128, True): (LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 8, 2), LaunchConfig(64, 64, 8, 2)),
+    (256, True): (LaunchConfig(64, 32, 8, 2), LaunchConfig(32, 32, 8, 1), LaunchConfig(32, 32, 8, 1)),
+    (64, False): (LaunchConfig(64, 64, 8, 2), LaunchConfig(64, 32, 8, 2), LaunchConfig(32, 32, 8, 2)),
+    (128, False): (LaunchConfig(32, 32, 8, 2), LaunchConfig(32, 16, 8, 2), LaunchConfig(16, 32, 8, 1)),
+    (256, False): (LaunchConfig(32, 16, 8, 1), LaunchConfig(16, 16, 8, 1), LaunchConfig(16, 16, 8, 1)),
 }
 # Triton's CPU interpreter: small tiles (S = 33 spans three blocks), warps and stages are ignored.
 _INTERPRETER_CONFIG = LaunchConfig(16, 16, 1, 1)
@@ -360,8 +375,8 @@ def forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale, temporal_causal, temporal_wi
         q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t,
         *_strides(q_s), *_strides(k_s), *_strides(v_s), *_strides(q_t), *_strides(k_t), *_strides(v_t),
         *_strides(out),
-        T, S, H, D, scale, temporal_window or T,
-        HAS_SPATIAL=has_spatial, HAS_TEMPORAL=has_temporal, CAUSAL=bool(temporal_causal),
+        T, S, H, scale, temporal_window or T,
+        HAS_SPATIAL=has_spatial, HAS_TEMPORAL=has_temporal, CAUSAL=bool(temporal_causal), D=D,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, **dots,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out, lse_s, lse_t
@@ -389,14 +404,14 @@ def backward(dout, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, *, scale, te
     inputs = (q_s, k_s, v_s, q_t, k_t, v_t)
     input_strides = [stride for x in inputs for stride in _strides(x)]
     query_config, key_config = _configs(block_d, first.dtype)[1:]
-    constants = dict(HAS_SPATIAL=has_spatial, HAS_TEMPORAL=has_temporal, CAUSAL=bool(temporal_causal),
+    constants = dict(HAS_SPATIAL=has_spatial, HAS_TEMPORAL=has_temporal, CAUSAL=bool(temporal_causal), D=D,
                      BLOCK_D=block_d, **dots)
 
     window = temporal_window or T
     _backward_query_kernel[(T, triton.cdiv(S, query_config.block_m), B * H)](
         *inputs, out, dout, lse_s, lse_t, delta_s, delta_t, dq_s, dq_t,
         *input_strides, *out.stride()[:4], *dout.stride()[:4], *grad_strides,
-        T, S, H, D, scale, window, **constants,
+        T, S, H, scale, window, **constants,
         BLOCK_M=query_config.block_m, BLOCK_N=query_config.block_n,
         num_warps=query_config.num_warps, num_stages=query_config.num_stages)
 
@@ -404,7 +419,7 @@ def backward(dout, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, *, scale, te
     _backward_key_kernel[(T, triton.cdiv(S, key_config.block_n), B * H)](
         *inputs, dout, lse_s, lse_t, delta_s, delta_t, dk_s, dv_s, dk_t, dv_t,
         *input_strides, *dout.stride()[:4], *grad_strides,
-        T, S, H, D, scale, band, **constants,
+        T, S, H, scale, band, **constants,
         BLOCK_M=key_config.block_m, BLOCK_N=key_config.block_n,
         num_warps=key_config.num_warps, num_stages=key_config.num_stages)
     return dq_s, dk_s, dv_s, dq_t, dk_t, dv_t

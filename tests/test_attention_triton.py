@@ -188,8 +188,93 @@ def test_design_shapes_gpu(shape_name, options):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", [(2, 17, 333, 3, 80), (1, 3, 1000, 2, 160), (3, 1, 77, 4, 40),
-                                   (1, 5, 129, 2, 256), (2, 9, 200, 2, 128)], ids=str)
-@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=str)
+@pytest.mark.parametrize("shape", [(1, 3, 1000, 2, 160), (3, 1, 77, 4, 40), (1, 5, 129, 2, 256),
+                                   (2, 9, 200, 2, 128), (1, 3, 4096, 1, 64)], ids=str)
+@pytest.mark.parametrize("options", [{}, {"causal": True, "grad_window": 2}], ids=str)
 def test_odd_shapes_gpu(shape, dtype, options, seed):
-    check_against_reference("parallel", "triton", shape, dtype, "cuda", seed, packed=shape[1] == 17, **options)
+    check_against_reference("parallel", "triton", shape, dtype, "cuda", seed, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=str)
+@pytest.mark.parametrize("op", ["parallel", "temporal"])
+def test_temporal_options_gpu(op, options, dtype, seed):
+    check_against_reference(op, "triton", (2, 17, 333, 3, 80), dtype, "cuda", seed, packed=True, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_spatial_gpu(dtype, seed):
+    check_against_reference("spatial", "triton", (2, 3, 1000, 4, 64), dtype, "cuda", seed, packed=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Without a GPU: the kernels compile for Hopper (sm_90) with the launch table's settings.
+# ----------------------------------------------------------------------------------------------------------
+
+def compile_for_hopper(kernel, dtype, head_dim, config):
+    """Compiles `kernel` ahead of time for sm_90 as a launch with 16-byte aligned pointers and strides would."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pychop.kernels import parallel_st_attention as attention
+
+    element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    constants = dict(HAS_SPATIAL=True, HAS_TEMPORAL=True, CAUSAL=True, D=head_dim, BLOCK_M=config.block_m,
+                     BLOCK_N=config.block_n, BLOCK_D=attention._head_dim_block(head_dim),
+                     DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST_DOT=False)
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature, attrs = {}, {}
+    for index, name in enumerate(names):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name == "scale":
+            signature[name] = "fp32"
+        elif name[0].isupper() and len(name) > 1:  # tensors
+            signature[name] = "*fp32" if name.startswith(("Lse", "Delta")) else f"*{element}"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name.startswith("s"):  # strides
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                       constexprs={(names.index(name),): value for name, value in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+def compile_all_for_hopper(dtype_name, head_dim):
+    """Compiles the three kernels with the launch table's settings; prints one line per kernel."""
+    from pychop.kernels import parallel_st_attention as attention
+
+    dtype = getattr(torch, dtype_name)
+    configs = attention._GPU_CONFIGS[(64 if head_dim <= 64 else 128 if head_dim <= 128 else 256,
+                                      dtype.itemsize == 2)]
+    kernels = (attention._forward_kernel, attention._backward_query_kernel, attention._backward_key_kernel)
+    for kernel, config in zip(kernels, configs):
+        compiled = compile_for_hopper(kernel, dtype, head_dim, config)
+        if dtype != torch.float32:  # float32 stays exact ("ieee"): CUDA-core FMAs, no tensor cores
+            assert "mma" in compiled.asm["ptx"], f"{kernel.fn.__name__}: no tensor-core instructions"
+        print(kernel.fn.__name__, config, "shared memory", compiled.metadata.shared)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests run the kernels themselves")
+@pytest.mark.parametrize("dtype_name, head_dim", [("bfloat16", 64), ("float32", 80)])
+def test_kernels_compile_for_hopper(dtype_name, head_dim):
+    """The interpreter accepts code the GPU compiler may not: compile for sm_90 in a process without it."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    code = ("from tests.test_attention_triton import compile_all_for_hopper; "
+            f"compile_all_for_hopper({dtype_name!r}, {head_dim})")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            cwd=pathlib.Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("shared memory") == 3, result.stdout
