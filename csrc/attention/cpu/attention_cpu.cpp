@@ -5,7 +5,7 @@
 // all frames) writes dq_t, dk_t, dv_t and delta_t = rowsum(dout * o_t); the spatial pass (one task per
 // frame-head) uses delta_s = rowsum(dout * out) - delta_t and writes dq_s, dk_s, dv_s.
 //
-// All arithmetic is float32. Matrix products are written as axpy loops over a contiguous float32 copy (keys
+// All arithmetic is float32; queries are scaled as they are loaded. Matrix products are written as axpy loops over a contiguous float32 copy (keys
 // transposed where a row of scores is built), so the inner loops are unit-stride and vectorize; the entry
 // points are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time.
 #include "attention/kernels.h"
@@ -46,6 +46,11 @@ PYCHOP_INLINE void load_row(float* __restrict__ dst, const T* __restrict__ src, 
 }
 
 template <typename T>
+PYCHOP_INLINE void load_row(float* __restrict__ dst, const T* __restrict__ src, int n, float factor) {
+  for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * factor;
+}
+
+template <typename T>
 PYCHOP_INLINE void store_row(T* __restrict__ dst, const float* __restrict__ src, int n, float factor = 1.f) {
   for (int i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] * factor);
 }
@@ -54,10 +59,15 @@ PYCHOP_INLINE void axpy(float* __restrict__ y, float a, const float* __restrict_
   for (int i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// A fixed summation order (8 lanes, then the tail), whatever the alignment: the backward recomputes the
+// forward's scores bit for bit, so a softmax over one key gives a probability of exactly 1.
 PYCHOP_INLINE float dot(const float* __restrict__ x, const float* __restrict__ y, int n) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int i = 0; i < n; ++i) sum += x[i] * y[i];
+  float lanes[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += x[i + l] * y[i + l];
+  float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  for (; i < n; ++i) sum += x[i] * y[i];
   return sum;
 }
 
@@ -113,15 +123,12 @@ PYCHOP_INLINE void spatial_forward_rows(const AttentionParams& p, ForwardBuffers
   const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s);
   gather_frame(k, b, t, h, S, D, buf.values.data(), buf.keys_t.data());  // keys kept transposed only
   gather_frame(v, b, t, h, S, D, buf.values.data(), nullptr);
-  for (int i = 0; i < rows; ++i) load_row(buf.q.data() + i * D, q.at(b, t, s0 + i, h), D);
+  for (int i = 0; i < rows; ++i) load_row(buf.q.data() + i * D, q.at(b, t, s0 + i, h), D, p.scale);
   row_scores(buf.scores.data(), buf.q.data(), buf.keys_t.data(), rows, S, D);
   for (int i = 0; i < rows; ++i) {
     float* score = buf.scores.data() + static_cast<int64_t>(i) * S;
     float max_score = -std::numeric_limits<float>::infinity();
-    for (int j = 0; j < S; ++j) {
-      score[j] *= p.scale;
-      max_score = std::max(max_score, score[j]);
-    }
+    for (int j = 0; j < S; ++j) max_score = std::max(max_score, score[j]);
     float sum = 0.f;
     for (int j = 0; j < S; ++j) {
       score[j] = std::exp(score[j] - max_score);
@@ -147,12 +154,12 @@ PYCHOP_INLINE void temporal_forward_rows(const AttentionParams& p, ForwardBuffer
   for (int i = 0; i < rows; ++i) {
     const int s = s0 + i;
     float* qrow = buf.q.data() + i * D;
-    load_row(qrow, q.at(b, t, s, h), D);
+    load_row(qrow, q.at(b, t, s, h), D, p.scale);
     float max_score = -std::numeric_limits<float>::infinity();
     for (int u = first; u <= last; ++u) {
       float* krow = buf.k_frames.data() + static_cast<int64_t>(u) * D;
       load_row(krow, k.at(b, u, s, h), D);
-      score[u] = dot(qrow, krow, D) * p.scale;
+      score[u] = dot(qrow, krow, D);
       max_score = std::max(max_score, score[u]);
     }
     float sum = 0.f;
@@ -212,7 +219,7 @@ PYCHOP_CPU_CLONES void temporal_backward_task(const AttentionParams& p, std::vec
   float *qs = buf.data(), *ks = qs + td, *vs = ks + td, *dos = vs + td, *dks = dos + td, *dvs = dks + td;
   float *dqrow = dvs + td, *orow = dqrow + D, *prob = orow + D, *dprob = prob + T_;
   for (int u = 0; u < T_; ++u) {
-    load_row(qs + u * D, q.at(b, u, s, h), D);
+    load_row(qs + u * D, q.at(b, u, s, h), D, p.scale);
     load_row(ks + u * D, k.at(b, u, s, h), D);
     load_row(vs + u * D, v.at(b, u, s, h), D);
     load_row(dos + u * D, dout.at(b, u, s, h), D);
@@ -228,7 +235,7 @@ PYCHOP_CPU_CLONES void temporal_backward_task(const AttentionParams& p, std::vec
     const float* dorow = dos + t * D;
     std::fill(orow, orow + D, 0.f);
     for (int u = first; u <= last; ++u) {
-      prob[u] = std::exp(dot(qrow, ks + u * D, D) * p.scale - lse);
+      prob[u] = std::exp(dot(qrow, ks + u * D, D) - lse);
       axpy(orow, prob[u], vs + u * D, D);
       dprob[u] = dot(dorow, vs + u * D, D);
     }
@@ -236,14 +243,14 @@ PYCHOP_CPU_CLONES void temporal_backward_task(const AttentionParams& p, std::vec
     if (p.spatial) p.delta_t[stat_index(p, b, t, h, s)] = delta;
     std::fill(dqrow, dqrow + D, 0.f);
     for (int u = first; u <= last; ++u) {
-      const float ds = prob[u] * (dprob[u] - delta) * p.scale;
+      const float ds = prob[u] * (dprob[u] - delta);  // dq = scale * sum ds k; dk = ds (scale q)
       axpy(dqrow, ds, ks + u * D, D);
       if (u >= live) {
         axpy(dks + u * D, ds, qrow, D);
         axpy(dvs + u * D, prob[u], dorow, D);
       }
     }
-    store_row(dq.at(b, t, s, h), dqrow, D);
+    store_row(dq.at(b, t, s, h), dqrow, D, p.scale);
   }
   for (int u = 0; u < T_; ++u) {
     store_row(dk.at(b, u, s, h), dks + u * D, D);
@@ -270,7 +277,7 @@ PYCHOP_CPU_CLONES void spatial_backward_task(const AttentionParams& p, std::vect
   for (int s0 = 0; s0 < S; s0 += BLOCK_Q) {
     const int rows = std::min(BLOCK_Q, S - s0);
     for (int i = 0; i < rows; ++i) {
-      load_row(qb + i * D, q.at(b, t, s0 + i, h), D);
+      load_row(qb + i * D, q.at(b, t, s0 + i, h), D, p.scale);
       load_row(dob + i * D, dout.at(b, t, s0 + i, h), D);
       load_row(orow, out.at(b, t, s0 + i, h), D);
       delta[i] = dot(dob + i * D, orow, D) - (p.temporal ? p.delta_t[stat_index(p, b, t, h, s0 + i)] : 0.f);
@@ -283,8 +290,8 @@ PYCHOP_CPU_CLONES void spatial_backward_task(const AttentionParams& p, std::vect
       float* pr = prob + static_cast<int64_t>(i) * S;
       float* dp = dprob + static_cast<int64_t>(i) * S;
       for (int j = 0; j < S; ++j) {
-        pr[j] = std::exp(pr[j] * p.scale - lse);
-        dp[j] = pr[j] * (dp[j] - delta[i]) * p.scale;  // dS, scaled
+        pr[j] = std::exp(pr[j] - lse);
+        dp[j] = pr[j] * (dp[j] - delta[i]);  // dS: dq = scale * dS k, dk = dS^T (scale q)
       }
       for (int j = 0; j < S; ++j) {
         const int64_t jd = static_cast<int64_t>(j) * D;
@@ -293,7 +300,7 @@ PYCHOP_CPU_CLONES void spatial_backward_task(const AttentionParams& p, std::vect
         axpy(dqb + i * D, dp[j], ks + jd, D);
       }
     }
-    for (int i = 0; i < rows; ++i) store_row(dq.at(b, t, s0 + i, h), dqb + i * D, D);
+    for (int i = 0; i < rows; ++i) store_row(dq.at(b, t, s0 + i, h), dqb + i * D, D, p.scale);
   }
   for (int s = 0; s < S; ++s) {
     store_row(dk.at(b, t, s, h), dks + static_cast<int64_t>(s) * D, D);
