@@ -25,8 +25,8 @@ CSRC = ROOT / "csrc"
 BUILD_DIR_ENV = "PYCHOP_BUILD_DIR"
 JIT_NAME = "pychop_C"
 
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+CXX_FLAGS = ["-O3", "-fopenmp-simd"]
+NVCC_FLAGS = ["-O3"]
 
 
 class ExtensionBuildError(RuntimeError):
