@@ -100,9 +100,9 @@ AttentionParams make_params(Group& group, const OptTensor& q_s, const OptTensor&
   return p;
 }
 
+#ifdef PYCHOP_WITH_CUDA
 void check_launch(const char* error) { TORCH_CHECK(error == nullptr, "pychop._C CUDA launch failed: ", error); }
-
-#ifndef PYCHOP_WITH_CUDA
+#else
 const char* no_cuda() { return "pychop._C was built without CUDA"; }
 #endif
 
