@@ -1,7 +1,7 @@
 """The ``"cuda"`` and ``"cpp"`` backends of the attention ops: the kernels of the extension ``pychop._C``.
 
 Implements the kernel interface of ``pychop.ops.attention`` (see its module docstring). Outputs are
-allocated here with ``kernels.outputs.new_output`` (NaN-poisoned under ``PYCHOP_POISON_OUTPUTS=1``) and
+allocated here with ``pychop.kernels.outputs.new_output`` (NaN-poisoned under ``PYCHOP_POISON_OUTPUTS=1``) and
 written by the extension; gradients come back contiguous. ``ensure_available(backend)`` builds or loads
 ``pychop._C`` (see ``pychop._build``) and raises ``BackendUnavailable`` with the reason when it cannot run.
 """
@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from kernels.outputs import new_output
+from pychop.kernels.outputs import new_output
 from pychop import _build
 from pychop.ops.backends import BackendUnavailable
 

@@ -5,9 +5,9 @@
 // all frames) writes dq_t, dk_t, dv_t and delta_t = rowsum(dout * o_t); the spatial pass (one task per
 // frame-head) uses delta_s = rowsum(dout * out) - delta_t and writes dq_s, dk_s, dv_s.
 //
-// All arithmetic is float32; queries are scaled as they are loaded. Matrix products are written as axpy loops over a contiguous float32 copy (keys
-// transposed where a row of scores is built), so the inner loops are unit-stride and vectorize; the entry
-// points are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time.
+// All arithmetic is float32, on zero-padded float32 copies; queries are scaled as they are loaded. Matrix
+// products accumulate rows into 16-lane vector registers (accumulate_rows); the task functions are compiled
+// for AVX-512, AVX2 and baseline x86-64 and the best is picked at load time.
 #include "attention/kernels.h"
 
 #include <ATen/Parallel.h>
@@ -16,7 +16,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -50,6 +52,17 @@ PYCHOP_INLINE void load_row(float* __restrict__ dst, const T* __restrict__ src, 
   for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * factor;
 }
 
+// A float32 view of a row: the row itself for float tensors, else a converted copy in `scratch`.
+template <typename T>
+PYCHOP_INLINE const float* float_row(const T* src, float* scratch, int n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    load_row(scratch, src, n);
+    return scratch;
+  }
+}
+
 template <typename T>
 PYCHOP_INLINE void store_row(T* __restrict__ dst, const float* __restrict__ src, int n, float factor = 1.f) {
   for (int i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] * factor);
@@ -71,29 +84,115 @@ PYCHOP_INLINE float dot(const float* __restrict__ x, const float* __restrict__ y
   return sum;
 }
 
+// exp(x) for x <= 0 (scores minus their max or logsumexp), in plain arithmetic so that loops over it vectorize:
+// x = n ln2 + r with n = round(x / ln2), |r| <= ln2 / 2 (ln2 split in two for precision), exp(r) by a degree-7
+// polynomial (Cephes' coefficients, about 1 ulp), 2^n assembled in the exponent bits. exp(0) is 1.
+PYCHOP_INLINE float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;  // exp(-87) ~ 1.6e-38: still a normal float
+  constexpr float round_magic = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const float n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return poly * two_n;
+}
+
+// x[i] = exp(x[i] - shift) for shift >= max(x); returns the sum.
+PYCHOP_INLINE float exp_shifted(float* __restrict__ x, int n, float shift) {
+  for (int i = 0; i < n; ++i) x[i] = exp_nonpositive(x[i] - shift);
+  float lanes[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += x[i + l];
+  float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  for (; i < n; ++i) sum += x[i];
+  return sum;
+}
+
+PYCHOP_INLINE float max_of(const float* __restrict__ x, int n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int i = 0; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
 PYCHOP_INLINE int64_t stat_index(const AttentionParams& p, int b, int t, int h, int s) {
   return ((static_cast<int64_t>(b) * p.frames + t) * p.heads + h) * p.tokens + s;
 }
 
-// Gathers the S x D matrix of (b, t, h) into `rows` (S x D) and, if asked, its transpose `cols` (D x S).
-template <typename T>
-PYCHOP_INLINE void gather_frame(const Rows<T>& x, int b, int t, int h, int S, int D, float* rows, float* cols) {
-  for (int s = 0; s < S; ++s) {
-    const T* src = x.at(b, t, s, h);
-    float* row = rows + static_cast<int64_t>(s) * D;
-    load_row(row, src, D);
-    if (cols != nullptr)
-      for (int d = 0; d < D; ++d) cols[static_cast<int64_t>(d) * S + s] = row[d];
+// Float32 vectors of 16 lanes (GCC vector extensions: one AVX-512 register, two AVX2 or four SSE ones).
+typedef float vec16 __attribute__((vector_size(64)));
+constexpr int LANES = 16;
+
+PYCHOP_INLINE int round_up(int n) { return (n + LANES - 1) / LANES * LANES; }
+
+PYCHOP_INLINE vec16 load16(const float* src) {
+  vec16 v;
+  std::memcpy(&v, src, sizeof(v));
+  return v;
+}
+
+PYCHOP_INLINE void store16(float* dst, vec16 v) { std::memcpy(dst, &v, sizeof(v)); }
+
+// y[0:16 V) += sum_r coef[r * coef_stride] x[r * ldx + 0:16 V), with V * P independent register
+// accumulators (rows taken P at a time) so that the FMA latency is hidden.
+template <int V, int P>
+PYCHOP_INLINE void accumulate_chunk(float* __restrict__ y, const float* __restrict__ coef, int64_t coef_stride,
+                                    const float* __restrict__ x, int64_t ldx, int rows) {
+  vec16 acc[P][V];
+  for (int v = 0; v < V; ++v) {
+    acc[0][v] = load16(y + v * LANES);
+    for (int phase = 1; phase < P; ++phase) acc[phase][v] = vec16{};
+  }
+  int r = 0;
+  for (; r + P <= rows; r += P)
+    for (int phase = 0; phase < P; ++phase) {
+      const float w = coef[(r + phase) * coef_stride];
+      const float* xr = x + (r + phase) * ldx;
+      for (int v = 0; v < V; ++v) acc[phase][v] += w * load16(xr + v * LANES);
+    }
+  for (; r < rows; ++r) {
+    const float w = coef[r * coef_stride];
+    for (int v = 0; v < V; ++v) acc[0][v] += w * load16(x + r * ldx + v * LANES);
+  }
+  for (int v = 0; v < V; ++v) {
+    for (int phase = 1; phase < P; ++phase) acc[0][v] += acc[phase][v];
+    store16(y + v * LANES, acc[0][v]);
   }
 }
 
-// scores[i, :] = q[i, :] . keys^T for `rows` query rows, keys given transposed (D x S).
-PYCHOP_INLINE void row_scores(float* __restrict__ scores, const float* __restrict__ q,
-                              const float* __restrict__ keys_t, int rows, int S, int D) {
-  for (int i = 0; i < rows; ++i) {
-    float* score = scores + static_cast<int64_t>(i) * S;
-    std::fill(score, score + S, 0.f);
-    for (int d = 0; d < D; ++d) axpy(score, q[i * D + d], keys_t + static_cast<int64_t>(d) * S, S);
+// y[0:n) += sum_r coef[r * coef_stride] * x[r * ldx + 0:n) for n a multiple of 16. Every matrix product of
+// the spatial branch is this, on zero-padded float32 copies: a row of scores (coef: a query row, x: the keys
+// transposed), P V and dS K (coef: a row of P or dS, x: the values or keys), P^T dO and dS^T Q (coef: a
+// column of P or dS, x: the rows of dO or Q).
+PYCHOP_INLINE void accumulate_rows(float* __restrict__ y, int n, const float* __restrict__ coef,
+                                   int64_t coef_stride, const float* __restrict__ x, int64_t ldx, int rows) {
+  int c = 0;
+  for (; c + 4 * LANES <= n; c += 4 * LANES) accumulate_chunk<4, 2>(y + c, coef, coef_stride, x + c, ldx, rows);
+  if (c + 2 * LANES <= n) {
+    accumulate_chunk<2, 4>(y + c, coef, coef_stride, x + c, ldx, rows);
+    c += 2 * LANES;
+  }
+  if (c < n) accumulate_chunk<1, 8>(y + c, coef, coef_stride, x + c, ldx, rows);
+}
+
+// Gathers the S x D matrix of (b, t, h) into `rows` (S x ld, if given) and/or its transpose `cols`
+// (D x ld_cols). Padding columns and rows are left as they are (zero in the callers' buffers).
+template <typename T>
+PYCHOP_INLINE void gather_frame(const Rows<T>& x, int b, int t, int h, int S, int D, float* rows, int ld,
+                                float* cols, int ld_cols, float* scratch) {
+  for (int s = 0; s < S; ++s) {
+    float* row = rows != nullptr ? rows + static_cast<int64_t>(s) * ld : scratch;
+    load_row(row, x.at(b, t, s, h), D);
+    if (cols != nullptr)
+      for (int d = 0; d < D; ++d) cols[static_cast<int64_t>(d) * ld_cols + s] = row[d];
   }
 }
 
@@ -101,96 +200,90 @@ PYCHOP_INLINE void row_scores(float* __restrict__ scores, const float* __restric
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 
-template <typename T>
+// Float32 working copies, zero-initialised once per thread; Dp and Sp are D and S padded to 16.
 struct ForwardBuffers {
+  int Dp, Sp;
   std::vector<float> keys_t, values, q, scores, acc, k_frames, v_frames, tscores;
-  ForwardBuffers(const AttentionParams& p)
-      : keys_t(p.spatial ? static_cast<size_t>(p.tokens) * p.head_dim : 0),
-        values(p.spatial ? static_cast<size_t>(p.tokens) * p.head_dim : 0),
-        q(static_cast<size_t>(BLOCK_Q) * p.head_dim),
-        scores(p.spatial ? static_cast<size_t>(BLOCK_Q) * p.tokens : 0),
-        acc(static_cast<size_t>(BLOCK_Q) * p.head_dim),
-        k_frames(static_cast<size_t>(p.frames) * p.head_dim),
-        v_frames(static_cast<size_t>(p.frames) * p.head_dim),
+  explicit ForwardBuffers(const AttentionParams& p)
+      : Dp(round_up(p.head_dim)), Sp(round_up(p.tokens)),
+        keys_t(p.spatial ? static_cast<size_t>(Dp) * Sp : 0),
+        values(p.spatial ? static_cast<size_t>(Sp) * Dp : 0),
+        q(static_cast<size_t>(BLOCK_Q) * Dp),
+        scores(p.spatial ? static_cast<size_t>(BLOCK_Q) * Sp : 0),
+        acc(static_cast<size_t>(BLOCK_Q) * Dp),
+        k_frames(static_cast<size_t>(p.frames) * Dp),
+        v_frames(static_cast<size_t>(p.frames) * Dp),
         tscores(p.frames) {}
 };
 
 // Spatial rows [s0, s0 + rows) of frame (b, t), head h: acc = o_s, lse_s written.
 template <typename T>
-PYCHOP_INLINE void spatial_forward_rows(const AttentionParams& p, ForwardBuffers<T>& buf, int b, int t, int h,
+PYCHOP_INLINE void spatial_forward_rows(const AttentionParams& p, ForwardBuffers& buf, int b, int t, int h,
                                         int s0, int rows) {
-  const int S = p.tokens, D = p.head_dim;
+  const int S = p.tokens, D = p.head_dim, Dp = buf.Dp, Sp = buf.Sp;
   const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s);
-  gather_frame(k, b, t, h, S, D, buf.values.data(), buf.keys_t.data());  // keys kept transposed only
-  gather_frame(v, b, t, h, S, D, buf.values.data(), nullptr);
-  for (int i = 0; i < rows; ++i) load_row(buf.q.data() + i * D, q.at(b, t, s0 + i, h), D, p.scale);
-  row_scores(buf.scores.data(), buf.q.data(), buf.keys_t.data(), rows, S, D);
+  gather_frame(k, b, t, h, S, D, nullptr, 0, buf.keys_t.data(), Sp, buf.acc.data());
+  gather_frame(v, b, t, h, S, D, buf.values.data(), Dp, nullptr, 0, nullptr);
   for (int i = 0; i < rows; ++i) {
-    float* score = buf.scores.data() + static_cast<int64_t>(i) * S;
-    float max_score = -std::numeric_limits<float>::infinity();
-    for (int j = 0; j < S; ++j) max_score = std::max(max_score, score[j]);
-    float sum = 0.f;
-    for (int j = 0; j < S; ++j) {
-      score[j] = std::exp(score[j] - max_score);
-      sum += score[j];
-    }
+    float* qrow = buf.q.data() + i * Dp;
+    load_row(qrow, q.at(b, t, s0 + i, h), D, p.scale);
+    float* score = buf.scores.data() + static_cast<int64_t>(i) * Sp;
+    std::fill(score, score + Sp, 0.f);
+    accumulate_rows(score, Sp, qrow, 1, buf.keys_t.data(), Sp, D);
+    const float max_score = max_of(score, S);
+    const float sum = exp_shifted(score, S, max_score);
     p.lse_s[stat_index(p, b, t, h, s0 + i)] = max_score + std::log(sum);
-    float* out = buf.acc.data() + i * D;
-    std::fill(out, out + D, 0.f);
+    float* out = buf.acc.data() + i * Dp;
+    std::fill(out, out + Dp, 0.f);
+    accumulate_rows(out, Dp, score, 1, buf.values.data(), Dp, S);
     const float inv = 1.f / sum;
-    for (int j = 0; j < S; ++j) axpy(out, score[j] * inv, buf.values.data() + static_cast<int64_t>(j) * D, D);
+    for (int d = 0; d < D; ++d) out[d] *= inv;
   }
 }
 
 // Temporal attention of token s0 + i at frame t, head h, added into acc row i; lse_t written.
 template <typename T>
-PYCHOP_INLINE void temporal_forward_rows(const AttentionParams& p, ForwardBuffers<T>& buf, int b, int t, int h,
+PYCHOP_INLINE void temporal_forward_rows(const AttentionParams& p, ForwardBuffers& buf, int b, int t, int h,
                                          int s0, int rows, bool add) {
-  const int D = p.head_dim;
+  const int D = p.head_dim, Dp = buf.Dp;
   const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t);
   int first, last;
   attended_frames(p, t, first, last);
   float* score = buf.tscores.data();
   for (int i = 0; i < rows; ++i) {
     const int s = s0 + i;
-    float* qrow = buf.q.data() + i * D;
+    float* qrow = buf.q.data() + i * Dp;
     load_row(qrow, q.at(b, t, s, h), D, p.scale);
     float max_score = -std::numeric_limits<float>::infinity();
     for (int u = first; u <= last; ++u) {
-      float* krow = buf.k_frames.data() + static_cast<int64_t>(u) * D;
-      load_row(krow, k.at(b, u, s, h), D);
+      const float* krow = float_row(k.at(b, u, s, h), buf.k_frames.data() + static_cast<int64_t>(u) * Dp, D);
       score[u] = dot(qrow, krow, D);
       max_score = std::max(max_score, score[u]);
     }
-    float sum = 0.f;
-    for (int u = first; u <= last; ++u) {
-      score[u] = std::exp(score[u] - max_score);
-      sum += score[u];
-    }
+    const float sum = exp_shifted(score + first, last - first + 1, max_score);
     p.lse_t[stat_index(p, b, t, h, s)] = max_score + std::log(sum);
-    float* out = buf.acc.data() + i * D;
+    float* out = buf.acc.data() + i * Dp;
     if (!add) std::fill(out, out + D, 0.f);
     const float inv = 1.f / sum;
     for (int u = first; u <= last; ++u) {
-      float* vrow = buf.v_frames.data() + static_cast<int64_t>(u) * D;
-      load_row(vrow, v.at(b, u, s, h), D);
+      const float* vrow = float_row(v.at(b, u, s, h), buf.v_frames.data() + static_cast<int64_t>(u) * Dp, D);
       axpy(out, score[u] * inv, vrow, D);
     }
   }
 }
 
 template <typename T>
-PYCHOP_CPU_CLONES void forward_task(const AttentionParams& p, ForwardBuffers<T>& buf, int64_t task) {
+PYCHOP_CPU_CLONES void forward_task(const AttentionParams& p, ForwardBuffers& buf, int64_t task) {
   const int blocks = (p.tokens + BLOCK_Q - 1) / BLOCK_Q;
   const int block = static_cast<int>(task % blocks);
   const int h = static_cast<int>(task / blocks % p.heads);
   const int t = static_cast<int>(task / blocks / p.heads % p.frames);
   const int b = static_cast<int>(task / blocks / p.heads / p.frames);
   const int s0 = block * BLOCK_Q, rows = std::min(BLOCK_Q, p.tokens - s0);
-  if (p.spatial) spatial_forward_rows(p, buf, b, t, h, s0, rows);
-  if (p.temporal) temporal_forward_rows(p, buf, b, t, h, s0, rows, p.spatial);
+  if (p.spatial) spatial_forward_rows<T>(p, buf, b, t, h, s0, rows);
+  if (p.temporal) temporal_forward_rows<T>(p, buf, b, t, h, s0, rows, p.spatial);
   const Rows<T> out(p.out);
-  for (int i = 0; i < rows; ++i) store_row(out.at(b, t, s0 + i, h), buf.acc.data() + i * p.head_dim, p.head_dim);
+  for (int i = 0; i < rows; ++i) store_row(out.at(b, t, s0 + i, h), buf.acc.data() + i * buf.Dp, p.head_dim);
 }
 
 template <typename T>
@@ -198,7 +291,7 @@ void forward(const AttentionParams& p) {
   const int64_t blocks = (p.tokens + BLOCK_Q - 1) / BLOCK_Q;
   const int64_t tasks = static_cast<int64_t>(p.batch) * p.frames * p.heads * blocks;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    ForwardBuffers<T> buf(p);
+    ForwardBuffers buf(p);
     for (int64_t task = begin; task < end; ++task) forward_task<T>(p, buf, task);
   });
 }
@@ -235,7 +328,7 @@ PYCHOP_CPU_CLONES void temporal_backward_task(const AttentionParams& p, std::vec
     const float* dorow = dos + t * D;
     std::fill(orow, orow + D, 0.f);
     for (int u = first; u <= last; ++u) {
-      prob[u] = std::exp(dot(qrow, ks + u * D, D) - lse);
+      prob[u] = exp_nonpositive(dot(qrow, ks + u * D, D) - lse);
       axpy(orow, prob[u], vs + u * D, D);
       dprob[u] = dot(dorow, vs + u * D, D);
     }
@@ -258,53 +351,62 @@ PYCHOP_CPU_CLONES void temporal_backward_task(const AttentionParams& p, std::vec
   }
 }
 
+// Float32 working copies of the spatial backward, zero-initialised once per thread (Dp, Sp: D, S padded).
+struct SpatialBackwardBuffers {
+  int Dp, Sp;
+  std::vector<float> keys, keys_t, values_t, dk, dv, q, dout, dq, out_row, prob, dprob, delta;
+  explicit SpatialBackwardBuffers(const AttentionParams& p)
+      : Dp(round_up(p.head_dim)), Sp(round_up(p.tokens)),
+        keys(static_cast<size_t>(Sp) * Dp), keys_t(static_cast<size_t>(Dp) * Sp),
+        values_t(static_cast<size_t>(Dp) * Sp), dk(static_cast<size_t>(Sp) * Dp), dv(static_cast<size_t>(Sp) * Dp),
+        q(static_cast<size_t>(BLOCK_Q) * Dp), dout(static_cast<size_t>(BLOCK_Q) * Dp),
+        dq(static_cast<size_t>(BLOCK_Q) * Dp), out_row(Dp), prob(static_cast<size_t>(BLOCK_Q) * Sp),
+        dprob(static_cast<size_t>(BLOCK_Q) * Sp), delta(BLOCK_Q) {}
+};
+
 // One frame-head (b, t, h): dq_s, dk_s, dv_s.
 template <typename T>
-PYCHOP_CPU_CLONES void spatial_backward_task(const AttentionParams& p, std::vector<float>& buf, int64_t task) {
-  const int S = p.tokens, D = p.head_dim;
+PYCHOP_CPU_CLONES void spatial_backward_task(const AttentionParams& p, SpatialBackwardBuffers& buf, int64_t task) {
+  const int S = p.tokens, D = p.head_dim, Dp = buf.Dp, Sp = buf.Sp;
   const int h = static_cast<int>(task % p.heads);
   const int t = static_cast<int>(task / p.heads % p.frames);
   const int b = static_cast<int>(task / p.heads / p.frames);
   const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s), out(p.out), dout(p.dout), dq(p.dq_s), dk(p.dk_s), dv(p.dv_s);
-  const int64_t sd = static_cast<int64_t>(S) * D, bd = static_cast<int64_t>(BLOCK_Q) * D;
-  float *ks = buf.data(), *ks_t = ks + sd, *vs_t = ks_t + sd, *dks = vs_t + sd, *dvs = dks + sd;
-  float *qb = dvs + sd, *dob = qb + bd, *dqb = dob + bd, *orow = dqb + bd;
-  float *prob = orow + D, *dprob = prob + static_cast<int64_t>(BLOCK_Q) * S, *delta = dprob + static_cast<int64_t>(BLOCK_Q) * S;
-  gather_frame(k, b, t, h, S, D, ks, ks_t);
-  gather_frame(v, b, t, h, S, D, dvs, vs_t);  // dvs is scratch here, zeroed below
-  std::fill(dks, dks + sd, 0.f);
-  std::fill(dvs, dvs + sd, 0.f);
+  float *keys = buf.keys.data(), *dks = buf.dk.data(), *dvs = buf.dv.data();
+  float *qb = buf.q.data(), *dob = buf.dout.data(), *dqb = buf.dq.data();
+  float *prob = buf.prob.data(), *dprob = buf.dprob.data(), *delta = buf.delta.data();
+  gather_frame(k, b, t, h, S, D, keys, Dp, buf.keys_t.data(), Sp, nullptr);
+  gather_frame(v, b, t, h, S, D, nullptr, 0, buf.values_t.data(), Sp, buf.out_row.data());
+  std::fill(dks, dks + static_cast<int64_t>(S) * Dp, 0.f);
+  std::fill(dvs, dvs + static_cast<int64_t>(S) * Dp, 0.f);
   for (int s0 = 0; s0 < S; s0 += BLOCK_Q) {
     const int rows = std::min(BLOCK_Q, S - s0);
     for (int i = 0; i < rows; ++i) {
-      load_row(qb + i * D, q.at(b, t, s0 + i, h), D, p.scale);
-      load_row(dob + i * D, dout.at(b, t, s0 + i, h), D);
-      load_row(orow, out.at(b, t, s0 + i, h), D);
-      delta[i] = dot(dob + i * D, orow, D) - (p.temporal ? p.delta_t[stat_index(p, b, t, h, s0 + i)] : 0.f);
+      float *qrow = qb + i * Dp, *dorow = dob + i * Dp;
+      load_row(qrow, q.at(b, t, s0 + i, h), D, p.scale);
+      load_row(dorow, dout.at(b, t, s0 + i, h), D);
+      delta[i] = dot(dorow, float_row(out.at(b, t, s0 + i, h), buf.out_row.data(), D), D) -
+                 (p.temporal ? p.delta_t[stat_index(p, b, t, h, s0 + i)] : 0.f);
+      float *pr = prob + static_cast<int64_t>(i) * Sp, *dp = dprob + static_cast<int64_t>(i) * Sp;
+      std::fill(pr, pr + Sp, 0.f);
+      std::fill(dp, dp + Sp, 0.f);
+      accumulate_rows(pr, Sp, qrow, 1, buf.keys_t.data(), Sp, D);        // scale q k^T
+      accumulate_rows(dp, Sp, dorow, 1, buf.values_t.data(), Sp, D);     // dO v^T
+      exp_shifted(pr, S, p.lse_s[stat_index(p, b, t, h, s0 + i)]);       // P
+      for (int j = 0; j < S; ++j) dp[j] = pr[j] * (dp[j] - delta[i]);   // dS: dq = scale dS k, dk = dS^T (scale q)
+      float* dqrow = dqb + i * Dp;
+      std::fill(dqrow, dqrow + Dp, 0.f);
+      accumulate_rows(dqrow, Dp, dp, 1, keys, Dp, S);
     }
-    row_scores(prob, qb, ks_t, rows, S, D);
-    row_scores(dprob, dob, vs_t, rows, S, D);
-    std::fill(dqb, dqb + rows * D, 0.f);
-    for (int i = 0; i < rows; ++i) {
-      const float lse = p.lse_s[stat_index(p, b, t, h, s0 + i)];
-      float* pr = prob + static_cast<int64_t>(i) * S;
-      float* dp = dprob + static_cast<int64_t>(i) * S;
-      for (int j = 0; j < S; ++j) {
-        pr[j] = std::exp(pr[j] - lse);
-        dp[j] = pr[j] * (dp[j] - delta[i]);  // dS: dq = scale * dS k, dk = dS^T (scale q)
-      }
-      for (int j = 0; j < S; ++j) {
-        const int64_t jd = static_cast<int64_t>(j) * D;
-        axpy(dvs + jd, pr[j], dob + i * D, D);
-        axpy(dks + jd, dp[j], qb + i * D, D);
-        axpy(dqb + i * D, dp[j], ks + jd, D);
-      }
+    for (int j = 0; j < S; ++j) {  // dV += P^T dO, dK += dS^T (scale Q): column j of P and dS
+      accumulate_rows(dvs + static_cast<int64_t>(j) * Dp, Dp, prob + j, Sp, dob, Dp, rows);
+      accumulate_rows(dks + static_cast<int64_t>(j) * Dp, Dp, dprob + j, Sp, qb, Dp, rows);
     }
-    for (int i = 0; i < rows; ++i) store_row(dq.at(b, t, s0 + i, h), dqb + i * D, D, p.scale);
+    for (int i = 0; i < rows; ++i) store_row(dq.at(b, t, s0 + i, h), dqb + i * Dp, D, p.scale);
   }
   for (int s = 0; s < S; ++s) {
-    store_row(dk.at(b, t, s, h), dks + static_cast<int64_t>(s) * D, D);
-    store_row(dv.at(b, t, s, h), dvs + static_cast<int64_t>(s) * D, D);
+    store_row(dk.at(b, t, s, h), dks + static_cast<int64_t>(s) * Dp, D);
+    store_row(dv.at(b, t, s, h), dvs + static_cast<int64_t>(s) * Dp, D);
   }
 }
 
@@ -321,8 +423,7 @@ void backward(const AttentionParams& p) {
   if (p.spatial) {
     const int64_t tasks = static_cast<int64_t>(p.batch) * T_ * p.heads;
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(5 * static_cast<size_t>(S) * D + 3 * static_cast<size_t>(BLOCK_Q) * D + D +
-                             2 * static_cast<size_t>(BLOCK_Q) * S + BLOCK_Q);
+      SpatialBackwardBuffers buf(p);
       for (int64_t task = begin; task < end; ++task) spatial_backward_task<T>(p, buf, task);
     });
   }
