@@ -300,54 +300,75 @@ void forward(const AttentionParams& p) {
 // Backward
 // ---------------------------------------------------------------------------------------------------------
 
-// One token-head (b, s, h) over all frames: dq_t, dk_t, dv_t and delta_t.
+// Float32 working copies of the temporal backward, zero-initialised once per thread (Dp, Tp: D, T padded).
+struct TemporalBackwardBuffers {
+  int Dp, Tp;
+  std::vector<float> q, keys, keys_t, values_t, dout, prob, dscore, score, dprob, grad;
+  explicit TemporalBackwardBuffers(const AttentionParams& p)
+      : Dp(round_up(p.head_dim)), Tp(round_up(p.frames)),
+        q(static_cast<size_t>(p.frames) * Dp), keys(static_cast<size_t>(p.frames) * Dp),
+        keys_t(static_cast<size_t>(Dp) * Tp), values_t(static_cast<size_t>(Dp) * Tp),
+        dout(static_cast<size_t>(p.frames) * Dp), prob(static_cast<size_t>(p.frames) * Tp),
+        dscore(static_cast<size_t>(p.frames) * Tp), score(Tp), dprob(Tp), grad(Dp) {}
+};
+
+// One token-head (b, s, h): the T x T attention over its frames, backward. Writes dq_t, dk_t, dv_t and
+// delta_t = rowsum(dout * o_t) = sum_u P[t, u] dP[t, u]. P and dS are kept only where the grad window lets
+// gradient reach k_t, v_t (dk = dS^T (scale Q), dv = P^T dO); dq uses every attended frame.
 template <typename T>
-PYCHOP_CPU_CLONES void temporal_backward_task(const AttentionParams& p, std::vector<float>& buf, int64_t task) {
-  const int T_ = p.frames, D = p.head_dim;
+PYCHOP_CPU_CLONES void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& buf,
+                                              int64_t task) {
+  const int T_ = p.frames, D = p.head_dim, Dp = buf.Dp, Tp = buf.Tp;
   const int h = static_cast<int>(task % p.heads);
   const int s = static_cast<int>(task / p.heads % p.tokens);
   const int b = static_cast<int>(task / p.heads / p.tokens);
   const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), dout(p.dout), dq(p.dq_t), dk(p.dk_t), dv(p.dv_t);
-  const int64_t td = static_cast<int64_t>(T_) * D;
-  float *qs = buf.data(), *ks = qs + td, *vs = ks + td, *dos = vs + td, *dks = dos + td, *dvs = dks + td;
-  float *dqrow = dvs + td, *orow = dqrow + D, *prob = orow + D, *dprob = prob + T_;
+  float *qs = buf.q.data(), *keys = buf.keys.data(), *dos = buf.dout.data(), *grad = buf.grad.data();
+  float *score = buf.score.data(), *dprob = buf.dprob.data();
   for (int u = 0; u < T_; ++u) {
-    load_row(qs + u * D, q.at(b, u, s, h), D, p.scale);
-    load_row(ks + u * D, k.at(b, u, s, h), D);
-    load_row(vs + u * D, v.at(b, u, s, h), D);
-    load_row(dos + u * D, dout.at(b, u, s, h), D);
+    load_row(qs + u * Dp, q.at(b, u, s, h), D, p.scale);
+    load_row(dos + u * Dp, dout.at(b, u, s, h), D);
+    float* krow = keys + u * Dp;
+    load_row(krow, k.at(b, u, s, h), D);
+    const float* vrow = float_row(v.at(b, u, s, h), grad, D);
+    for (int d = 0; d < D; ++d) {
+      buf.keys_t[d * Tp + u] = krow[d];
+      buf.values_t[d * Tp + u] = vrow[d];
+    }
   }
-  std::fill(dks, dks + td, 0.f);
-  std::fill(dvs, dvs + td, 0.f);
   for (int t = 0; t < T_; ++t) {
     int first, last;
     attended_frames(p, t, first, last);
     const int live = first_live_frame(p, t, first);
-    const float lse = p.lse_t[stat_index(p, b, t, h, s)];
-    const float* qrow = qs + t * D;
-    const float* dorow = dos + t * D;
-    std::fill(orow, orow + D, 0.f);
-    for (int u = first; u <= last; ++u) {
-      prob[u] = exp_nonpositive(dot(qrow, ks + u * D, D) - lse);
-      axpy(orow, prob[u], vs + u * D, D);
-      dprob[u] = dot(dorow, vs + u * D, D);
+    float *prob = buf.prob.data() + t * Tp, *dscore = buf.dscore.data() + t * Tp;
+    std::fill(score, score + Tp, 0.f);
+    std::fill(dprob, dprob + Tp, 0.f);
+    accumulate_rows(score, Tp, qs + t * Dp, 1, buf.keys_t.data(), Tp, D);   // scale q k^T
+    accumulate_rows(dprob, Tp, dos + t * Dp, 1, buf.values_t.data(), Tp, D);  // dO v^T
+    std::fill(prob, prob + Tp, 0.f);
+    if (first == last) {
+      prob[first] = 1.f;  // a softmax over one key is exactly 1 (and then dS is exactly 0)
+    } else {
+      const float lse = p.lse_t[stat_index(p, b, t, h, s)];
+      for (int u = first; u <= last; ++u) prob[u] = exp_nonpositive(score[u] - lse);
     }
-    const float delta = dot(dorow, orow, D);
+    float delta = 0.f;
+    for (int u = first; u <= last; ++u) delta += prob[u] * dprob[u];
     if (p.spatial) p.delta_t[stat_index(p, b, t, h, s)] = delta;
-    std::fill(dqrow, dqrow + D, 0.f);
-    for (int u = first; u <= last; ++u) {
-      const float ds = prob[u] * (dprob[u] - delta);  // dq = scale * sum ds k; dk = ds (scale q)
-      axpy(dqrow, ds, ks + u * D, D);
-      if (u >= live) {
-        axpy(dks + u * D, ds, qrow, D);
-        axpy(dvs + u * D, prob[u], dorow, D);
-      }
-    }
-    store_row(dq.at(b, t, s, h), dqrow, D, p.scale);
+    std::fill(dscore, dscore + Tp, 0.f);
+    for (int u = first; u <= last; ++u) dscore[u] = prob[u] * (dprob[u] - delta);
+    std::fill(grad, grad + Dp, 0.f);
+    accumulate_rows(grad, Dp, dscore, 1, keys, Dp, T_);
+    store_row(dq.at(b, t, s, h), grad, D, p.scale);
+    for (int u = first; u < live; ++u) prob[u] = dscore[u] = 0.f;  // constants for query frame t
   }
-  for (int u = 0; u < T_; ++u) {
-    store_row(dk.at(b, u, s, h), dks + u * D, D);
-    store_row(dv.at(b, u, s, h), dvs + u * D, D);
+  for (int u = 0; u < T_; ++u) {  // column u of P and dS
+    std::fill(grad, grad + Dp, 0.f);
+    accumulate_rows(grad, Dp, buf.dscore.data() + u, Tp, qs, Dp, T_);
+    store_row(dk.at(b, u, s, h), grad, D);
+    std::fill(grad, grad + Dp, 0.f);
+    accumulate_rows(grad, Dp, buf.prob.data() + u, Tp, dos, Dp, T_);
+    store_row(dv.at(b, u, s, h), grad, D);
   }
 }
 
@@ -412,11 +433,11 @@ PYCHOP_CPU_CLONES void spatial_backward_task(const AttentionParams& p, SpatialBa
 
 template <typename T>
 void backward(const AttentionParams& p) {
-  const int S = p.tokens, D = p.head_dim, T_ = p.frames;
+  const int S = p.tokens, T_ = p.frames;
   if (p.temporal) {  // first: the spatial pass reads delta_t
     const int64_t tasks = static_cast<int64_t>(p.batch) * S * p.heads;
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(6 * static_cast<size_t>(T_) * D + 2 * D + 2 * T_);
+      TemporalBackwardBuffers buf(p);
       for (int64_t task = begin; task < end; ++task) temporal_backward_task<T>(p, buf, task);
     });
   }
