@@ -46,6 +46,8 @@ def cuda_missing_reason() -> Optional[str]:
     import torch
     from torch.utils import cpp_extension
 
+    if _cuda_build_error is not None:
+        return _cuda_build_error
     if torch.version.cuda is None:
         return f"this torch build ({torch.__version__}) has no CUDA"
     if cpp_extension.CUDA_HOME is None:
@@ -98,21 +100,10 @@ def _check_toolchain() -> None:
         raise ExtensionBuildError("ninja is needed to build pychop._C (pip install ninja)")
 
 
-@functools.lru_cache(maxsize=None)
-def load() -> ModuleType:
-    """The extension module pychop._C, built first if needed; raises ExtensionBuildError."""
-    try:
-        return importlib.import_module("pychop._C")  # an ahead-of-time build
-    except ImportError:
-        pass
-    if not CSRC.is_dir():
-        raise ExtensionBuildError(f"pychop._C is not installed and its sources ({CSRC}) are not at hand")
-    _check_toolchain()
+def _jit_build(with_cuda: bool, directory: Path) -> ModuleType:
     from torch.utils import cpp_extension
 
-    with_cuda = cuda_missing_reason() is None
     kwargs = extension_kwargs(with_cuda)
-    directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
     building = not _up_to_date(directory, kwargs["sources"])
     if building:
@@ -128,5 +119,34 @@ def load() -> ModuleType:
         raise ExtensionBuildError(f"building pychop._C failed (in {directory}):\n{tail}") from error
     if building:
         print(f"pychop: built pychop._C in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return module
+
+
+_cuda_build_error: Optional[str] = None  # why the CUDA kernels failed to build here, if they did
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> ModuleType:
+    """The extension module pychop._C, built first if needed; raises ExtensionBuildError. When the CUDA
+    kernels fail to build, the CPU kernels are built alone (cuda_missing_reason() then gives the error)."""
+    global _cuda_build_error
+    try:
+        return importlib.import_module("pychop._C")  # an ahead-of-time build
+    except ImportError:
+        pass
+    if not CSRC.is_dir():
+        raise ExtensionBuildError(f"pychop._C is not installed and its sources ({CSRC}) are not at hand")
+    _check_toolchain()
+    directory = build_dir()
+    if cuda_missing_reason() is None:
+        try:
+            module = _jit_build(True, directory)
+        except ExtensionBuildError as error:
+            _cuda_build_error = str(error)
+            print(f"pychop: the CUDA kernels failed to build; building the CPU kernels alone\n{error}",
+                  file=sys.stderr, flush=True)
+            module = _jit_build(False, directory / "cpu-only")
+    else:
+        module = _jit_build(False, directory)
     sys.modules.setdefault("pychop._C", module)
     return module

@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from pychop.kernels.outputs import new_output
 from pychop import _build
+from pychop.kernels.outputs import new_output
 from pychop.ops.backends import BackendUnavailable
 
 
