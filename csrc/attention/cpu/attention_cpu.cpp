@@ -6,7 +6,7 @@
 // frame-head) uses delta_s = rowsum(dout * out) - delta_t and writes dq_s, dk_s, dv_s.
 //
 // All arithmetic is float32, on zero-padded float32 copies; queries are scaled as they are loaded. Matrix
-// products accumulate rows into 16-lane vector registers (accumulate_rows); the task functions are compiled
+// products accumulate tiles of rows in 16-lane vector registers (accumulate_rows); the task functions are compiled
 // for AVX-512, AVX2 and baseline x86-64 and the best is picked at load time.
 #include "attention/kernels.h"
 
@@ -168,19 +168,57 @@ PYCHOP_INLINE void accumulate_chunk(float* __restrict__ y, const float* __restri
   }
 }
 
-// y[0:n) += sum_r coef[r * coef_stride] * x[r * ldx + 0:n) for n a multiple of 16. Every matrix product of
-// the spatial branch is this, on zero-padded float32 copies: a row of scores (coef: a query row, x: the keys
-// transposed), P V and dS K (coef: a row of P or dS, x: the values or keys), P^T dO and dS^T Q (coef: a
-// column of P or dS, x: the rows of dO or Q).
-PYCHOP_INLINE void accumulate_rows(float* __restrict__ y, int n, const float* __restrict__ coef,
-                                   int64_t coef_stride, const float* __restrict__ x, int64_t ldx, int rows) {
-  int c = 0;
-  for (; c + 4 * LANES <= n; c += 4 * LANES) accumulate_chunk<4, 2>(y + c, coef, coef_stride, x + c, ldx, rows);
-  if (c + 2 * LANES <= n) {
-    accumulate_chunk<2, 4>(y + c, coef, coef_stride, x + c, ldx, rows);
-    c += 2 * LANES;
+// Y[i, 0:16 V) += sum_r coef[i * coef_row + r * coef_step] x[r * ldx + 0:16 V) for R output rows i at
+// once: each load of x feeds R FMAs, and the R * V accumulators stay in registers.
+template <int R, int V>
+PYCHOP_INLINE void accumulate_tile(float* __restrict__ y, int64_t ldy, const float* __restrict__ coef,
+                                   int64_t coef_row, int64_t coef_step, const float* __restrict__ x, int64_t ldx,
+                                   int rows) {
+  vec16 acc[R][V];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V; ++v) acc[i][v] = load16(y + i * ldy + v * LANES);
+  for (int r = 0; r < rows; ++r) {
+    vec16 xr[V];
+    for (int v = 0; v < V; ++v) xr[v] = load16(x + r * ldx + v * LANES);
+    for (int i = 0; i < R; ++i) {
+      const float w = coef[i * coef_row + r * coef_step];
+      for (int v = 0; v < V; ++v) acc[i][v] += w * xr[v];
+    }
   }
-  if (c < n) accumulate_chunk<1, 8>(y + c, coef, coef_stride, x + c, ldx, rows);
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V; ++v) store16(y + i * ldy + v * LANES, acc[i][v]);
+}
+
+// Y[i, 0:n) += sum_r coef[i * coef_row + r * coef_step] * x[r * ldx + 0:n) for `count` rows i of Y (row
+// stride ldy), n a multiple of 16: the matrix product Y += C X with C read through (coef_row, coef_step).
+// Every matrix product of the kernels is this, on zero-padded float32 copies: scores (C: query rows, X: keys
+// transposed), P V and dS K (C: rows of P or dS), P^T dO and dS^T Q (C: P or dS read by columns).
+PYCHOP_INLINE void accumulate_rows(float* __restrict__ y, int64_t ldy, int count, int n,
+                                   const float* __restrict__ coef, int64_t coef_row, int64_t coef_step,
+                                   const float* __restrict__ x, int64_t ldx, int rows) {
+  int i = 0;
+  for (; i + 4 <= count; i += 4) {
+    float* yi = y + i * ldy;
+    const float* ci = coef + i * coef_row;
+    int c = 0;
+    for (; c + 4 * LANES <= n; c += 4 * LANES) accumulate_tile<4, 4>(yi + c, ldy, ci, coef_row, coef_step, x + c, ldx, rows);
+    if (c + 2 * LANES <= n) {
+      accumulate_tile<4, 2>(yi + c, ldy, ci, coef_row, coef_step, x + c, ldx, rows);
+      c += 2 * LANES;
+    }
+    if (c < n) accumulate_tile<4, 1>(yi + c, ldy, ci, coef_row, coef_step, x + c, ldx, rows);
+  }
+  for (; i < count; ++i) {  // the last rows one at a time, rows of x taken P at a time
+    float* yi = y + i * ldy;
+    const float* ci = coef + i * coef_row;
+    int c = 0;
+    for (; c + 4 * LANES <= n; c += 4 * LANES) accumulate_chunk<4, 2>(yi + c, ci, coef_step, x + c, ldx, rows);
+    if (c + 2 * LANES <= n) {
+      accumulate_chunk<2, 4>(yi + c, ci, coef_step, x + c, ldx, rows);
+      c += 2 * LANES;
+    }
+    if (c < n) accumulate_chunk<1, 8>(yi + c, ci, coef_step, x + c, ldx, rows);
+  }
 }
 
 // Gathers the S x D matrix of (b, t, h) into `rows` (S x ld, if given) and/or its transpose `cols`
@@ -224,21 +262,20 @@ PYCHOP_INLINE void spatial_forward_rows(const AttentionParams& p, ForwardBuffers
   const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s);
   gather_frame(k, b, t, h, S, D, nullptr, 0, buf.keys_t.data(), Sp, buf.acc.data());
   gather_frame(v, b, t, h, S, D, buf.values.data(), Dp, nullptr, 0, nullptr);
+  float *qb = buf.q.data(), *scores = buf.scores.data(), *acc = buf.acc.data();
+  for (int i = 0; i < rows; ++i) load_row(qb + i * Dp, q.at(b, t, s0 + i, h), D, p.scale);
+  std::fill(scores, scores + static_cast<int64_t>(rows) * Sp, 0.f);
+  accumulate_rows(scores, Sp, rows, Sp, qb, Dp, 1, buf.keys_t.data(), Sp, D);  // scale Q K^T
   for (int i = 0; i < rows; ++i) {
-    float* qrow = buf.q.data() + i * Dp;
-    load_row(qrow, q.at(b, t, s0 + i, h), D, p.scale);
-    float* score = buf.scores.data() + static_cast<int64_t>(i) * Sp;
-    std::fill(score, score + Sp, 0.f);
-    accumulate_rows(score, Sp, qrow, 1, buf.keys_t.data(), Sp, D);
+    float* score = scores + static_cast<int64_t>(i) * Sp;
     const float max_score = max_of(score, S);
     const float sum = exp_shifted(score, S, max_score);
     p.lse_s[stat_index(p, b, t, h, s0 + i)] = max_score + std::log(sum);
-    float* out = buf.acc.data() + i * Dp;
-    std::fill(out, out + Dp, 0.f);
-    accumulate_rows(out, Dp, score, 1, buf.values.data(), Dp, S);
     const float inv = 1.f / sum;
-    for (int d = 0; d < D; ++d) out[d] *= inv;
+    for (int j = 0; j < S; ++j) score[j] *= inv;
   }
+  std::fill(acc, acc + static_cast<int64_t>(rows) * Dp, 0.f);
+  accumulate_rows(acc, Dp, rows, Dp, scores, Sp, 1, buf.values.data(), Dp, S);  // P V
 }
 
 // Temporal attention of token s0 + i at frame t, head h, added into acc row i; lse_t written.
@@ -343,8 +380,8 @@ PYCHOP_CPU_CLONES void temporal_backward_task(const AttentionParams& p, Temporal
     float *prob = buf.prob.data() + t * Tp, *dscore = buf.dscore.data() + t * Tp;
     std::fill(score, score + Tp, 0.f);
     std::fill(dprob, dprob + Tp, 0.f);
-    accumulate_rows(score, Tp, qs + t * Dp, 1, buf.keys_t.data(), Tp, D);   // scale q k^T
-    accumulate_rows(dprob, Tp, dos + t * Dp, 1, buf.values_t.data(), Tp, D);  // dO v^T
+    accumulate_rows(score, Tp, 1, Tp, qs + t * Dp, 0, 1, buf.keys_t.data(), Tp, D);   // scale q k^T
+    accumulate_rows(dprob, Tp, 1, Tp, dos + t * Dp, 0, 1, buf.values_t.data(), Tp, D);  // dO v^T
     std::fill(prob, prob + Tp, 0.f);
     if (first == last) {
       prob[first] = 1.f;  // a softmax over one key is exactly 1 (and then dS is exactly 0)
@@ -358,16 +395,16 @@ PYCHOP_CPU_CLONES void temporal_backward_task(const AttentionParams& p, Temporal
     std::fill(dscore, dscore + Tp, 0.f);
     for (int u = first; u <= last; ++u) dscore[u] = prob[u] * (dprob[u] - delta);
     std::fill(grad, grad + Dp, 0.f);
-    accumulate_rows(grad, Dp, dscore, 1, keys, Dp, T_);
+    accumulate_rows(grad, Dp, 1, Dp, dscore, 0, 1, keys, Dp, T_);
     store_row(dq.at(b, t, s, h), grad, D, p.scale);
     for (int u = first; u < live; ++u) prob[u] = dscore[u] = 0.f;  // constants for query frame t
   }
   for (int u = 0; u < T_; ++u) {  // column u of P and dS
     std::fill(grad, grad + Dp, 0.f);
-    accumulate_rows(grad, Dp, buf.dscore.data() + u, Tp, qs, Dp, T_);
+    accumulate_rows(grad, Dp, 1, Dp, buf.dscore.data() + u, 0, Tp, qs, Dp, T_);
     store_row(dk.at(b, u, s, h), grad, D);
     std::fill(grad, grad + Dp, 0.f);
-    accumulate_rows(grad, Dp, buf.prob.data() + u, Tp, dos, Dp, T_);
+    accumulate_rows(grad, Dp, 1, Dp, buf.prob.data() + u, 0, Tp, dos, Dp, T_);
     store_row(dv.at(b, u, s, h), grad, D);
   }
 }
@@ -403,26 +440,25 @@ PYCHOP_CPU_CLONES void spatial_backward_task(const AttentionParams& p, SpatialBa
   for (int s0 = 0; s0 < S; s0 += BLOCK_Q) {
     const int rows = std::min(BLOCK_Q, S - s0);
     for (int i = 0; i < rows; ++i) {
-      float *qrow = qb + i * Dp, *dorow = dob + i * Dp;
-      load_row(qrow, q.at(b, t, s0 + i, h), D, p.scale);
+      float* dorow = dob + i * Dp;
+      load_row(qb + i * Dp, q.at(b, t, s0 + i, h), D, p.scale);
       load_row(dorow, dout.at(b, t, s0 + i, h), D);
       delta[i] = dot(dorow, float_row(out.at(b, t, s0 + i, h), buf.out_row.data(), D), D) -
                  (p.temporal ? p.delta_t[stat_index(p, b, t, h, s0 + i)] : 0.f);
+    }
+    std::fill(prob, prob + static_cast<int64_t>(rows) * Sp, 0.f);
+    std::fill(dprob, dprob + static_cast<int64_t>(rows) * Sp, 0.f);
+    accumulate_rows(prob, Sp, rows, Sp, qb, Dp, 1, buf.keys_t.data(), Sp, D);     // scale Q K^T
+    accumulate_rows(dprob, Sp, rows, Sp, dob, Dp, 1, buf.values_t.data(), Sp, D);  // dO V^T
+    for (int i = 0; i < rows; ++i) {
       float *pr = prob + static_cast<int64_t>(i) * Sp, *dp = dprob + static_cast<int64_t>(i) * Sp;
-      std::fill(pr, pr + Sp, 0.f);
-      std::fill(dp, dp + Sp, 0.f);
-      accumulate_rows(pr, Sp, qrow, 1, buf.keys_t.data(), Sp, D);        // scale q k^T
-      accumulate_rows(dp, Sp, dorow, 1, buf.values_t.data(), Sp, D);     // dO v^T
-      exp_shifted(pr, S, p.lse_s[stat_index(p, b, t, h, s0 + i)]);       // P
-      for (int j = 0; j < S; ++j) dp[j] = pr[j] * (dp[j] - delta[i]);   // dS: dq = scale dS k, dk = dS^T (scale q)
-      float* dqrow = dqb + i * Dp;
-      std::fill(dqrow, dqrow + Dp, 0.f);
-      accumulate_rows(dqrow, Dp, dp, 1, keys, Dp, S);
+      exp_shifted(pr, S, p.lse_s[stat_index(p, b, t, h, s0 + i)]);      // P
+      for (int j = 0; j < S; ++j) dp[j] = pr[j] * (dp[j] - delta[i]);  // dS: dq = scale dS k, dk = dS^T (scale q)
     }
-    for (int j = 0; j < S; ++j) {  // dV += P^T dO, dK += dS^T (scale Q): column j of P and dS
-      accumulate_rows(dvs + static_cast<int64_t>(j) * Dp, Dp, prob + j, Sp, dob, Dp, rows);
-      accumulate_rows(dks + static_cast<int64_t>(j) * Dp, Dp, dprob + j, Sp, qb, Dp, rows);
-    }
+    std::fill(dqb, dqb + static_cast<int64_t>(rows) * Dp, 0.f);
+    accumulate_rows(dqb, Dp, rows, Dp, dprob, Sp, 1, keys, Dp, S);  // dS K
+    accumulate_rows(dvs, Dp, S, Dp, prob, 1, Sp, dob, Dp, rows);    // dV += P^T dO
+    accumulate_rows(dks, Dp, S, Dp, dprob, 1, Sp, qb, Dp, rows);    // dK += dS^T (scale Q)
     for (int i = 0; i < rows; ++i) store_row(dq.at(b, t, s0 + i, h), dqb + i * Dp, D, p.scale);
   }
   for (int s = 0; s < S; ++s) {
