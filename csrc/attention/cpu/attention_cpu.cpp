@@ -340,18 +340,18 @@ void forward(const AttentionParams& p) {
 // Float32 working copies of the temporal backward, zero-initialised once per thread (Dp, Tp: D, T padded).
 struct TemporalBackwardBuffers {
   int Dp, Tp;
-  std::vector<float> q, keys, keys_t, values_t, dout, prob, dscore, score, dprob, grad;
+  std::vector<float> q, keys, keys_t, values_t, dout, prob, dscore, grad;
   explicit TemporalBackwardBuffers(const AttentionParams& p)
       : Dp(round_up(p.head_dim)), Tp(round_up(p.frames)),
         q(static_cast<size_t>(p.frames) * Dp), keys(static_cast<size_t>(p.frames) * Dp),
         keys_t(static_cast<size_t>(Dp) * Tp), values_t(static_cast<size_t>(Dp) * Tp),
         dout(static_cast<size_t>(p.frames) * Dp), prob(static_cast<size_t>(p.frames) * Tp),
-        dscore(static_cast<size_t>(p.frames) * Tp), score(Tp), dprob(Tp), grad(Dp) {}
+        dscore(static_cast<size_t>(p.frames) * Tp), grad(static_cast<size_t>(p.frames) * Dp) {}
 };
 
 // One token-head (b, s, h): the T x T attention over its frames, backward. Writes dq_t, dk_t, dv_t and
-// delta_t = rowsum(dout * o_t) = sum_u P[t, u] dP[t, u]. P and dS are kept only where the grad window lets
-// gradient reach k_t, v_t (dk = dS^T (scale Q), dv = P^T dO); dq uses every attended frame.
+// delta_t = rowsum(dout * o_t) = sum_u P[t, u] dP[t, u]. dq uses every attended frame; P and dS are then
+// cleared where the grad window makes k_t, v_t constants, for dk = dS^T (scale Q) and dv = P^T dO.
 template <typename T>
 PYCHOP_CPU_CLONES void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& buf,
                                               int64_t task) {
@@ -361,7 +361,8 @@ PYCHOP_CPU_CLONES void temporal_backward_task(const AttentionParams& p, Temporal
   const int b = static_cast<int>(task / p.heads / p.tokens);
   const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), dout(p.dout), dq(p.dq_t), dk(p.dk_t), dv(p.dv_t);
   float *qs = buf.q.data(), *keys = buf.keys.data(), *dos = buf.dout.data(), *grad = buf.grad.data();
-  float *score = buf.score.data(), *dprob = buf.dprob.data();
+  float *prob = buf.prob.data(), *dscore = buf.dscore.data();
+  const int64_t rows_size = static_cast<int64_t>(T_) * Tp, grad_size = static_cast<int64_t>(T_) * Dp;
   for (int u = 0; u < T_; ++u) {
     load_row(qs + u * Dp, q.at(b, u, s, h), D, p.scale);
     load_row(dos + u * Dp, dout.at(b, u, s, h), D);
@@ -373,40 +374,43 @@ PYCHOP_CPU_CLONES void temporal_backward_task(const AttentionParams& p, Temporal
       buf.values_t[d * Tp + u] = vrow[d];
     }
   }
+  std::fill(prob, prob + rows_size, 0.f);
+  std::fill(dscore, dscore + rows_size, 0.f);
+  accumulate_rows(prob, Tp, T_, Tp, qs, Dp, 1, buf.keys_t.data(), Tp, D);      // scale Q K^T
+  accumulate_rows(dscore, Tp, T_, Tp, dos, Dp, 1, buf.values_t.data(), Tp, D);  // dO V^T
   for (int t = 0; t < T_; ++t) {
     int first, last;
     attended_frames(p, t, first, last);
-    const int live = first_live_frame(p, t, first);
-    float *prob = buf.prob.data() + t * Tp, *dscore = buf.dscore.data() + t * Tp;
-    std::fill(score, score + Tp, 0.f);
-    std::fill(dprob, dprob + Tp, 0.f);
-    accumulate_rows(score, Tp, 1, Tp, qs + t * Dp, 0, 1, buf.keys_t.data(), Tp, D);   // scale q k^T
-    accumulate_rows(dprob, Tp, 1, Tp, dos + t * Dp, 0, 1, buf.values_t.data(), Tp, D);  // dO v^T
-    std::fill(prob, prob + Tp, 0.f);
+    float *pr = prob + t * Tp, *ds = dscore + t * Tp;
     if (first == last) {
-      prob[first] = 1.f;  // a softmax over one key is exactly 1 (and then dS is exactly 0)
+      pr[first] = 1.f;  // a softmax over one key is exactly 1 (and then dS is exactly 0)
     } else {
       const float lse = p.lse_t[stat_index(p, b, t, h, s)];
-      for (int u = first; u <= last; ++u) prob[u] = exp_nonpositive(score[u] - lse);
+      for (int u = first; u <= last; ++u) pr[u] = exp_nonpositive(pr[u] - lse);
     }
     float delta = 0.f;
-    for (int u = first; u <= last; ++u) delta += prob[u] * dprob[u];
+    for (int u = first; u <= last; ++u) delta += pr[u] * ds[u];
     if (p.spatial) p.delta_t[stat_index(p, b, t, h, s)] = delta;
-    std::fill(dscore, dscore + Tp, 0.f);
-    for (int u = first; u <= last; ++u) dscore[u] = prob[u] * (dprob[u] - delta);
-    std::fill(grad, grad + Dp, 0.f);
-    accumulate_rows(grad, Dp, 1, Dp, dscore, 0, 1, keys, Dp, T_);
-    store_row(dq.at(b, t, s, h), grad, D, p.scale);
-    for (int u = first; u < live; ++u) prob[u] = dscore[u] = 0.f;  // constants for query frame t
+    for (int u = 0; u < Tp; ++u) {
+      const bool attended = u >= first && u <= last;
+      ds[u] = attended ? pr[u] * (ds[u] - delta) : 0.f;
+      pr[u] = attended ? pr[u] : 0.f;
+    }
   }
-  for (int u = 0; u < T_; ++u) {  // column u of P and dS
-    std::fill(grad, grad + Dp, 0.f);
-    accumulate_rows(grad, Dp, 1, Dp, buf.dscore.data() + u, 0, Tp, qs, Dp, T_);
-    store_row(dk.at(b, u, s, h), grad, D);
-    std::fill(grad, grad + Dp, 0.f);
-    accumulate_rows(grad, Dp, 1, Dp, buf.prob.data() + u, 0, Tp, dos, Dp, T_);
-    store_row(dv.at(b, u, s, h), grad, D);
+  std::fill(grad, grad + grad_size, 0.f);
+  accumulate_rows(grad, Dp, T_, Dp, dscore, Tp, 1, keys, Dp, T_);  // dS K
+  for (int t = 0; t < T_; ++t) {
+    store_row(dq.at(b, t, s, h), grad + t * Dp, D, p.scale);
+    int first, last;
+    attended_frames(p, t, first, last);
+    for (int u = first; u < first_live_frame(p, t, first); ++u) prob[t * Tp + u] = dscore[t * Tp + u] = 0.f;
   }
+  std::fill(grad, grad + grad_size, 0.f);
+  accumulate_rows(grad, Dp, T_, Dp, dscore, 1, Tp, qs, Dp, T_);  // dK = dS^T (scale Q)
+  for (int u = 0; u < T_; ++u) store_row(dk.at(b, u, s, h), grad + u * Dp, D);
+  std::fill(grad, grad + grad_size, 0.f);
+  accumulate_rows(grad, Dp, T_, Dp, prob, 1, Tp, dos, Dp, T_);  // dV = P^T dO
+  for (int u = 0; u < T_; ++u) store_row(dv.at(b, u, s, h), grad + u * Dp, D);
 }
 
 // Float32 working copies of the spatial backward, zero-initialised once per thread (Dp, Sp: D, S padded).
