@@ -6,8 +6,9 @@
 // frame-head) uses delta_s = rowsum(dout * out) - delta_t and writes dq_s, dk_s, dv_s.
 //
 // All arithmetic is float32, on zero-padded float32 copies; queries are scaled as they are loaded. Matrix
-// products accumulate tiles of rows in 16-lane vector registers (accumulate_rows); the task functions are compiled
-// for AVX-512, AVX2 and baseline x86-64 and the best is picked at load time.
+// products accumulate tiles of rows in 16-lane vector registers (accumulate_rows). The two leaf kernels that
+// carry the work, accumulate_rows and exp_shifted, are compiled for AVX-512, AVX2 and baseline x86-64, and the
+// best is picked at load time; the rest is compiled once.
 #include "attention/kernels.h"
 
 #include <ATen/Parallel.h>
@@ -106,7 +107,7 @@ PYCHOP_INLINE float exp_nonpositive(float x) {
 }
 
 // x[i] = exp(x[i] - shift) for shift >= max(x); returns the sum.
-PYCHOP_INLINE float exp_shifted(float* __restrict__ x, int n, float shift) {
+PYCHOP_CPU_CLONES float exp_shifted(float* __restrict__ x, int n, float shift) {
   for (int i = 0; i < n; ++i) x[i] = exp_nonpositive(x[i] - shift);
   float lanes[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int i = 0;
@@ -193,7 +194,7 @@ PYCHOP_INLINE void accumulate_tile(float* __restrict__ y, int64_t ldy, const flo
 // stride ldy), n a multiple of 16: the matrix product Y += C X with C read through (coef_row, coef_step).
 // Every matrix product of the kernels is this, on zero-padded float32 copies: scores (C: query rows, X: keys
 // transposed), P V and dS K (C: rows of P or dS), P^T dO and dS^T Q (C: P or dS read by columns).
-PYCHOP_INLINE void accumulate_rows(float* __restrict__ y, int64_t ldy, int count, int n,
+PYCHOP_CPU_CLONES void accumulate_rows(float* __restrict__ y, int64_t ldy, int count, int n,
                                    const float* __restrict__ coef, int64_t coef_row, int64_t coef_step,
                                    const float* __restrict__ x, int64_t ldx, int rows) {
   int i = 0;
@@ -310,7 +311,7 @@ PYCHOP_INLINE void temporal_forward_rows(const AttentionParams& p, ForwardBuffer
 }
 
 template <typename T>
-PYCHOP_CPU_CLONES void forward_task(const AttentionParams& p, ForwardBuffers& buf, int64_t task) {
+void forward_task(const AttentionParams& p, ForwardBuffers& buf, int64_t task) {
   const int blocks = (p.tokens + BLOCK_Q - 1) / BLOCK_Q;
   const int block = static_cast<int>(task % blocks);
   const int h = static_cast<int>(task / blocks % p.heads);
@@ -353,7 +354,7 @@ struct TemporalBackwardBuffers {
 // delta_t = rowsum(dout * o_t) = sum_u P[t, u] dP[t, u]. dq uses every attended frame; P and dS are then
 // cleared where the grad window makes k_t, v_t constants, for dk = dS^T (scale Q) and dv = P^T dO.
 template <typename T>
-PYCHOP_CPU_CLONES void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& buf,
+void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& buf,
                                               int64_t task) {
   const int T_ = p.frames, D = p.head_dim, Dp = buf.Dp, Tp = buf.Tp;
   const int h = static_cast<int>(task % p.heads);
@@ -428,7 +429,7 @@ struct SpatialBackwardBuffers {
 
 // One frame-head (b, t, h): dq_s, dk_s, dv_s.
 template <typename T>
-PYCHOP_CPU_CLONES void spatial_backward_task(const AttentionParams& p, SpatialBackwardBuffers& buf, int64_t task) {
+void spatial_backward_task(const AttentionParams& p, SpatialBackwardBuffers& buf, int64_t task) {
   const int S = p.tokens, D = p.head_dim, Dp = buf.Dp, Sp = buf.Sp;
   const int h = static_cast<int>(task % p.heads);
   const int t = static_cast<int>(task / p.heads % p.frames);
