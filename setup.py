@@ -4,7 +4,31 @@ The C++/CUDA extension pychop._C is built on first use (ninja, cached). Set PYCH
 build it ahead of time here instead.
 """
 
+import importlib.util
+import os
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def extension_build_args():
+    """ext_modules and cmdclass for the ahead-of-time build of pychop._C (PYCHOP_BUILD_EXTENSION=1)."""
+    if os.environ.get("PYCHOP_BUILD_EXTENSION", "0") != "1":
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    spec = importlib.util.spec_from_file_location("pychop_build", Path(__file__).parent / "pychop" / "_build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)  # pychop/_build.py: sources and flags, shared with the JIT build
+    with_cuda = build.cuda_missing_reason() is None
+    kwargs = build.extension_kwargs(with_cuda)
+    root = Path(__file__).resolve().parent
+    extension = (CUDAExtension if with_cuda else CppExtension)(
+        "pychop._C", sources=[str(Path(source).relative_to(root)) for source in kwargs["sources"]],
+        include_dirs=kwargs["extra_include_paths"],
+        extra_compile_args={"cxx": kwargs["extra_cflags"], "nvcc": kwargs.get("extra_cuda_cflags", [])})
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+
 
 setup(
     name="pychop",
@@ -22,4 +46,5 @@ setup(
         "bench": ["matplotlib", "triton>=3.2"],
         "diffusers": ["diffusers>=0.32"],
     },
+    **extension_build_args(),
 )

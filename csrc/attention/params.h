@@ -1,0 +1,65 @@
+// Parameters of the fused parallel spatial-temporal attention kernels (CPU and CUDA).
+//
+// Plain C++ on purpose: no torch, no CUDA headers, so the same struct crosses from the torch binding into
+// .cu files compiled by nvcc alone. Every tensor has the (B, T, S, H, D) layout with a D stride of 1;
+// strides are in elements. Statistics (lse, delta) are float32, contiguous (B, T, H, S).
+#pragma once
+
+#include <cstdint>
+
+namespace pychop {
+
+enum class ScalarKind : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+
+// A (B, T, S, H, D) tensor with a unit D stride. data is null for a tensor the call does not use.
+struct TensorRef {
+  void* data = nullptr;
+  int64_t stride_b = 0, stride_t = 0, stride_s = 0, stride_h = 0;
+};
+
+struct AttentionParams {
+  int batch = 0, frames = 0, tokens = 0, heads = 0, head_dim = 0;  // B, T, S, H, D
+  ScalarKind dtype = ScalarKind::Float32;
+  float scale = 1.f;
+
+  bool spatial = false;   // the spatial branch is computed (q_s, k_s, v_s, lse_s set)
+  bool temporal = false;  // the temporal branch is computed (q_t, k_t, v_t, lse_t set)
+  bool causal = false;    // key frames t' <= t only
+  int window = 0;         // > 0: key frames t - window < t' <= t (implies causal)
+  int grad_window = 0;    // > 0 (backward): k_t, v_t of frames t' <= t - grad_window get no gradient from t
+
+  // Forward inputs and outputs.
+  TensorRef q_s, k_s, v_s, q_t, k_t, v_t;
+  TensorRef out;
+  float* lse_s = nullptr;  // (B, T, H, S) natural-log logsumexp of the scaled spatial scores
+  float* lse_t = nullptr;  // (B, T, H, S) the same for the temporal scores
+
+  // Backward: the output gradient, the input gradients (written, never accumulated into) and scratch.
+  TensorRef dout;
+  TensorRef dq_s, dk_s, dv_s, dq_t, dk_t, dv_t;
+  float* delta_t = nullptr;   // scratch (B, T, H, S): rowsum(dout * o_t), o_t recomputed
+  float* delta_s = nullptr;   // scratch (B, T, H, S), CUDA only: rowsum(dout * (out - o_t))
+  float* dq_accum = nullptr;  // scratch (B, T, S, H, D) contiguous float32, CUDA only: spatial dq partial sums
+};
+
+// Inclusive range [first, last] of key frames that query frame t attends to.
+inline
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+void attended_frames(const AttentionParams& p, int t, int& first, int& last) {
+  first = 0;
+  last = p.causal ? t : p.frames - 1;
+  if (p.window > 0 && t - p.window + 1 > first) first = t - p.window + 1;
+}
+
+// First key frame whose k_t, v_t receive gradient from query frame t (frames before it are constants).
+inline
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+int first_live_frame(const AttentionParams& p, int t, int first) {
+  return (p.grad_window > 0 && t - p.grad_window + 1 > first) ? t - p.grad_window + 1 : first;
+}
+
+}  // namespace pychop

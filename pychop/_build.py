@@ -1,0 +1,152 @@
+"""Building and loading the C++/CUDA extension ``pychop._C`` (sources in ``csrc/``).
+
+``load()`` returns the extension: the ahead-of-time build when one is installed (``PYCHOP_BUILD_EXTENSION=1
+pip install .``), else a just-in-time build with ninja through ``torch.utils.cpp_extension.load``, cached in
+``$PYCHOP_BUILD_DIR`` or ``~/.cache/pychop/<torch>-<cuda or cpu>``: compiled on first use (a message on stderr
+says so), reused afterwards. The CUDA kernels are built when torch is a CUDA build and nvcc is found;
+otherwise the CPU kernels alone, and ``cuda_missing_reason()`` says why. ``ExtensionBuildError`` carries the
+reason a build is impossible or failed. This module imports only torch; setup.py uses ``extension_kwargs()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+BUILD_DIR_ENV = "PYCHOP_BUILD_DIR"
+JIT_NAME = "pychop_C"
+
+CXX_FLAGS = ["-O3", "-Wno-psabi"]  # -Wno-psabi: notes on 64-byte vector arguments of inlined helpers
+NVCC_FLAGS = ["-O3"]
+
+
+class ExtensionBuildError(RuntimeError):
+    """pychop._C cannot be built or loaded here; the message says why."""
+
+
+def cpp_sources() -> List[str]:
+    return [str(CSRC / "attention" / "binding.cpp"), str(CSRC / "attention" / "cpu" / "attention_cpu.cpp")]
+
+
+def cuda_sources() -> List[str]:
+    return sorted(str(path) for path in (CSRC / "attention" / "cuda").glob("*.cu"))
+
+
+def cuda_missing_reason() -> Optional[str]:
+    """None when the CUDA kernels can be built here, else why not."""
+    import torch
+    from torch.utils import cpp_extension
+
+    if _cuda_build_error is not None:
+        return _cuda_build_error
+    if torch.version.cuda is None:
+        return f"this torch build ({torch.__version__}) has no CUDA"
+    if cpp_extension.CUDA_HOME is None:
+        return "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
+    nvcc = Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc"
+    if not nvcc.exists():
+        return f"nvcc was not found at {nvcc} (set CUDA_HOME to the CUDA toolkit)"
+    return None
+
+
+def extension_kwargs(with_cuda: bool) -> Dict[str, object]:
+    """Sources, include dirs and flags of pychop._C, for setup.py and the JIT build alike."""
+    defines = ["-DPYCHOP_WITH_CUDA"] if with_cuda else []
+    kwargs: Dict[str, object] = {
+        "sources": cpp_sources() + (cuda_sources() if with_cuda else []),
+        "extra_include_paths": [str(CSRC)],
+        "extra_cflags": CXX_FLAGS + defines,
+    }
+    if with_cuda:
+        kwargs["extra_cuda_cflags"] = NVCC_FLAGS + defines
+    return kwargs
+
+
+def build_dir() -> Path:
+    if os.environ.get(BUILD_DIR_ENV):
+        return Path(os.environ[BUILD_DIR_ENV]).expanduser()
+    import torch
+    flavour = f"cu{torch.version.cuda}" if torch.version.cuda else "cpu"
+    tag = f"torch{torch.__version__.split('+')[0]}-{flavour}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return Path.home() / ".cache" / "pychop" / tag
+
+
+def _up_to_date(directory: Path, sources: List[str]) -> bool:
+    built = list(directory.glob(f"{JIT_NAME}*.so"))
+    if not built:
+        return False
+    newest_build = max(path.stat().st_mtime for path in built)
+    headers = [str(path) for path in CSRC.rglob("*.h")]
+    return all(os.path.getmtime(path) <= newest_build for path in sources + headers)
+
+
+def _check_toolchain() -> None:
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise ExtensionBuildError(
+            f"no C++ compiler found to build pychop._C (looked for {compiler!r}; install g++ or set CXX)")
+    if not cpp_extension.is_ninja_available():
+        raise ExtensionBuildError("ninja is needed to build pychop._C (pip install ninja)")
+
+
+def _jit_build(with_cuda: bool, directory: Path) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    kwargs = extension_kwargs(with_cuda)
+    directory.mkdir(parents=True, exist_ok=True)
+    building = not _up_to_date(directory, kwargs["sources"])
+    if building:
+        what = "CPU and CUDA" if with_cuda else "CPU"
+        print(f"pychop: building the extension pychop._C ({what} kernels) in {directory}; "
+              f"this takes a minute or two, once ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        module = cpp_extension.load(name=JIT_NAME, build_directory=str(directory), with_cuda=with_cuda,
+                                    verbose=False, **kwargs)
+    except (RuntimeError, OSError, ImportError) as error:
+        tail = "\n".join(str(error).strip().splitlines()[-25:])
+        raise ExtensionBuildError(f"building pychop._C failed (in {directory}):\n{tail}") from error
+    if building:
+        print(f"pychop: built pychop._C in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return module
+
+
+_cuda_build_error: Optional[str] = None  # why the CUDA kernels failed to build here, if they did
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> ModuleType:
+    """The extension module pychop._C, built first if needed; raises ExtensionBuildError. When the CUDA
+    kernels fail to build, the CPU kernels are built alone (cuda_missing_reason() then gives the error)."""
+    global _cuda_build_error
+    try:
+        return importlib.import_module("pychop._C")  # an ahead-of-time build
+    except ImportError:
+        pass
+    if not CSRC.is_dir():
+        raise ExtensionBuildError(f"pychop._C is not installed and its sources ({CSRC}) are not at hand")
+    _check_toolchain()
+    directory = build_dir()
+    if cuda_missing_reason() is None:
+        try:
+            module = _jit_build(True, directory)
+        except ExtensionBuildError as error:
+            _cuda_build_error = str(error)
+            print(f"pychop: the CUDA kernels failed to build; building the CPU kernels alone\n{error}",
+                  file=sys.stderr, flush=True)
+            module = _jit_build(False, directory / "cpu-only")
+    else:
+        module = _jit_build(False, directory)
+    sys.modules.setdefault("pychop._C", module)
+    return module

@@ -1,0 +1,42 @@
+"""Runs the "cuda" backend forward and backward at small shapes, every option and dtype, for
+compute-sanitizer:
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_cuda.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 python scripts/sanitize_cuda.py
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pychop  # noqa: E402
+from pychop.ops import backends  # noqa: E402
+
+# S off the block sizes, head dims padded (40, 80) or not (64), 256 (the smallest blocks); T = 1 and 5.
+SHAPES = [(1, 5, 70, 2, 40), (1, 1, 17, 1, 64), (1, 3, 33, 1, 80), (1, 2, 20, 1, 256)]
+OPTIONS = [{}, dict(temporal_causal=True), dict(temporal_window=2, temporal_grad_window=1),
+           dict(temporal_causal=True, temporal_grad_window=2), dict(temporal_grad_window=1)]
+
+
+def main():
+    if not torch.cuda.is_available():
+        raise SystemExit("sanitize_cuda.py needs a CUDA GPU")
+    backends.load("cuda", torch.device("cuda"))  # build outside the sanitized region's interest
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for shape in SHAPES:
+            for options in OPTIONS:
+                x = [torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(6)]
+                for op, inputs, kwargs in (
+                        (pychop.parallel_st_attention, x, options),
+                        (pychop.spatial_attention, x[:3], {}),
+                        (pychop.temporal_attention, x[3:], {k.replace("temporal_", ""): v for k, v in options.items()})):
+                    out = op(*inputs, backend="cuda", **kwargs)
+                    torch.autograd.grad(out, inputs, torch.randn_like(out))
+                torch.cuda.synchronize()
+    print("sanitize_cuda: ok")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The "cpp" backend (pychop._C's CPU kernels) against the float64 reference: every op and temporal option,
+odd shapes, float32 / bfloat16 / float16, packed views. The "cuda" backend reuses these cases on the GPU."""
+
+import pytest
+import torch
+
+import pychop
+from pychop.ops import backends
+from tests.checks import check_against_reference
+
+# Every temporal option: none, causal, windows (1: each frame alone, zero query gradient), causal + grad windows 1 and 2, window + grad window, and a
+# grad window without causality.
+TEMPORAL_OPTIONS = [
+    {},
+    dict(causal=True),
+    dict(window=2),
+    dict(window=1),
+    dict(causal=True, grad_window=1),
+    dict(causal=True, grad_window=2),
+    dict(window=3, grad_window=2),
+    dict(grad_window=1),
+]
+OPTION_IDS = ["none", "causal", "window2", "window1", "causal-gw1", "causal-gw2", "window3-gw2", "noncausal-gw1"]
+
+# (B, T, S, H, D): S off every block size, T in {1, 3, 17}, D in {40, 64, 80, 128}.
+ODD_SHAPES = [(1, 1, 7, 1, 40), (2, 3, 70, 2, 64), (1, 17, 5, 1, 80), (1, 3, 33, 2, 128)]
+SMALL_SHAPE = (2, 5, 19, 2, 40)
+LOW_PRECISION = (torch.float32, torch.bfloat16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpp_backend():
+    try:
+        backends.load("cpp", torch.device("cpu"))
+    except pychop.BackendUnavailable as error:
+        pytest.fail(f"the cpp backend must build on this machine: {error}")
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=OPTION_IDS)
+@pytest.mark.parametrize("op", ["parallel", "temporal"])
+def test_temporal_options(op, options, dtype, seed):
+    check_against_reference(op, "cpp", SMALL_SHAPE, dtype, "cpu", seed, **options)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
+@pytest.mark.parametrize("op", ["parallel", "spatial"])
+def test_odd_shapes(op, shape, dtype, seed):
+    options = dict(causal=True, grad_window=2) if op == "parallel" else {}
+    check_against_reference(op, "cpp", shape, dtype, "cpu", seed, **options)
+
+
+@pytest.mark.parametrize("op", ["parallel", "temporal", "spatial"])
+def test_float16(op, seed):
+    options = {} if op == "spatial" else dict(window=2, grad_window=1)
+    check_against_reference(op, "cpp", (1, 4, 21, 2, 64), torch.float16, "cpu", seed, **options)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_packed_views_and_scale(dtype, seed):
+    check_against_reference("parallel", "cpp", (2, 4, 23, 3, 40), dtype, "cpu", seed, packed=True, scale=0.3,
+                            causal=True, grad_window=2)
+
+
+def test_matches_torch_backend_at_a_spatial_block_boundary(seed):
+    """Rows on both sides of the 64-row query block and the last partial block."""
+    x = [torch.randn(1, 2, 130, 2, 32) for _ in range(6)]
+    torch.testing.assert_close(pychop.parallel_st_attention(*x, backend="cpp"),
+                               pychop.parallel_st_attention(*x, backend="torch"), atol=2e-5, rtol=2e-5)
+
+
+def test_auto_picks_cpp_on_cpu():
+    assert backends.resolve("auto", torch.device("cpu"))[0] == "cpp"

@@ -1,0 +1,54 @@
+"""Building and loading pychop._C: clear reasons when it cannot, and the binding's own checks."""
+
+import pytest
+import torch
+
+import pychop
+from pychop import _build
+from pychop.ops import extension_attention
+
+
+def test_no_compiler_is_reported(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(_build.ExtensionBuildError, match=r"no C\+\+ compiler found .*/nonexistent/c\+\+"):
+        _build._check_toolchain()
+
+
+def test_cuda_missing_is_reported_by_name():
+    if _build.cuda_missing_reason() is not None:
+        with pytest.raises(pychop.BackendUnavailable, match=r"backend 'cuda': .*without its CUDA kernels"):
+            extension_attention.ensure_available("cuda")
+    else:
+        extension_attention.ensure_available("cuda")
+
+
+def test_sources_exist():
+    for path in _build.cpp_sources() + _build.cuda_sources():
+        assert torch.utils.cpp_extension._is_cuda_file(path) == path.endswith(".cu")
+    assert _build.cuda_sources(), "the CUDA kernels are part of csrc/"
+
+
+def inputs(**changes):
+    shape = changes.pop("shape", (1, 2, 3, 1, 8))
+    x = [torch.randn(shape) for _ in range(6)]
+    out = torch.empty(shape)
+    lse = [torch.empty(shape[0], shape[1], shape[3], shape[2]) for _ in range(2)]
+    return x, out, lse
+
+
+def test_binding_checks_name_the_argument():
+    extension = _build.load()
+    x, out, lse = inputs()
+    x[4] = torch.randn(1, 2, 3, 1, 16)[..., ::2]
+    with pytest.raises(RuntimeError, match=r"k_t must have a last-dimension stride of 1"):
+        extension.attention_forward(*x, out, *lse, 1.0, False, 0, 0)
+    x, out, lse = inputs()
+    x[2] = x[2].half()
+    with pytest.raises(RuntimeError, match=r"v_s has dtype Half, expected Float like q_s"):
+        extension.attention_forward(*x, out, *lse, 1.0, False, 0, 0)
+    x, out, lse = inputs()
+    with pytest.raises(RuntimeError, match=r"lse_t must be a contiguous \(B, T, H, S\)"):
+        extension.attention_forward(*x, out, lse[0], lse[1].transpose(2, 3), 1.0, False, 0, 0)
+    x, out, lse = inputs(shape=(1, 2, 3, 1, 264))
+    with pytest.raises(RuntimeError, match=r"q_s has head dim 264; at most 256"):
+        extension.attention_forward(*x, out, *lse, 1.0, False, 0, 0)
