@@ -24,6 +24,39 @@ FLOOR = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 GRAD_NAMES = {6: ("q_s", "k_s", "v_s", "q_t", "k_t", "v_t"), 3: ("q", "k", "v")}
 
+# Every temporal option, in neutral names (see op_call): none, causal, windows (1: each frame alone, so a zero
+# query gradient), causal grad windows 1 and 2, a window with a grad window, and a grad window without
+# causality (keys of frames t' <= t - 2 are constants, later ones are not).
+TEMPORAL_OPTIONS = [
+    {},
+    {"causal": True},
+    {"window": 2},
+    {"window": 1},
+    {"causal": True, "grad_window": 1},
+    {"causal": True, "grad_window": 2},
+    {"window": 3, "grad_window": 2},
+    {"grad_window": 2},
+]
+
+
+def options_id(options: dict) -> str:
+    """A short test id for a dict of temporal options."""
+    return "-".join(f"{key}{'' if value is True else value}" for key, value in options.items()) or "none"
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def runnable_backends(device="cpu", *, interpreted=True):
+    """The backends that can run on `device`. On a CPU, Triton runs in its interpreter: fine for kernel tests at
+    small sizes, far too slow for whole models, which pass ``interpreted=False``."""
+    device = torch.device(device)
+    names = [name for name, reason in pychop.available_backends(device).items() if reason is None]
+    if not interpreted and device.type == "cpu":
+        names = [name for name in names if name != "triton"]
+    return names
+
 
 def op_call(op: str, inputs, *, backend, scale=None, causal=False, window=None, grad_window=None):
     """Calls pychop's op `op` ("parallel", "temporal" or "spatial") with neutral option names."""

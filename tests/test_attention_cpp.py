@@ -6,21 +6,8 @@ import torch
 
 import pychop
 from pychop.ops import backends
-from tests.checks import check_against_reference
+from tests.checks import TEMPORAL_OPTIONS, check_against_reference, options_id
 
-# Every temporal option: none, causal, windows (1: each frame alone, zero query gradient), causal + grad windows 1 and 2, window + grad window, and a
-# grad window without causality.
-TEMPORAL_OPTIONS = [
-    {},
-    dict(causal=True),
-    dict(window=2),
-    dict(window=1),
-    dict(causal=True, grad_window=1),
-    dict(causal=True, grad_window=2),
-    dict(window=3, grad_window=2),
-    dict(grad_window=1),
-]
-OPTION_IDS = ["none", "causal", "window2", "window1", "causal-gw1", "causal-gw2", "window3-gw2", "noncausal-gw1"]
 
 # (B, T, S, H, D): S off every block size, T in {1, 3, 17}, D in {40, 64, 80, 128}.
 ODD_SHAPES = [(1, 1, 7, 1, 40), (2, 3, 70, 2, 64), (1, 17, 5, 1, 80), (1, 3, 33, 2, 128)]
@@ -37,7 +24,7 @@ def cpp_backend():
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=OPTION_IDS)
+@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=options_id)
 @pytest.mark.parametrize("op", ["parallel", "temporal"])
 def test_temporal_options(op, options, dtype, seed):
     check_against_reference(op, "cpp", SMALL_SHAPE, dtype, "cpu", seed, **options)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.checks import check_against_reference
-from tests.test_attention_cpp import LOW_PRECISION, ODD_SHAPES, OPTION_IDS, SMALL_SHAPE, TEMPORAL_OPTIONS
+from tests.checks import TEMPORAL_OPTIONS, check_against_reference, options_id
+from tests.test_attention_cpp import LOW_PRECISION, ODD_SHAPES, SMALL_SHAPE
 
 pytestmark = pytest.mark.gpu
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION + (torch.float16,), ids=str)
-@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=OPTION_IDS)
+@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=options_id)
 @pytest.mark.parametrize("op", ["parallel", "temporal"])
 def test_temporal_options(op, options, dtype, seed):
     check_against_reference(op, "cuda", SMALL_SHAPE, dtype, "cuda", seed, **options)

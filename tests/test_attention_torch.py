@@ -5,18 +5,9 @@ import torch
 from hypothesis import given, strategies as st
 
 import pychop
-from tests.checks import (DEVICES, GRAD_NAMES, TOLERANCE, forward_backward, make_inputs, op_call,
-                          reference_call, relative_error)
+from tests.checks import (DEVICES, GRAD_NAMES, TEMPORAL_OPTIONS, TOLERANCE, forward_backward, make_inputs,
+                          op_call, options_id, reference_call, relative_error)
 
-TEMPORAL_OPTIONS = [
-    {},
-    {"causal": True},
-    {"window": 2},
-    {"causal": True, "grad_window": 1},
-    {"causal": True, "grad_window": 2},
-    {"window": 3, "grad_window": 2},
-    {"grad_window": 2},  # non-causal: keys of frames t' <= t - 2 are constants, later ones are not
-]
 
 
 def check_torch_backend(op, shape, dtype, device, seed, packed=False, **options):
@@ -32,7 +23,7 @@ def check_torch_backend(op, shape, dtype, device, seed, packed=False, **options)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=str)
+@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=options_id)
 @pytest.mark.parametrize("op", ["parallel", "temporal"])
 def test_temporal_options_float64(op, options, device, seed):
     check_torch_backend(op, (2, 5, 6, 2, 8), torch.float64, device, seed, **options)

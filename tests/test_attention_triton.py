@@ -11,32 +11,23 @@ import torch
 
 import pychop
 from pychop.ops import backends
-from tests.checks import (DTYPES, ERROR_FACTOR, FLOOR, GRAD_NAMES, assert_finite, check_against_reference,
-                          forward_backward, make_inputs, op_call, reference_call, relative_error)
+from tests.checks import (DTYPES, ERROR_FACTOR, FLOOR, GRAD_NAMES, TEMPORAL_OPTIONS, assert_finite,
+                          check_against_reference, dtype_id, forward_backward, make_inputs, op_call, options_id,
+                          reference_call, relative_error)
 
-TEMPORAL_OPTIONS = [
-    {},
-    {"causal": True},
-    {"window": 2},
-    {"causal": True, "grad_window": 1},
-    {"causal": True, "grad_window": 2},
-    {"window": 3, "grad_window": 2},
-    {"grad_window": 2},  # non-causal: keys of frames t' <= t - 2 are constants, later ones are not
-]
-DTYPE_IDS = [str(dtype).replace("torch.", "") for dtype in DTYPES]
 
 
 def triton_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=str)
+@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=options_id)
 @pytest.mark.parametrize("op", ["parallel", "temporal"])
 def test_temporal_options(op, options, seed):
     check_against_reference(op, "triton", (2, 5, 7, 1, 16), torch.float32, triton_device(), seed, **options)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("op, options", [
     ("parallel", {}),
     ("parallel", {"causal": True, "grad_window": 2}),
@@ -47,7 +38,7 @@ def test_dtypes_with_tokens_across_blocks(op, options, dtype, seed):
     check_against_reference(op, "triton", (1, 3, 33, 2, 40), dtype, triton_device(), seed, **options)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("head_dim", [40, 64, 80, 128])
 def test_head_dims(head_dim, dtype, seed):
     check_against_reference("parallel", "triton", (1, 3, 7, 1, head_dim), dtype, triton_device(), seed,
@@ -72,7 +63,7 @@ def test_token_counts(tokens, seed):
                             causal=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("op, options", [("parallel", {"causal": True}), ("temporal", {"causal": True}),
                                          ("spatial", {})])
 def test_single_token(op, options, dtype, seed):
@@ -97,7 +88,7 @@ def test_single_token(op, options, dtype, seed):
         assert error <= bound, f"{name}: error {error:.3g} of the largest gradient > {bound:.3g} ({op} {dtype})"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("op, options", [
     ("parallel", {"window": 2, "grad_window": 1}),
     ("temporal", {"causal": True}),
@@ -187,7 +178,7 @@ def test_design_shapes_gpu(shape_name, options):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", [(1, 3, 1000, 2, 160), (3, 1, 77, 4, 40), (1, 5, 129, 2, 256),
                                    (2, 9, 200, 2, 128), (1, 3, 4096, 1, 64)], ids=str)
 @pytest.mark.parametrize("options", [{}, {"causal": True, "grad_window": 2}], ids=str)
@@ -196,15 +187,15 @@ def test_odd_shapes_gpu(shape, dtype, options, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=options_id)
 @pytest.mark.parametrize("op", ["parallel", "temporal"])
 def test_temporal_options_gpu(op, options, dtype, seed):
     check_against_reference(op, "triton", (2, 17, 333, 3, 80), dtype, "cuda", seed, packed=True, **options)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_spatial_gpu(dtype, seed):
     check_against_reference("spatial", "triton", (2, 3, 1000, 4, 64), dtype, "cuda", seed, packed=True)
 

@@ -9,17 +9,12 @@ from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D  #
 from diffusers.models.transformers.transformer_temporal import (  # noqa: E402
     TransformerSpatioTemporalModel, TransformerTemporalModel)
 
-import pychop  # noqa: E402
 from pychop.integrations.diffusers.mobius import convert_to_parallel, parallel_pairs  # noqa: E402
 from pychop.integrations.diffusers.motion import (  # noqa: E402
     TemporalAttentionProcessor, patch_temporal_attention, temporal_attention_modules)
-from tests.checks import relative_error  # noqa: E402
+from tests.checks import relative_error, runnable_backends  # noqa: E402
 
 BATCH, FRAMES, TEXT_DIM = 2, 3, 24
-
-
-def available_backends():
-    return [name for name, reason in pychop.available_backends(torch.device("cpu")).items() if reason is None]
 
 
 def tiny_motion_unet(seed):
@@ -47,7 +42,7 @@ def forward_backward(model, inputs, call=None):
 # Temporal attention processors.
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", runnable_backends(interpreted=False))
 def test_motion_patch_matches_unpatched_and_removes_cleanly(backend, seed):
     unet = tiny_motion_unet(seed)
     inputs = unet_inputs()

@@ -6,15 +6,11 @@ import torch.nn.functional as F
 
 import pychop
 from pychop.nn import ParallelSTBlock, ResConvBlock, SerialSTBlock, layer_norm_packed_linear
-from tests.checks import relative_error
+from tests.checks import relative_error, runnable_backends
 
 DIM, HEADS = 16, 2
 SHAPE = (2, 3, 5, DIM)  # B, T, S, C
 FLOOR = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-
-
-def available_backends(device="cpu"):
-    return [name for name, reason in pychop.available_backends(torch.device(device)).items() if reason is None]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -119,9 +115,9 @@ def test_serial_and_parallel_are_different_functions(seed):
 
 # (device, (B, T, S, C), heads): a small CPU case; on a GPU DESIGN.md's shape B (2, 16, 32x32, H=10, D=64).
 GEOMETRY = {"cpu": (SHAPE, HEADS), "cuda": ((2, 16, 32 * 32, 640), 10)}
-BACKEND_CASES = [pytest.param("cpu", name, id=f"cpu-{name}") for name in available_backends("cpu")] + [
+BACKEND_CASES = [pytest.param("cpu", name, id=f"cpu-{name}") for name in runnable_backends("cpu")] + [
     pytest.param("cuda", name, id=f"cuda-{name}", marks=pytest.mark.gpu)
-    for name in (available_backends("cuda") if torch.cuda.is_available() else ["torch"])]
+    for name in (runnable_backends("cuda") if torch.cuda.is_available() else ["torch"])]
 
 
 @pytest.mark.parametrize("device, backend", BACKEND_CASES)

@@ -3,13 +3,8 @@
 import pytest
 import torch
 
-import pychop
 from pychop.models import SD15_VIDEO, TINY, VideoUNet, VideoUNetConfig
-from tests.checks import relative_error
-
-
-def available_backends():
-    return [name for name, reason in pychop.available_backends(torch.device("cpu")).items() if reason is None]
+from tests.checks import relative_error, runnable_backends
 
 
 def make_pair(seed):
@@ -53,7 +48,7 @@ def test_freeze_spatial_trains_only_temporal_layers(mode, seed):
             assert p.grad is None, f"{name} is spatial but got a gradient"
 
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", runnable_backends(interpreted=False))
 def test_parallel_unet_every_backend_matches_torch_backend(backend, seed):
     serial, reference = make_pair(seed)
     model = VideoUNet(TINY, "parallel", backend=backend)
