@@ -41,7 +41,7 @@ class Context:
 
     def progress(self, items: Iterable, desc: str):
         items = list(items)
-        return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+        return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # no bar off a terminal
 
     def time_ms(self, fn: Callable[[], object]) -> float:
         """Median milliseconds of fn(), warmed up."""
