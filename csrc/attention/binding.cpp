@@ -69,9 +69,11 @@ ScalarKind scalar_kind(at::ScalarType type) {
   }
 }
 
+// The parameters shared by forward and backward: inputs, output, the branches' statistics and the options.
 AttentionParams make_params(Group& group, const OptTensor& q_s, const OptTensor& k_s, const OptTensor& v_s,
                             const OptTensor& q_t, const OptTensor& k_t, const OptTensor& v_t,
-                            const at::Tensor& out, double scale, bool causal, int64_t window) {
+                            const at::Tensor& out, const OptTensor& lse_s, const OptTensor& lse_t,
+                            double scale, bool causal, int64_t window) {
   const bool spatial = q_s.has_value(), temporal = q_t.has_value();
   TORCH_CHECK(spatial || temporal, "at least one branch (q_s, k_s, v_s or q_t, k_t, v_t) must be given");
   TORCH_CHECK(spatial == (k_s.has_value() && v_s.has_value()), "q_s, k_s, v_s must be given together");
@@ -97,6 +99,10 @@ AttentionParams make_params(Group& group, const OptTensor& q_s, const OptTensor&
   p.temporal = temporal;
   p.causal = causal || window > 0;
   p.window = static_cast<int>(window);
+  p.lse_s = group.stats(lse_s, "lse_s");
+  p.lse_t = group.stats(lse_t, "lse_t");
+  TORCH_CHECK(p.spatial == (p.lse_s != nullptr) && p.temporal == (p.lse_t != nullptr),
+              "lse_s / lse_t must be given exactly for the branches computed");
   return p;
 }
 
@@ -111,11 +117,7 @@ void forward(const OptTensor& q_s, const OptTensor& k_s, const OptTensor& v_s, c
              const OptTensor& k_t, const OptTensor& v_t, const at::Tensor& out, const OptTensor& lse_s,
              const OptTensor& lse_t, double scale, bool causal, int64_t window, int64_t stream) {
   Group group;
-  AttentionParams p = make_params(group, q_s, k_s, v_s, q_t, k_t, v_t, out, scale, causal, window);
-  p.lse_s = group.stats(lse_s, "lse_s");
-  p.lse_t = group.stats(lse_t, "lse_t");
-  TORCH_CHECK(p.spatial == (p.lse_s != nullptr) && p.temporal == (p.lse_t != nullptr),
-              "lse_s / lse_t must be given exactly for the branches computed");
+  AttentionParams p = make_params(group, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, scale, causal, window);
   if (out.is_cpu()) {
     parallel_st_attention_fwd_cpu(p);
     return;
@@ -134,13 +136,9 @@ void backward(const at::Tensor& dout, const OptTensor& q_s, const OptTensor& k_s
               const OptTensor& dv_s, const OptTensor& dq_t, const OptTensor& dk_t, const OptTensor& dv_t,
               double scale, bool causal, int64_t window, int64_t grad_window, int64_t stream) {
   Group group;
-  AttentionParams p = make_params(group, q_s, k_s, v_s, q_t, k_t, v_t, out, scale, causal, window);
+  AttentionParams p = make_params(group, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, scale, causal, window);
   TORCH_CHECK(grad_window >= 0, "temporal_grad_window must be >= 1 or 0 (none), got ", grad_window);
   p.grad_window = static_cast<int>(grad_window);
-  p.lse_s = group.stats(lse_s, "lse_s");
-  p.lse_t = group.stats(lse_t, "lse_t");
-  TORCH_CHECK(p.spatial == (p.lse_s != nullptr) && p.temporal == (p.lse_t != nullptr),
-              "lse_s / lse_t must be given exactly for the branches computed");
   p.dout = group.ref(dout, "dout");
   p.dq_s = group.ref(dq_s, "dq_s");
   p.dk_s = group.ref(dk_s, "dk_s");
