@@ -2,10 +2,10 @@
 
 Implements the kernel interface of ``pychop.ops.attention`` (see its module docstring):
 
-    forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale, temporal_causal, temporal_window)
-        -> out (B, T, S, H, D), lse_s (B, T, H, S) float32 or None, lse_t (B, T, H, S) float32 or None
+    forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale, temporal_causal, temporal_window, stacked)
+        -> out (B, T, S, H, D) or stacked (B, T, S, 2, H, D), lse_s and lse_t (B, T, H, S) float32 or None
     backward(dout, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t,
-             *, scale, temporal_causal, temporal_window, temporal_grad_window)
+             *, scale, temporal_causal, temporal_window, temporal_grad_window, stacked)
         -> (dq_s, dk_s, dv_s, dq_t, dk_t, dv_t)
 
 Inputs are read where they lie (any strides with a last-dimension stride of 1, e.g. views of a packed
@@ -15,13 +15,16 @@ Inputs are read where they lie (any strides with a last-dimension stride of 1, e
 - ``_forward_kernel``: for a block of query tokens of frame t, the spatial branch is flash attention over the
   S keys of frame t (online softmax, ``tl.dot``); the temporal branch, for the same tokens, an online softmax
   over the key frames N(t), each a row-wise dot product of the token's query with its own key in frame t'
-  (CUDA-core work, bound by memory). Writes ``out = o_s + o_t`` once and the natural-log logsumexp of each.
+  (CUDA-core work, bound by memory). Writes ``out = o_s + o_t`` once (stacked: o_s and o_t side by side,
+  the temporal one at ``Out + so_branch``) and the natural-log logsumexp of each.
 - ``_backward_query_kernel``: per block of query tokens of frame t. Temporal: one pass over N(t) recomputes
   p from lse_t and accumulates dq_t and the branch's ``delta_t = sum_t' p dp`` (no o_t needed). Spatial:
   FlashAttention-2's dq loop with ``delta_s = rowsum(dO * out) - delta_t`` (only the sum was saved),
-  which also accumulates the exact ``delta_s = sum_j p dp`` and, with both branches, ``sum_j p k`` to
-  correct dq for the rounding of the saved sum (one extra tl.dot). Stores dq_s, dq_t and both exact deltas
-  (float32, B*T*H*S each).
+  which also accumulates the exact ``delta_s = sum_j p dp`` and, with both branches summed, ``sum_j p k`` to
+  correct dq for the rounding of the saved sum (one extra tl.dot). Stacked, each branch has its own output
+  gradient (the temporal one at ``DOut + sdo_branch``) and ``delta_s = rowsum(dO_s * o_s)``, as
+  FlashAttention computes it. Stores dq_s, dq_t and both exact deltas (float32,
+  B*T*H*S each).
 - ``_backward_key_kernel``: per block of key tokens of frame t. Spatial: FlashAttention-2's dk/dv loop over
   the query blocks of the frame. Temporal: dk_t and dv_t from the query frames u that attend to frame t
   within the gradient band, ``u < t + min(window, grad_window)``: with a grad window k its cost grows with
@@ -86,9 +89,9 @@ def _forward_kernel(
         Qs, Ks, Vs, Qt, Kt, Vt, Out, LseS, LseT,
         sqs_b, sqs_t, sqs_s, sqs_h, sks_b, sks_t, sks_s, sks_h, svs_b, svs_t, svs_s, svs_h,
         sqt_b, sqt_t, sqt_s, sqt_h, skt_b, skt_t, skt_s, skt_h, svt_b, svt_t, svt_s, svt_h,
-        so_b, so_t, so_s, so_h,
+        so_b, so_t, so_s, so_h, so_branch,
         T, S, H, scale, window, D: tl.constexpr,
-        HAS_SPATIAL: tl.constexpr, HAS_TEMPORAL: tl.constexpr, CAUSAL: tl.constexpr,
+        HAS_SPATIAL: tl.constexpr, HAS_TEMPORAL: tl.constexpr, CAUSAL: tl.constexpr, STACKED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     t = tl.program_id(0)
@@ -99,6 +102,7 @@ def _forward_kernel(
     row_ok = offs_m < S
     tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
     qk_scale = scale * LOG2E
+    out_tile = _tile(Out, b, t, h, offs_m, offs_d, so_b, so_t, so_s, so_h)
     # o_s is held rounded to the output dtype (as the unfused path rounds it) while the temporal branch runs.
     out = tl.zeros((BLOCK_M, BLOCK_D), dtype=Out.dtype.element_ty)
     stats = _row_offsets(b, t, h, offs_m, T, H, S)
@@ -126,6 +130,8 @@ def _forward_kernel(
             m_i = m_new
         out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
         tl.store(LseS + stats, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
+        if STACKED:
+            tl.store(out_tile, out, mask=tile_ok)
 
     if HAS_TEMPORAL:
         # Per-row scalars in natural-log units: a query with one key frame then gets p = exp(0) = 1 exactly in
@@ -148,10 +154,14 @@ def _forward_kernel(
             l_i = l_i * alpha + p
             acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
             m_i = m_new
-        out = (out.to(tl.float32) + acc / l_i[:, None]).to(Out.dtype.element_ty)
         tl.store(LseT + stats, m_i + tl.log(l_i), mask=row_ok)
+        if STACKED:
+            tl.store(out_tile + so_branch, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=tile_ok)
+        else:
+            out = (out.to(tl.float32) + acc / l_i[:, None]).to(Out.dtype.element_ty)
 
-    tl.store(_tile(Out, b, t, h, offs_m, offs_d, so_b, so_t, so_s, so_h), out, mask=tile_ok)
+    if not STACKED:
+        tl.store(out_tile, out, mask=tile_ok)
 
 
 @triton.jit
@@ -159,9 +169,9 @@ def _backward_query_kernel(
         Qs, Ks, Vs, Qt, Kt, Vt, Out, DOut, LseS, LseT, DeltaS, DeltaT, DQs, DQt,
         sqs_b, sqs_t, sqs_s, sqs_h, sks_b, sks_t, sks_s, sks_h, svs_b, svs_t, svs_s, svs_h,
         sqt_b, sqt_t, sqt_s, sqt_h, skt_b, skt_t, skt_s, skt_h, svt_b, svt_t, svt_s, svt_h,
-        so_b, so_t, so_s, so_h, sdo_b, sdo_t, sdo_s, sdo_h, sg_b, sg_t, sg_s, sg_h,
+        so_b, so_t, so_s, so_h, sdo_b, sdo_t, sdo_s, sdo_h, sdo_branch, sg_b, sg_t, sg_s, sg_h,
         T, S, H, scale, window, D: tl.constexpr,
-        HAS_SPATIAL: tl.constexpr, HAS_TEMPORAL: tl.constexpr, CAUSAL: tl.constexpr,
+        HAS_SPATIAL: tl.constexpr, HAS_TEMPORAL: tl.constexpr, CAUSAL: tl.constexpr, OUT_IS_SUM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     t = tl.program_id(0)
@@ -173,7 +183,7 @@ def _backward_query_kernel(
     tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
     qk_scale = scale * LOG2E
     stats = _row_offsets(b, t, h, offs_m, T, H, S)
-    do = tl.load(_tile(DOut, b, t, h, offs_m, offs_d, sdo_b, sdo_t, sdo_s, sdo_h), mask=tile_ok, other=0.0)
+    do_tile = _tile(DOut, b, t, h, offs_m, offs_d, sdo_b, sdo_t, sdo_s, sdo_h)
     delta_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
     if HAS_TEMPORAL:
@@ -183,6 +193,7 @@ def _backward_query_kernel(
         last = t + 1 if CAUSAL else T
         q = tl.load(_tile(Qt, b, t, h, offs_m, offs_d, sqt_b, sqt_t, sqt_s, sqt_h), mask=tile_ok, other=0.0)
         lse = tl.load(LseT + stats, mask=row_ok, other=0.0)
+        do = tl.load(do_tile + sdo_branch, mask=tile_ok, other=0.0)
         pdpk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for u in range(first, last):
@@ -201,10 +212,14 @@ def _backward_query_kernel(
 
     if HAS_SPATIAL:
         o = tl.load(_tile(Out, b, t, h, offs_m, offs_d, so_b, so_t, so_s, so_h), mask=tile_ok, other=0.0)
-        # delta = rowsum(dO * o_s), first from the saved output (rounded to its dtype) minus delta_t; the exact
-        # value, sum_j p dp, is accumulated on the way and goes to the key kernel. With both branches the
-        # rounding of the saved *sum* would dominate dq's error, so dq is corrected through sum_j p k.
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1) - delta_t
+        do = tl.load(do_tile, mask=tile_ok, other=0.0)
+        # delta = rowsum(dO * o_s), first from the saved output (rounded to its dtype; minus delta_t when it
+        # holds the sum); the exact value, sum_j p dp, is accumulated on the way and goes to the key kernel.
+        # With both branches summed the rounding of the saved *sum* would dominate dq's error, so dq is
+        # corrected through sum_j p k.
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        if OUT_IS_SUM:
+            delta -= delta_t
         delta_exact = tl.zeros((BLOCK_M,), dtype=tl.float32)
         pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         q = tl.load(_tile(Qs, b, t, h, offs_m, offs_d, sqs_b, sqs_t, sqs_s, sqs_h), mask=tile_ok, other=0.0)
@@ -223,9 +238,9 @@ def _backward_query_kernel(
             delta_exact += tl.sum(p_dp, 1)
             ds = p_dp - p * delta[:, None]
             dq += _mma(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
-            if HAS_TEMPORAL:
+            if OUT_IS_SUM:
                 pk += _mma(p.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
-        if HAS_TEMPORAL:
+        if OUT_IS_SUM:
             dq += (delta - delta_exact)[:, None] * pk
         tl.store(DeltaS + stats, delta_exact, mask=row_ok)
         tl.store(_tile(DQs, b, t, h, offs_m, offs_d, sg_b, sg_t, sg_s, sg_h),
@@ -237,7 +252,7 @@ def _backward_key_kernel(
         Qs, Ks, Vs, Qt, Kt, Vt, DOut, LseS, LseT, DeltaS, DeltaT, DKs, DVs, DKt, DVt,
         sqs_b, sqs_t, sqs_s, sqs_h, sks_b, sks_t, sks_s, sks_h, svs_b, svs_t, svs_s, svs_h,
         sqt_b, sqt_t, sqt_s, sqt_h, skt_b, skt_t, skt_s, skt_h, svt_b, svt_t, svt_s, svt_h,
-        sdo_b, sdo_t, sdo_s, sdo_h, sg_b, sg_t, sg_s, sg_h,
+        sdo_b, sdo_t, sdo_s, sdo_h, sdo_branch, sg_b, sg_t, sg_s, sg_h,
         T, S, H, scale, band, D: tl.constexpr,
         HAS_SPATIAL: tl.constexpr, HAS_TEMPORAL: tl.constexpr, CAUSAL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -287,8 +302,8 @@ def _backward_key_kernel(
         for u in range(first, last):
             q = tl.load(_tile(Qt, b, u, h, offs_n, offs_d, sqt_b, sqt_t, sqt_s, sqt_h), mask=tile_ok,
                         other=0.0).to(tl.float32)
-            do = tl.load(_tile(DOut, b, u, h, offs_n, offs_d, sdo_b, sdo_t, sdo_s, sdo_h), mask=tile_ok,
-                         other=0.0).to(tl.float32)
+            do = tl.load(_tile(DOut + sdo_branch, b, u, h, offs_n, offs_d, sdo_b, sdo_t, sdo_s, sdo_h),
+                         mask=tile_ok, other=0.0).to(tl.float32)
             stats = _row_offsets(b, u, h, offs_n, T, H, S)
             lse = tl.load(LseT + stats, mask=key_ok, other=0.0)
             delta = tl.load(DeltaT + stats, mask=key_ok, other=0.0)
@@ -349,6 +364,12 @@ def _strides(x):
     return x.stride()[:4] if x is not None else (0, 0, 0, 0)
 
 
+def _output_strides(x, stacked):
+    """(b, t, s, h, branch) strides of an output or output gradient: (B, T, S, H, D), or (B, T, S, 2, H, D)
+    stacked, whose temporal branch lies `branch` elements after the spatial one (0 when summed)."""
+    return (*_strides(x[:, :, :, 0]), x.stride(3)) if stacked else (*_strides(x), 0)
+
+
 def _common(q_s, q_t):
     """(first present input, (B, T, S, H, D), padded head dim, the constants of tl.dot's precision)."""
     first = q_s if q_s is not None else q_t
@@ -362,11 +383,12 @@ def _common(q_s, q_t):
 # The kernel interface.
 # ----------------------------------------------------------------------------------------------------------
 
-def forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale, temporal_causal, temporal_window):
-    """Output (B, T, S, H, D) in the input dtype and each present branch's lse (B, T, H, S) float32."""
+def forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale, temporal_causal, temporal_window, stacked):
+    """Output (B, T, S, H, D), or (B, T, S, 2, H, D) stacked, in the input dtype and each present branch's lse
+    (B, T, H, S) float32."""
     first, (B, T, S, H, D), block_d, dots = _common(q_s, q_t)
     has_spatial, has_temporal = q_s is not None, q_t is not None
-    out = new_output((B, T, S, H, D), dtype=first.dtype, device=first.device)
+    out = new_output((B, T, S, 2, H, D) if stacked else (B, T, S, H, D), dtype=first.dtype, device=first.device)
     lse_s = new_output((B, T, H, S), dtype=torch.float32, device=first.device) if has_spatial else None
     lse_t = new_output((B, T, H, S), dtype=torch.float32, device=first.device) if has_temporal else None
     config = _configs(block_d, first.dtype)[0]
@@ -374,16 +396,16 @@ def forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale, temporal_causal, temporal_wi
     _forward_kernel[grid](
         q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t,
         *_strides(q_s), *_strides(k_s), *_strides(v_s), *_strides(q_t), *_strides(k_t), *_strides(v_t),
-        *_strides(out),
+        *_output_strides(out, stacked),
         T, S, H, scale, temporal_window or T,
-        HAS_SPATIAL=has_spatial, HAS_TEMPORAL=has_temporal, CAUSAL=bool(temporal_causal), D=D,
+        HAS_SPATIAL=has_spatial, HAS_TEMPORAL=has_temporal, CAUSAL=bool(temporal_causal), STACKED=stacked, D=D,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, **dots,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out, lse_s, lse_t
 
 
 def backward(dout, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, *, scale, temporal_causal, temporal_window,
-             temporal_grad_window):
+             temporal_grad_window, stacked):
     """Gradients of the six inputs (None for an absent branch), contiguous, in the input dtype.
 
     Besides the gradients, allocates two float32 (B, T, H, S) row tensors (delta_s, delta_t): nothing quadratic.
@@ -410,15 +432,15 @@ def backward(dout, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, *, scale, te
     window = temporal_window or T
     _backward_query_kernel[(T, triton.cdiv(S, query_config.block_m), B * H)](
         *inputs, out, dout, lse_s, lse_t, delta_s, delta_t, dq_s, dq_t,
-        *input_strides, *out.stride()[:4], *dout.stride()[:4], *grad_strides,
-        T, S, H, scale, window, **constants,
+        *input_strides, *_output_strides(out, stacked)[:4], *_output_strides(dout, stacked), *grad_strides,
+        T, S, H, scale, window, OUT_IS_SUM=has_spatial and has_temporal and not stacked, **constants,
         BLOCK_M=query_config.block_m, BLOCK_N=query_config.block_n,
         num_warps=query_config.num_warps, num_stages=query_config.num_stages)
 
     band = min(window, temporal_grad_window or T)  # query frames u < t + band send gradient to key frame t
     _backward_key_kernel[(T, triton.cdiv(S, key_config.block_n), B * H)](
         *inputs, dout, lse_s, lse_t, delta_s, delta_t, dk_s, dv_s, dk_t, dv_t,
-        *input_strides, *dout.stride()[:4], *grad_strides,
+        *input_strides, *_output_strides(dout, stacked), *grad_strides,
         T, S, H, scale, band, **constants,
         BLOCK_M=key_config.block_m, BLOCK_N=key_config.block_n,
         num_warps=key_config.num_warps, num_stages=key_config.num_stages)

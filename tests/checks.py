@@ -58,11 +58,18 @@ def runnable_backends(device="cpu", *, interpreted=True):
     return names
 
 
+def input_count(op: str) -> int:
+    """How many (B, T, S, H, D) inputs op `op` takes (see op_call)."""
+    return 3 if op in ("temporal", "spatial") else 6
+
+
 def op_call(op: str, inputs, *, backend, scale=None, causal=False, window=None, grad_window=None):
-    """Calls pychop's op `op` ("parallel", "temporal" or "spatial") with neutral option names."""
-    if op == "parallel":
+    """Calls pychop's op `op` with neutral option names: "parallel" (branches summed), "stacked" (the parallel
+    op with ``combine="stack"``), "temporal" or "spatial"."""
+    if op in ("parallel", "stacked"):
         return pychop.parallel_st_attention(*inputs, scale=scale, temporal_causal=causal, temporal_window=window,
-                                            temporal_grad_window=grad_window, backend=backend)
+                                            temporal_grad_window=grad_window, backend=backend,
+                                            combine="stack" if op == "stacked" else "sum")
     if op == "temporal":
         return pychop.temporal_attention(*inputs, scale=scale, causal=causal, window=window,
                                          grad_window=grad_window, backend=backend)
@@ -75,6 +82,9 @@ def reference_call(op: str, inputs, *, scale=None, causal=False, window=None, gr
     scale = inputs[0].shape[-1] ** -0.5 if scale is None else scale
     if op == "parallel":
         return parallel_loops(*inputs, scale, causal, window, grad_window)
+    if op == "stacked":
+        return torch.stack([spatial_loops(*inputs[:3], scale),
+                            temporal_loops(*inputs[3:], scale, causal, window, grad_window)], dim=3)
     if op == "temporal":
         return temporal_loops(*inputs, scale, causal, window, grad_window)
     return spatial_loops(*inputs, scale)
@@ -113,7 +123,7 @@ def assert_finite(tensor, what):
 
 def check_against_reference(op, backend, shape, dtype, device, seed, *, packed=False, **options):
     """Forward and every input gradient of `backend` against float64, within the rule of this module."""
-    count = 3 if op in ("temporal", "spatial") else 6
+    count = input_count(op)
     inputs = make_inputs(shape, dtype, device, count, packed=packed)
     out, dout, grads = forward_backward(lambda *x: op_call(op, x, backend=backend, **options), inputs)
     base_out, _, base_grads = forward_backward(lambda *x: op_call(op, x, backend="torch", **options),

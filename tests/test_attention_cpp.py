@@ -25,7 +25,7 @@ def cpp_backend():
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=options_id)
-@pytest.mark.parametrize("op", ["parallel", "temporal"])
+@pytest.mark.parametrize("op", ["parallel", "stacked", "temporal"])
 def test_temporal_options(op, options, dtype, seed):
     check_against_reference(op, "cpp", SMALL_SHAPE, dtype, "cpu", seed, **options)
 
@@ -45,8 +45,9 @@ def test_float16(op, seed):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_packed_views_and_scale(dtype, seed):
-    check_against_reference("parallel", "cpp", (2, 4, 23, 3, 40), dtype, "cpu", seed, packed=True, scale=0.3,
+@pytest.mark.parametrize("op", ["parallel", "stacked"])
+def test_packed_views_and_scale(op, dtype, seed):
+    check_against_reference(op, "cpp", (2, 4, 23, 3, 40), dtype, "cpu", seed, packed=True, scale=0.3,
                             causal=True, grad_window=2)
 
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION + (torch.float16,), ids=str)
 @pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=options_id)
-@pytest.mark.parametrize("op", ["parallel", "temporal"])
+@pytest.mark.parametrize("op", ["parallel", "stacked", "temporal"])
 def test_temporal_options(op, options, dtype, seed):
     check_against_reference(op, "cuda", SMALL_SHAPE, dtype, "cuda", seed, **options)
 
@@ -34,8 +34,9 @@ def test_odd_shapes(op, shape, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_packed_views_and_scale(dtype, seed):
-    check_against_reference("parallel", "cuda", (2, 4, 23, 3, 40), dtype, "cuda", seed, packed=True, scale=0.3,
+@pytest.mark.parametrize("op", ["parallel", "stacked"])
+def test_packed_views_and_scale(op, dtype, seed):
+    check_against_reference(op, "cuda", (2, 4, 23, 3, 40), dtype, "cuda", seed, packed=True, scale=0.3,
                             causal=True, grad_window=2)
 
 

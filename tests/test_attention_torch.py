@@ -5,13 +5,13 @@ import torch
 from hypothesis import given, strategies as st
 
 import pychop
-from tests.checks import (DEVICES, GRAD_NAMES, TEMPORAL_OPTIONS, TOLERANCE, forward_backward, make_inputs,
-                          op_call, options_id, reference_call, relative_error)
+from tests.checks import (DEVICES, GRAD_NAMES, TEMPORAL_OPTIONS, TOLERANCE, forward_backward, input_count,
+                          make_inputs, op_call, options_id, reference_call, relative_error)
 
 
 
 def check_torch_backend(op, shape, dtype, device, seed, packed=False, **options):
-    count = 6 if op == "parallel" else 3
+    count = input_count(op)
     inputs = make_inputs(shape, dtype, device, count, packed=packed)
     out, dout, grads = forward_backward(lambda *x: op_call(op, x, backend="torch", **options), inputs)
     inputs64 = [x.detach().double().requires_grad_() for x in inputs]
@@ -24,7 +24,7 @@ def check_torch_backend(op, shape, dtype, device, seed, packed=False, **options)
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=options_id)
-@pytest.mark.parametrize("op", ["parallel", "temporal"])
+@pytest.mark.parametrize("op", ["parallel", "stacked", "temporal"])
 def test_temporal_options_float64(op, options, device, seed):
     check_torch_backend(op, (2, 5, 6, 2, 8), torch.float64, device, seed, **options)
 

@@ -12,8 +12,8 @@ import torch
 import pychop
 from pychop.ops import backends
 from tests.checks import (DTYPES, ERROR_FACTOR, FLOOR, GRAD_NAMES, TEMPORAL_OPTIONS, assert_finite,
-                          check_against_reference, dtype_id, forward_backward, make_inputs, op_call, options_id,
-                          reference_call, relative_error)
+                          check_against_reference, dtype_id, forward_backward, input_count, make_inputs, op_call,
+                          options_id, reference_call, relative_error)
 
 
 
@@ -22,7 +22,7 @@ def triton_device():
 
 
 @pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=options_id)
-@pytest.mark.parametrize("op", ["parallel", "temporal"])
+@pytest.mark.parametrize("op", ["parallel", "stacked", "temporal"])
 def test_temporal_options(op, options, seed):
     check_against_reference(op, "triton", (2, 5, 7, 1, 16), torch.float32, triton_device(), seed, **options)
 
@@ -31,9 +31,10 @@ def test_temporal_options(op, options, seed):
 @pytest.mark.parametrize("op, options", [
     ("parallel", {}),
     ("parallel", {"causal": True, "grad_window": 2}),
+    ("stacked", {"causal": True, "grad_window": 2}),
     ("temporal", {"window": 2, "grad_window": 1}),
     ("spatial", {}),
-], ids=["parallel", "parallel-causal-grad2", "temporal-window2-grad1", "spatial"])
+], ids=["parallel", "parallel-causal-grad2", "stacked-causal-grad2", "temporal-window2-grad1", "spatial"])
 def test_dtypes_with_tokens_across_blocks(op, options, dtype, seed):
     check_against_reference(op, "triton", (1, 3, 33, 2, 40), dtype, triton_device(), seed, **options)
 
@@ -70,7 +71,7 @@ def test_single_token(op, options, dtype, seed):
     """S = 1: the spatial q/k gradients are zero in exact arithmetic, where the relative rule of
     check_against_reference divides by zero. Errors are measured against the largest reference gradient
     instead, with the same ERROR_FACTOR x torch-path error + FLOOR bound."""
-    count = 6 if op == "parallel" else 3
+    count = input_count(op)
     inputs = make_inputs((2, 3, 1, 2, 40), dtype, triton_device(), count)
     out, dout, grads = forward_backward(lambda *x: op_call(op, x, backend="triton", **options), inputs)
     base_out, _, base = forward_backward(lambda *x: op_call(op, x, backend="torch", **options), inputs, dout)
@@ -91,6 +92,7 @@ def test_single_token(op, options, dtype, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("op, options", [
     ("parallel", {"window": 2, "grad_window": 1}),
+    ("stacked", {"window": 2, "grad_window": 1}),
     ("temporal", {"causal": True}),
     ("spatial", {}),
 ])
@@ -119,7 +121,7 @@ def test_kernel_interface_statistics(seed):
     scale = 0.3
     with torch.no_grad():
         out, lse_s, lse_t = kernels.forward(q_s, k_s, v_s, q_t, k_t, v_t, scale=scale, temporal_causal=True,
-                                            temporal_window=2)
+                                            temporal_window=2, stacked=False)
         spatial_scores = torch.einsum("btshd,btzhd->bthsz", q_s.double(), k_s.double()) * scale
         temporal_scores = torch.einsum("btshd,bushd->bthsu", q_t.double(), k_t.double()) * scale
         lag = torch.arange(T)[:, None] - torch.arange(T)[None, :]
@@ -132,7 +134,7 @@ def test_kernel_interface_statistics(seed):
                                             backend="torch")
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     _, only_s, none_t = kernels.forward(q_s, k_s, v_s, None, None, None, scale=scale, temporal_causal=False,
-                                        temporal_window=None)
+                                        temporal_window=None, stacked=False)
     assert none_t is None and only_s.shape == (B, T, H, S)
 
 
@@ -189,7 +191,7 @@ def test_odd_shapes_gpu(shape, dtype, options, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=options_id)
-@pytest.mark.parametrize("op", ["parallel", "temporal"])
+@pytest.mark.parametrize("op", ["parallel", "stacked", "temporal"])
 def test_temporal_options_gpu(op, options, dtype, seed):
     check_against_reference(op, "triton", (2, 17, 333, 3, 80), dtype, "cuda", seed, packed=True, **options)
 
@@ -204,8 +206,9 @@ def test_spatial_gpu(dtype, seed):
 # Without a GPU: the kernels compile for Hopper (sm_90) with the launch table's settings.
 # ----------------------------------------------------------------------------------------------------------
 
-def compile_for_hopper(kernel, dtype, head_dim, config):
-    """Compiles `kernel` ahead of time for sm_90 as a launch with 16-byte aligned pointers and strides would."""
+def compile_for_hopper(kernel, dtype, head_dim, config, stacked):
+    """Compiles `kernel` ahead of time for sm_90 as a launch with 16-byte aligned pointers and strides would
+    (both branches, causal; `stacked`: the branches written apart)."""
     import inspect
 
     import triton
@@ -215,10 +218,12 @@ def compile_for_hopper(kernel, dtype, head_dim, config):
     from pychop.kernels import parallel_st_attention as attention
 
     element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    constants = dict(HAS_SPATIAL=True, HAS_TEMPORAL=True, CAUSAL=True, D=head_dim, BLOCK_M=config.block_m,
-                     BLOCK_N=config.block_n, BLOCK_D=attention._head_dim_block(head_dim),
-                     DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST_DOT=False)
     names = list(inspect.signature(kernel.fn).parameters)
+    constants = dict(HAS_SPATIAL=True, HAS_TEMPORAL=True, CAUSAL=True, STACKED=stacked, OUT_IS_SUM=not stacked,
+                     D=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                     BLOCK_D=attention._head_dim_block(head_dim),
+                     DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST_DOT=False)
+    constants = {name: value for name, value in constants.items() if name in names}
     signature, attrs = {}, {}
     for index, name in enumerate(names):
         if name in constants:
@@ -238,7 +243,7 @@ def compile_for_hopper(kernel, dtype, head_dim, config):
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
-def compile_all_for_hopper(dtype_name, head_dim):
+def compile_all_for_hopper(dtype_name, head_dim, stacked):
     """Compiles the three kernels with the launch table's settings; prints one line per kernel."""
     from pychop.kernels import parallel_st_attention as attention
 
@@ -247,15 +252,16 @@ def compile_all_for_hopper(dtype_name, head_dim):
                                       dtype.itemsize == 2)]
     kernels = (attention._forward_kernel, attention._backward_query_kernel, attention._backward_key_kernel)
     for kernel, config in zip(kernels, configs):
-        compiled = compile_for_hopper(kernel, dtype, head_dim, config)
+        compiled = compile_for_hopper(kernel, dtype, head_dim, config, stacked)
         if dtype != torch.float32:  # float32 stays exact ("ieee"): CUDA-core FMAs, no tensor cores
             assert "mma" in compiled.asm["ptx"], f"{kernel.fn.__name__}: no tensor-core instructions"
         print(kernel.fn.__name__, config, "shared memory", compiled.metadata.shared)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests run the kernels themselves")
-@pytest.mark.parametrize("dtype_name, head_dim", [("bfloat16", 64), ("float32", 80)])
-def test_kernels_compile_for_hopper(dtype_name, head_dim):
+@pytest.mark.parametrize("dtype_name, head_dim, stacked", [("bfloat16", 64, False), ("float32", 80, False),
+                                                           ("bfloat16", 128, True)])
+def test_kernels_compile_for_hopper(dtype_name, head_dim, stacked):
     """The interpreter accepts code the GPU compiler may not: compile for sm_90 in a process without it."""
     import os
     import pathlib
@@ -264,7 +270,7 @@ def test_kernels_compile_for_hopper(dtype_name, head_dim):
 
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     code = ("from tests.test_attention_triton import compile_all_for_hopper; "
-            f"compile_all_for_hopper({dtype_name!r}, {head_dim})")
+            f"compile_all_for_hopper({dtype_name!r}, {head_dim}, {stacked})")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                             cwd=pathlib.Path(__file__).resolve().parent.parent)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -147,21 +147,21 @@ def test_parallel_block_gradients_every_backend(device, backend, dtype, freeze_s
         assert relative_error(a, r) <= bound, f"{name}: error above {bound:.3g} ({backend}, {dtype}, seed {seed})"
 
 
-def test_parallel_block_feeds_attention_views_of_one_packed_projection(monkeypatch):
-    seen = []
+def test_parallel_block_feeds_one_fused_call_views_of_one_packed_projection(monkeypatch):
+    """One parallel_st_attention call with both branches stacked, on views of the packed projection."""
+    calls = []
+    original = pychop.parallel_st_attention
 
-    def spy(original):
-        def call(*tensors, **options):
-            seen.append(tensors)
-            return original(*tensors, **options)
-        return call
+    def spy(*tensors, **options):
+        calls.append((tensors, options))
+        return original(*tensors, **options)
 
-    monkeypatch.setattr(pychop, "spatial_attention", spy(pychop.spatial_attention))
-    monkeypatch.setattr(pychop, "temporal_attention", spy(pychop.temporal_attention))
+    monkeypatch.setattr(pychop, "parallel_st_attention", spy)
     block = ParallelSTBlock(DIM, HEADS, backend="torch")
     x = torch.randn(SHAPE)
     block(x)
-    tensors = [t for call in seen for t in call]
+    assert len(calls) == 1 and calls[0][1]["combine"] == "stack"
+    tensors = calls[0][0]
     assert len(tensors) == 6
     storage = tensors[0].untyped_storage().data_ptr()
     B, T, S, C = SHAPE
@@ -186,27 +186,51 @@ def test_st_blocks_reject_bad_tokens():
 # --------------------------------------------------------------------------------------------------------------
 
 def test_layer_norm_packed_linear_matches_plain_and_skips_frozen_blocks(seed):
-    x = torch.randn(4, 5, 8, dtype=torch.float64, requires_grad=True)
-    w1, w2 = (torch.randn(6, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    b1 = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    w2.requires_grad_(False)
-    out = layer_norm_packed_linear(x, [w1, w2], [b1, None], eps=1e-5)
-    expected = F.linear(F.layer_norm(x, (8,)), torch.cat([w1, w2]), torch.cat([b1, torch.zeros(6).double()]))
+    """Two blocks share a trainable affine, a third has its own frozen one: values and every gradient against
+    layer_norm + linear per block, in float64; frozen parameters get no gradient."""
+    C = 8
+    x = torch.randn(4, 5, C, dtype=torch.float64, requires_grad=True)
+    param = lambda *shape: torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    gamma1, beta1, gamma2, beta2 = param(C), param(C), param(C), param(C)
+    w1, w2, w3, b1, b3 = param(6, C), param(3, C), param(5, C), param(6), param(5)
+    for frozen in (gamma2, beta2, w3, b3):
+        frozen.requires_grad_(False)
+    blocks = [(gamma1, beta1, w1, b1), (gamma1, beta1, w2, None), (gamma2, beta2, w3, b3)]
+    out = layer_norm_packed_linear(x, blocks, eps=1e-5)
+    expected = torch.cat([F.linear(F.layer_norm(x, (C,), g, b, eps=1e-5), w, bias) for g, b, w, bias in blocks], -1)
     assert relative_error(out, expected) < 1e-12
     dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [x, w1, b1], dout)
-    expected_grads = torch.autograd.grad(expected, [x, w1, b1], dout)
-    for name, g, e in zip(("x", "w1", "b1"), grads, expected_grads):
+    trainable = {"x": x, "gamma1": gamma1, "beta1": beta1, "w1": w1, "w2": w2, "b1": b1}
+    grads = torch.autograd.grad(out, list(trainable.values()), dout, retain_graph=True)
+    expected_grads = torch.autograd.grad(expected, list(trainable.values()), dout)
+    for name, g, e in zip(trainable, grads, expected_grads):
         assert relative_error(g, e) < 1e-10, name
-    assert not w2.requires_grad
+    out.backward(dout)
+    assert all(p.grad is None for p in (gamma2, beta2, w3, b3))
 
 
-def test_layer_norm_packed_linear_rejects_bad_weights():
+def test_layer_norm_packed_linear_saves_no_weight_copies():
+    """Only x and its row statistics are saved: parameters are referenced, the folded weight is rebuilt."""
+    C = 8
+    x = torch.randn(16, C, requires_grad=True)
+    gamma, beta, w = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True), torch.randn(24, C)
+    params = {gamma.data_ptr(), beta.data_ptr(), w.data_ptr()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer_norm_packed_linear(x, [(gamma, beta, w, None)])
+    new = [t for t in saved if t.data_ptr() not in params]
+    assert sum(t.numel() for t in new) == 16 * C + 2 * 16, [tuple(t.shape) for t in new]
+
+
+def test_layer_norm_packed_linear_rejects_bad_blocks():
     x = torch.randn(3, 8)
-    with pytest.raises(ValueError, match=r"weights\[1\] must have shape \(rows, 8\)"):
-        layer_norm_packed_linear(x, [torch.randn(4, 8), torch.randn(4, 7)], [None, None])
-    with pytest.raises(ValueError, match="one length"):
-        layer_norm_packed_linear(x, [torch.randn(4, 8)], [])
+    affine = (torch.ones(8), torch.zeros(8))
+    with pytest.raises(ValueError, match=r"blocks\[1\] weight must have shape \(rows, 8\)"):
+        layer_norm_packed_linear(x, [(*affine, torch.randn(4, 8), None), (*affine, torch.randn(4, 7), None)])
+    with pytest.raises(ValueError, match=r"blocks\[0\] gamma and beta must have shape \(8,\)"):
+        layer_norm_packed_linear(x, [(torch.ones(7), torch.zeros(8), torch.randn(4, 8), None)])
+    with pytest.raises(ValueError, match="at least one"):
+        layer_norm_packed_linear(x, [])
 
 
 # --------------------------------------------------------------------------------------------------------------

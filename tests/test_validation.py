@@ -39,6 +39,7 @@ def test_bad_tensors(backend, overrides, error, pattern):
     ({"temporal_window": 2.5}, TypeError, r"temporal_window must be an int >= 1 or None"),
     ({"scale": float("nan")}, ValueError, r"scale must be a finite number"),
     ({"backend": "fastest"}, ValueError, r"backend must be one of"),
+    ({"combine": "concat"}, ValueError, r"combine must be one of \('sum', 'stack'\)"),
 ])
 def test_bad_options(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):

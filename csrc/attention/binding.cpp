@@ -73,12 +73,13 @@ ScalarKind scalar_kind(at::ScalarType type) {
 AttentionParams make_params(Group& group, const OptTensor& q_s, const OptTensor& k_s, const OptTensor& v_s,
                             const OptTensor& q_t, const OptTensor& k_t, const OptTensor& v_t,
                             const at::Tensor& out, const OptTensor& lse_s, const OptTensor& lse_t,
-                            double scale, bool causal, int64_t window) {
+                            double scale, bool causal, int64_t window, bool stacked) {
   const bool spatial = q_s.has_value(), temporal = q_t.has_value();
   TORCH_CHECK(spatial || temporal, "at least one branch (q_s, k_s, v_s or q_t, k_t, v_t) must be given");
   TORCH_CHECK(spatial == (k_s.has_value() && v_s.has_value()), "q_s, k_s, v_s must be given together");
   TORCH_CHECK(temporal == (k_t.has_value() && v_t.has_value()), "q_t, k_t, v_t must be given together");
   TORCH_CHECK(window >= 0, "temporal_window must be >= 1 or 0 (none), got ", window);
+  TORCH_CHECK(!stacked || (spatial && temporal), "stacked branches need both branches");
   AttentionParams p;
   p.q_s = group.ref(q_s, "q_s");
   p.k_s = group.ref(k_s, "k_s");
@@ -87,6 +88,7 @@ AttentionParams make_params(Group& group, const OptTensor& q_s, const OptTensor&
   p.k_t = group.ref(k_t, "k_t");
   p.v_t = group.ref(v_t, "v_t");
   p.out = group.ref(out, "out");
+  p.out_t = p.out;
   const at::Tensor& x = *group.first;
   p.batch = x.size(0);
   p.frames = x.size(1);
@@ -97,6 +99,7 @@ AttentionParams make_params(Group& group, const OptTensor& q_s, const OptTensor&
   p.scale = static_cast<float>(scale);
   p.spatial = spatial;
   p.temporal = temporal;
+  p.stacked = stacked;
   p.causal = causal || window > 0;
   p.window = static_cast<int>(window);
   p.lse_s = group.stats(lse_s, "lse_s");
@@ -112,12 +115,15 @@ void check_launch(const char* error) { TORCH_CHECK(error == nullptr, "pychop._C 
 const char* no_cuda() { return "pychop._C was built without CUDA"; }
 #endif
 
-// Writes out (B, T, S, H, D) and the statistics of the branches given.
+// Writes out (B, T, S, H, D) and the statistics of the branches given; with out_t, o_s to out and o_t to out_t.
 void forward(const OptTensor& q_s, const OptTensor& k_s, const OptTensor& v_s, const OptTensor& q_t,
-             const OptTensor& k_t, const OptTensor& v_t, const at::Tensor& out, const OptTensor& lse_s,
-             const OptTensor& lse_t, double scale, bool causal, int64_t window, int64_t stream) {
+             const OptTensor& k_t, const OptTensor& v_t, const at::Tensor& out, const OptTensor& out_t,
+             const OptTensor& lse_s, const OptTensor& lse_t, double scale, bool causal, int64_t window,
+             int64_t stream) {
   Group group;
-  AttentionParams p = make_params(group, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, scale, causal, window);
+  AttentionParams p = make_params(group, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, scale, causal, window,
+                                  out_t.has_value());
+  if (p.stacked) p.out_t = group.ref(out_t, "out_t");
   if (out.is_cpu()) {
     parallel_st_attention_fwd_cpu(p);
     return;
@@ -129,17 +135,21 @@ void forward(const OptTensor& q_s, const OptTensor& k_s, const OptTensor& v_s, c
 #endif
 }
 
-// Writes the gradients of the branches given (dq_s ... dv_t), from dout and the forward's out and statistics.
-void backward(const at::Tensor& dout, const OptTensor& q_s, const OptTensor& k_s, const OptTensor& v_s,
-              const OptTensor& q_t, const OptTensor& k_t, const OptTensor& v_t, const at::Tensor& out,
-              const OptTensor& lse_s, const OptTensor& lse_t, const OptTensor& dq_s, const OptTensor& dk_s,
-              const OptTensor& dv_s, const OptTensor& dq_t, const OptTensor& dk_t, const OptTensor& dv_t,
-              double scale, bool causal, int64_t window, int64_t grad_window, int64_t stream) {
+// Writes the gradients of the branches given (dq_s ... dv_t), from dout and the forward's out (o_s when stacked)
+// and statistics; with dout_t, dout is the gradient of o_s and dout_t that of o_t.
+void backward(const at::Tensor& dout, const OptTensor& dout_t, const OptTensor& q_s, const OptTensor& k_s,
+              const OptTensor& v_s, const OptTensor& q_t, const OptTensor& k_t, const OptTensor& v_t,
+              const at::Tensor& out, const OptTensor& lse_s, const OptTensor& lse_t, const OptTensor& dq_s,
+              const OptTensor& dk_s, const OptTensor& dv_s, const OptTensor& dq_t, const OptTensor& dk_t,
+              const OptTensor& dv_t, double scale, bool causal, int64_t window, int64_t grad_window,
+              int64_t stream) {
   Group group;
-  AttentionParams p = make_params(group, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, scale, causal, window);
+  AttentionParams p = make_params(group, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, scale, causal, window,
+                                  dout_t.has_value());
   TORCH_CHECK(grad_window >= 0, "temporal_grad_window must be >= 1 or 0 (none), got ", grad_window);
   p.grad_window = static_cast<int>(grad_window);
   p.dout = group.ref(dout, "dout");
+  p.dout_t = p.stacked ? group.ref(dout_t, "dout_t") : p.dout;
   p.dq_s = group.ref(dq_s, "dq_s");
   p.dk_s = group.ref(dk_s, "dk_s");
   p.dv_s = group.ref(dv_s, "dv_s");
@@ -190,11 +200,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &pychop::forward,
         "Fused attention forward; writes out, lse_s, lse_t (see pychop/ops/extension_attention.py)",
         py::arg("q_s"), py::arg("k_s"), py::arg("v_s"), py::arg("q_t"), py::arg("k_t"), py::arg("v_t"),
-        py::arg("out"), py::arg("lse_s"), py::arg("lse_t"), py::arg("scale"), py::arg("causal"),
-        py::arg("window"), py::arg("stream"));
+        py::arg("out"), py::arg("out_t"), py::arg("lse_s"), py::arg("lse_t"), py::arg("scale"),
+        py::arg("causal"), py::arg("window"), py::arg("stream"));
   m.def("attention_backward", &pychop::backward,
         "Fused attention backward; writes dq_s ... dv_t (see pychop/ops/extension_attention.py)",
-        py::arg("dout"), py::arg("q_s"), py::arg("k_s"), py::arg("v_s"), py::arg("q_t"), py::arg("k_t"),
+        py::arg("dout"), py::arg("dout_t"), py::arg("q_s"), py::arg("k_s"), py::arg("v_s"), py::arg("q_t"), py::arg("k_t"),
         py::arg("v_t"), py::arg("out"), py::arg("lse_s"), py::arg("lse_t"), py::arg("dq_s"), py::arg("dk_s"),
         py::arg("dv_s"), py::arg("dq_t"), py::arg("dk_t"), py::arg("dv_t"), py::arg("scale"), py::arg("causal"),
         py::arg("window"), py::arg("grad_window"), py::arg("stream"));

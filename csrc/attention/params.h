@@ -24,21 +24,23 @@ struct AttentionParams {
 
   bool spatial = false;   // the spatial branch is computed (q_s, k_s, v_s, lse_s set)
   bool temporal = false;  // the temporal branch is computed (q_t, k_t, v_t, lse_t set)
+  bool stacked = false;   // both branches, written apart: o_s to out, o_t to out_t (else out = o_s + o_t)
   bool causal = false;    // key frames t' <= t only
   int window = 0;         // > 0: key frames t - window < t' <= t (implies causal)
   int grad_window = 0;    // > 0 (backward): k_t, v_t of frames t' <= t - grad_window get no gradient from t
 
-  // Forward inputs and outputs.
+  // Forward inputs and outputs. out_t is where o_t goes: out itself unless stacked.
   TensorRef q_s, k_s, v_s, q_t, k_t, v_t;
-  TensorRef out;
+  TensorRef out, out_t;
   float* lse_s = nullptr;  // (B, T, H, S) natural-log logsumexp of the scaled spatial scores
   float* lse_t = nullptr;  // (B, T, H, S) the same for the temporal scores
 
-  // Backward: the output gradient, the input gradients (written, never accumulated into) and scratch.
-  TensorRef dout;
+  // Backward: the output gradient (stacked: dout of o_s, dout_t of o_t; else dout_t is dout), the input
+  // gradients (written, never accumulated into) and scratch.
+  TensorRef dout, dout_t;
   TensorRef dq_s, dk_s, dv_s, dq_t, dk_t, dv_t;
-  float* delta_t = nullptr;   // scratch (B, T, H, S): rowsum(dout * o_t), o_t recomputed
-  float* delta_s = nullptr;   // scratch (B, T, H, S), CUDA only: rowsum(dout * (out - o_t))
+  float* delta_t = nullptr;   // scratch (B, T, H, S): rowsum(dout_t * o_t), o_t recomputed
+  float* delta_s = nullptr;   // scratch (B, T, H, S), CUDA only: rowsum(dout * o_s)
   float* dq_accum = nullptr;  // scratch (B, T, S, H, D) contiguous float32, CUDA only: spatial dq partial sums
 };
 

@@ -1,75 +1,99 @@
-"""LayerNorm fused with one packed linear projection whose weight is made of separately trainable blocks.
+"""LayerNorm fused with a packed projection whose blocks each carry their own LayerNorm affine.
 
-``layer_norm_packed_linear(x, weights, biases, eps)`` computes
+``layer_norm_packed_linear(x, blocks, eps)`` takes blocks ``(gamma_i, beta_i, W_i, b_i)`` and computes
 
-    y = layer_norm(x) @ cat(weights).T + cat(biases)          x (..., C) -> y (..., sum of the blocks' rows)
+    y = [layer_norm(x, gamma_i, beta_i) @ W_i.T + b_i  for each block i]   x (..., C) -> y (..., sum of W_i rows)
 
-with one normalisation and one GEMM. Saved for backward: ``x``, the per-row mean and rstd and the concatenated
-weight; the normalised input is recomputed in the backward instead of kept (one (N, C) activation less than
-LayerNorm followed by a linear layer). The backward computes a weight block's (and bias block's) gradient only
-when that block requires it, so a frozen block costs no weight-gradient GEMM.
+concatenated on the last dimension, with one normalisation and one GEMM: each affine is folded into its
+projection (``W_i * gamma_i``, ``W_i beta_i + b_i``). Blocks may share an affine (the q, k and v projections of
+one attention branch do). Saved for backward: ``x`` and its per-row mean and rstd, nothing else. The
+parameters are referenced, not copied: the folded weight is rebuilt in the backward instead of stored, and
+the normalised input is recomputed only when a weight gradient is needed. Every parameter gets a gradient only
+when it requires one, so a frozen block costs no weight-gradient GEMM.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
+
+Block = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # gamma, beta, W, b
+PER_BLOCK = 4
+
+
+def _folded(blocks) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight (sum R_i, C), bias (sum R_i,)) of the projection applied to the affine-free normalised input."""
+    weight = torch.cat([w * gamma for gamma, _, w, _ in blocks])
+    bias = torch.cat([torch.mv(w, beta) if b is None else torch.addmv(b, w, beta) for _, beta, w, b in blocks])
+    return weight, bias
 
 
 class LayerNormPackedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, eps: float, num_blocks: int, *weights_then_biases):
-        weights, biases = weights_then_biases[:num_blocks], weights_then_biases[num_blocks:]
+    def forward(ctx, x, eps: float, *flat_blocks):
+        blocks = [flat_blocks[i:i + PER_BLOCK] for i in range(0, len(flat_blocks), PER_BLOCK)]
         features = x.shape[-1]
         rows = x.reshape(-1, features)
         normed, mean, rstd = torch.native_layer_norm(rows, (features,), None, None, eps)
-        weight = torch.cat(weights)
-        if any(b is not None for b in biases):
-            bias = torch.cat([torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
-                              for w, b in zip(weights, biases)])
-            out = torch.addmm(bias, normed, weight.t())
-        else:
-            out = normed @ weight.t()
-        ctx.save_for_backward(rows, mean, rstd, weight)
-        ctx.eps, ctx.num_blocks, ctx.input_shape = eps, num_blocks, x.shape
-        ctx.block_sizes = [w.shape[0] for w in weights]
-        ctx.has_bias = [b is not None for b in biases]
+        weight, bias = _folded(blocks)
+        out = torch.addmm(bias, normed, weight.t())
+        ctx.save_for_backward(rows, mean, rstd, *(t for t in flat_blocks if t is not None))
+        ctx.has_bias = [b is not None for _, _, _, b in blocks]
+        ctx.eps, ctx.input_shape = eps, x.shape
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, mean, rstd, weight = ctx.saved_tensors
-        features, n = rows.shape[-1], ctx.num_blocks
-        grad_rows = grad_out.reshape(-1, weight.shape[0])
-        need = ctx.needs_input_grad
-        need_weight, need_bias = need[3:3 + n], need[3 + n:]
+        rows, mean, rstd, *params = ctx.saved_tensors
+        params = iter(params)
+        blocks = [(next(params), next(params), next(params), next(params) if has_bias else None)
+                  for has_bias in ctx.has_bias]
+        features = rows.shape[-1]
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        need_x, need = ctx.needs_input_grad[0], ctx.needs_input_grad[2:]
         grad_x = None
-        if need[0]:
-            grad_normed = grad_rows @ weight
+        if need_x:
+            grad_normed = grad_rows @ _folded(blocks)[0]
             grad_x = torch.ops.aten.native_layer_norm_backward(
                 grad_normed, rows, (features,), mean, rstd, None, None, [True, False, False])[0]
             grad_x = grad_x.view(ctx.input_shape)
         normed = None
-        if any(need_weight):
-            normed = torch.native_layer_norm(rows, (features,), None, None, ctx.eps)[0]
-        grad_weights, grad_biases, start = [], [], 0
-        for size, wants_weight, wants_bias, has_bias in zip(ctx.block_sizes, need_weight, need_bias, ctx.has_bias):
-            block = grad_rows[:, start:start + size]
-            grad_weights.append(block.t() @ normed if wants_weight else None)
-            grad_biases.append(block.sum(0) if wants_bias and has_bias else None)
-            start += size
-        return (grad_x, None, None, *grad_weights, *grad_biases)
+        grads, start = [], 0
+        for index, (gamma, beta, w, b) in enumerate(blocks):
+            need_gamma, need_beta, need_w, need_b = need[PER_BLOCK * index:PER_BLOCK * (index + 1)]
+            block = grad_rows[:, start:start + w.shape[0]]
+            start += w.shape[0]
+            grad_bias = block.sum(0) if need_w or need_beta or need_b else None  # of W beta + b
+            grad_weight = None  # of the folded W * gamma
+            if need_w or need_gamma:
+                if normed is None:
+                    normed = torch.native_layer_norm(rows, (features,), None, None, ctx.eps)[0]
+                grad_weight = block.t() @ normed
+            grads += [(grad_weight * w).sum(0) if need_gamma else None,
+                      grad_bias @ w if need_beta else None,
+                      torch.addr(grad_weight * gamma, grad_bias, beta) if need_w else None,
+                      grad_bias if need_b else None]
+        return (grad_x, None, *grads)
 
 
-def layer_norm_packed_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
-                             biases: Sequence[Optional[torch.Tensor]], eps: float = 1e-5) -> torch.Tensor:
-    """layer_norm(x) (no affine) @ cat(weights).T + cat(biases); each weight block (rows_i, C) and bias block
-    (rows_i,) or None gets its own gradient, computed only when it requires one. x: (..., C), any float dtype."""
-    if len(weights) != len(biases) or not weights:
-        raise ValueError(f"weights and biases must be non-empty and of one length, got {len(weights)} and "
-                         f"{len(biases)}")
-    for i, w in enumerate(weights):
-        if w.dim() != 2 or w.shape[1] != x.shape[-1]:
-            raise ValueError(f"weights[{i}] must have shape (rows, {x.shape[-1]}), got {tuple(w.shape)}")
-    return LayerNormPackedLinear.apply(x, float(eps), len(weights), *weights, *biases)
+def layer_norm_packed_linear(x: torch.Tensor, blocks: Sequence[Block], eps: float = 1e-5) -> torch.Tensor:
+    """Concatenation over blocks ``(gamma, beta, W, b)`` of ``layer_norm(x, gamma, beta) @ W.T + b``: x (..., C),
+    gamma and beta (C,), W (R_i, C), b (R_i,) or None, all one float dtype -> (..., sum R_i)."""
+    if not blocks:
+        raise ValueError("blocks must hold at least one (gamma, beta, weight, bias) block")
+    features = x.shape[-1]
+    flat = []
+    for i, block in enumerate(blocks):
+        if len(block) != PER_BLOCK:
+            raise ValueError(f"blocks[{i}] must be (gamma, beta, weight, bias), got {len(block)} items")
+        gamma, beta, w, b = block
+        if w.dim() != 2 or w.shape[1] != features:
+            raise ValueError(f"blocks[{i}] weight must have shape (rows, {features}), got {tuple(w.shape)}")
+        if gamma.shape != (features,) or beta.shape != (features,):
+            raise ValueError(f"blocks[{i}] gamma and beta must have shape ({features},), got {tuple(gamma.shape)} "
+                             f"and {tuple(beta.shape)}")
+        if b is not None and b.shape != (w.shape[0],):
+            raise ValueError(f"blocks[{i}] bias must have shape ({w.shape[0]},) or be None, got {tuple(b.shape)}")
+        flat += [gamma, beta, w, b]
+    return LayerNormPackedLinear.apply(x, float(eps), *flat)

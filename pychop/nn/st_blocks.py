@@ -15,31 +15,28 @@ with ``A(x) = attention(q, k, v of LayerNorm(x)) @ W_out + b_out``.
 to (N, H, L, D), ``scaled_dot_product_attention``, the transpose back and the output projection; the temporal
 branch runs on a permuted (B*S, T, C) copy, and the result is permuted back.
 
-``ParallelSTBlock`` is one LayerNorm, one C -> 6C GEMM, the attention, and one 2C -> C output projection
-into the residual:
+``ParallelSTBlock`` is one LayerNorm, one C -> 6C GEMM, the fused attention, and one 2C -> C GEMM for both
+output projections, with the residual added in it:
 
 1. ``layer_norm_packed_linear`` normalises once and projects with the weight
    ``[W_qkv_s * gamma_s; W_qkv_t * gamma_t]`` (each branch's LayerNorm affine folded into its own projection,
-   bias ``W_qkv beta``), producing the packed (B, T, S, 6, H, D) tensor; q_s ... v_t are views of it.
-2. The attention runs on those views, on pychop's (B, T, S, H, D) layout: no permutes, no copies.
-3. ``out = x + [o_s, o_t] [W_out_s; W_out_t] + b_out_s + b_out_t``, as two accumulating ``addmm`` calls on
-   the residual (K = C each: the FLOPs of one 2C -> C GEMM, no concatenated copy of o_s and o_t).
+   bias ``W_qkv beta + b_qkv``), producing the packed (B, T, S, 6, H, D) tensor; q_s ... v_t are views of it.
+2. ``pychop.parallel_st_attention(..., combine="stack")`` runs both branches in one fused call on those views
+   (no permutes, no copies) and writes them side by side, (B, T, S, 2, H, D): a (B, T, S, 2C) view.
+3. ``out = x + [o_s, o_t] [W_out_s; W_out_t] + b_out_s + b_out_t`` on the residual, the 2C -> C GEMM taken as
+   two accumulating ``addmm`` calls over its halves (K = C each, on strided views of the stacked output), so
+   that autograd holds the parameters themselves rather than a concatenated copy of them.
 
-Why the branches, not the sum: ``pychop.parallel_st_attention`` returns ``o_s + o_t``, and
-``(o_s + o_t) W`` equals ``o_s W_s + o_t W_t`` only when ``W_s = W_t`` (nor can an output projection be
-folded into per-head values: it mixes heads). Using the summed op would tie the two output projections into
-one shared parameter, which cannot stay frozen on one side and trained on the other. So the block calls the
-op's two branches, ``pychop.spatial_attention`` and ``pychop.temporal_attention`` (the same fused kernels,
-the same layout and views), and keeps ``o_s`` and ``o_t`` apart. The cost against one summed call: two
-kernel launches instead of one, and one (B, T, S, C) output more held for backward (``o_s`` and ``o_t``
-instead of their sum; ``o_s`` only while the spatial output projection is trainable, since ``addmm`` saves
-its input only for a weight gradient).
+The branches stay apart up to that GEMM because ``(o_s + o_t) W`` equals ``o_s W_s + o_t W_t`` only when
+``W_s = W_t``: summing first would tie the two output projections into one parameter, which could not stay
+frozen on one side and trained on the other.
 
 Saved for backward by the parallel block with a fused backend: the input x and its LayerNorm statistics, the
-packed projection (B, T, S, 6C), ``o_s`` and ``o_t`` with the attention's row statistics, and the folded
-(6C, C) projection weight: about 9 (B, T, S, C) activations. The serial block with the spatial side frozen
-keeps about 11 (its input, spatial q, k, v and output, the permuted copy, the temporal LayerNorm output,
-temporal q, k, v and output).
+packed projection (B, T, S, 6C) and the stacked attention output (B, T, S, 2C; the attention and the output
+projections save the same storage) with the row statistics: 9 (B, T, S, C) activations, and no weight copies.
+The serial block with the spatial side frozen keeps about 12 (its input, spatial q, k, v and output, the
+permuted copy, the temporal LayerNorm output, temporal q, k, v and output, and the output's transposed copy
+for the temporal output projection).
 """
 
 from __future__ import annotations
@@ -77,13 +74,9 @@ class AttentionBranch(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(n, length, dim))
 
-    def folded_qkv(self):
-        """(weight (3C, C), bias (3C,)) of q, k, v applied to the un-affine LayerNorm output (affine folded in)."""
-        # Per projection, so that autograd saves the parameters themselves rather than a concatenated copy.
-        projections = (self.to_q, self.to_k, self.to_v)
-        weight = torch.cat([proj.weight * self.norm.weight for proj in projections])
-        bias = torch.cat([F.linear(self.norm.bias, proj.weight, proj.bias) for proj in projections])
-        return weight, bias
+    def qkv_blocks(self):
+        """The (gamma, beta, W, b) blocks of q, k and v for ``layer_norm_packed_linear``: one shared affine."""
+        return [(self.norm.weight, self.norm.bias, proj.weight, proj.bias) for proj in (self.to_q, self.to_k, self.to_v)]
 
 
 def check_tokens(x: torch.Tensor, dim: int) -> None:
@@ -115,28 +108,28 @@ class ParallelSTBlock(nn.Module):
     """Spatial and temporal self-attention side by side on one input (Mobius): (B, T, S, C) -> (B, T, S, C).
 
     ``backend`` selects the attention backend (``"auto"``: the fastest available, ``"torch"``: the unfused
-    reference); the temporal options are those of ``pychop.temporal_attention``.
+    reference); the temporal options are those of ``pychop.parallel_st_attention``.
     """
 
     def __init__(self, dim: int, heads: int, *, qkv_bias: bool = False, eps: float = 1e-5, backend: str = "auto",
                  temporal_causal: bool = False, temporal_window=None, temporal_grad_window=None):
         super().__init__()
         self.dim, self.heads, self.eps, self.backend = dim, heads, eps, backend
-        self.temporal_options = dict(causal=temporal_causal, window=temporal_window, grad_window=temporal_grad_window)
+        self.temporal_options = dict(temporal_causal=temporal_causal, temporal_window=temporal_window,
+                                     temporal_grad_window=temporal_grad_window)
         self.spatial = AttentionBranch(dim, heads, qkv_bias=qkv_bias, eps=eps)
         self.temporal = AttentionBranch(dim, heads, qkv_bias=qkv_bias, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tokens(x, self.dim)
         B, T, S, C = x.shape
-        w_s, b_s = self.spatial.folded_qkv()
-        w_t, b_t = self.temporal.folded_qkv()
-        packed = layer_norm_packed_linear(x, [w_s, w_t], [b_s, b_t], self.eps)
+        packed = layer_norm_packed_linear(x, self.spatial.qkv_blocks() + self.temporal.qkv_blocks(), self.eps)
         q_s, k_s, v_s, q_t, k_t, v_t = packed.view(B, T, S, 6, self.heads, C // self.heads).unbind(3)
-        o_s = pychop.spatial_attention(q_s, k_s, v_s, backend=self.backend)
-        o_t = pychop.temporal_attention(q_t, k_t, v_t, backend=self.backend, **self.temporal_options)
-        out = torch.addmm(x.reshape(-1, C), o_s.reshape(-1, C), self.spatial.to_out.weight.t())
-        out = torch.addmm(out, o_t.reshape(-1, C), self.temporal.to_out.weight.t())
+        branches = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, combine="stack", backend=self.backend,
+                                                **self.temporal_options)
+        o_s, o_t = (branch.reshape(-1, C) for branch in branches.unbind(3))  # (N, C) views, row stride 2C
+        out = torch.addmm(x.reshape(-1, C), o_s, self.spatial.to_out.weight.t())
+        out = torch.addmm(out, o_t, self.temporal.to_out.weight.t())
         out.add_(self.spatial.to_out.bias + self.temporal.to_out.bias)  # addmm keeps no output: in place is safe
         return out.view(B, T, S, C)
 

@@ -11,17 +11,19 @@ them from that query, as if they were detached. The queries always receive their
 The ``"torch"`` backend below defines these semantics in plain PyTorch. Fused backends (Triton, CUDA, C++)
 implement a two-function kernel interface on the same layout, and one autograd Function drives them all:
 
-    forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale, temporal_causal, temporal_window)
-        -> out (B, T, S, H, D) in the input dtype,
+    forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale, temporal_causal, temporal_window, stacked)
+        -> out in the input dtype: (B, T, S, H, D), or (B, T, S, 2, H, D) when stacked,
            lse_s (B, T, H, S) float32 or None, lse_t (B, T, H, S) float32 or None
     backward(dout, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t,
-             *, scale, temporal_causal, temporal_window, temporal_grad_window)
+             *, scale, temporal_causal, temporal_window, temporal_grad_window, stacked)
         -> (dq_s, dk_s, dv_s, dq_t, dk_t, dv_t)
 
 The three tensors of a branch that is not computed are None, as are its statistics and gradients. ``lse`` is
 the natural-log logsumexp of a branch's scaled scores per query row; the backward recomputes probabilities
-from it and stores nothing quadratic. Options reach the kernels normalised: ``temporal_causal`` is True
-whenever a window is set, and a grad window that covers every frame the window lets in is None.
+from it and stores nothing quadratic. ``stacked`` (both branches only) writes the two branches apart,
+``out[:, :, :, 0] = o_s`` and ``out[:, :, :, 1] = o_t``, instead of their sum; ``dout`` then has that shape
+too, one gradient per branch. Options reach the kernels normalised: ``temporal_causal`` is True whenever a
+window is set, and a grad window that covers every frame the window lets in is None.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from pychop.ops import backends
-from pychop.ops.validation import check_attention_inputs, check_kernel_dtype, check_scale, check_window
+from pychop.ops.validation import (check_attention_inputs, check_combine, check_kernel_dtype, check_scale,
+                                   check_window)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,7 +118,7 @@ class FusedAttentionFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------
 
 def _attention(spatial: Optional[dict], temporal: Optional[dict], *, scale, causal, window, grad_window,
-               backend):
+               backend, stacked=False):
     """Validates, normalises the options and dispatches; windows arrive checked by the public functions."""
     tensors = {**(spatial or {}), **(temporal or {})}
     check_attention_inputs(tensors)
@@ -132,33 +135,36 @@ def _attention(spatial: Optional[dict], temporal: Optional[dict], *, scale, caus
         backend = "torch"  # the only backend that runs float64
     name, kernels = backends.resolve(backend, first.device)
     if kernels is None:
-        out = None
+        branches = []
         if spatial is not None:
-            out = spatial_attention_torch(*spatial.values(), scale)
+            branches.append(spatial_attention_torch(*spatial.values(), scale))
         if temporal is not None:
-            out_t = temporal_attention_torch(*temporal.values(), scale, causal, window, grad_window)
-            out = out_t if out is None else out + out_t
-        return out
+            branches.append(temporal_attention_torch(*temporal.values(), scale, causal, window, grad_window))
+        return torch.stack(branches, dim=3) if stacked else sum(branches[1:], branches[0])
 
     check_kernel_dtype(next(iter(tensors)), first.dtype, name)
     q_s, k_s, v_s = spatial.values() if spatial is not None else (None, None, None)
     q_t, k_t, v_t = temporal.values() if temporal is not None else (None, None, None)
     options = dict(scale=scale, temporal_causal=causal, temporal_window=window,
-                   temporal_grad_window=grad_window)
+                   temporal_grad_window=grad_window, stacked=stacked)
     return FusedAttentionFunction.apply(kernels, options, q_s, k_s, v_s, q_t, k_t, v_t)
 
 
 def parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, *, scale=None, temporal_causal=False,
-                          temporal_window=None, temporal_grad_window=None, backend="auto"):
+                          temporal_window=None, temporal_grad_window=None, combine="sum", backend="auto"):
     """Spatial attention plus temporal attention, summed: the fused Mobius attention.
 
     All six inputs have shape (B, T, S, H, D), one dtype (float16, bfloat16 or float32), one device, and a
     last-dimension stride of 1 (views of a packed (B, T, S, 6, H, D) projection work without copies).
-    Returns (B, T, S, H, D) in the input dtype. See the module docstring for the exact semantics.
+    Returns, in the input dtype, ``o_s + o_t`` of shape (B, T, S, H, D) with ``combine="sum"``, or the two
+    branches apart with ``combine="stack"``: (B, T, S, 2, H, D), ``[:, :, :, 0]`` spatial and ``[:, :, :, 1]``
+    temporal, whose ``.flatten(3)`` is the (B, T, S, 2C) input of one GEMM for both output projections
+    (``o_s W_s + o_t W_t = [o_s, o_t] [W_s; W_t]``). See the module docstring for the exact semantics.
     """
     return _attention(dict(q_s=q_s, k_s=k_s, v_s=v_s), dict(q_t=q_t, k_t=k_t, v_t=v_t), scale=scale,
                       causal=temporal_causal, window=check_window("temporal_window", temporal_window),
-                      grad_window=check_window("temporal_grad_window", temporal_grad_window), backend=backend)
+                      grad_window=check_window("temporal_grad_window", temporal_grad_window), backend=backend,
+                      stacked=check_combine(combine))
 
 
 def temporal_attention(q, k, v, *, scale=None, causal=False, window=None, grad_window=None, backend="auto"):

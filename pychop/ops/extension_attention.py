@@ -45,21 +45,27 @@ def _stats(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return new_output((B, T, H, S), dtype=torch.float32, device=x.device)
 
 
+def _branches(x: torch.Tensor, stacked: bool):
+    """(spatial, temporal) views of a stacked (B, T, S, 2, H, D) output or gradient; (x, None) when summed."""
+    return (x[:, :, :, 0], x[:, :, :, 1]) if stacked else (x, None)
+
+
 def forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale: float, temporal_causal: bool,
-            temporal_window: Optional[int]):
-    """-> out (B, T, S, H, D) in the input dtype, lse_s and lse_t (B, T, H, S) float32 (None for a branch
-    not computed)."""
+            temporal_window: Optional[int], stacked: bool):
+    """-> out (B, T, S, H, D), or (B, T, S, 2, H, D) when stacked, in the input dtype; lse_s and lse_t
+    (B, T, H, S) float32 (None for a branch not computed)."""
     first = q_s if q_s is not None else q_t
-    out = new_output(first.shape, dtype=first.dtype, device=first.device)
+    B, T, S, H, D = first.shape
+    out = new_output((B, T, S, 2, H, D) if stacked else (B, T, S, H, D), dtype=first.dtype, device=first.device)
     lse_s, lse_t = _stats(q_s), _stats(q_t)
     with _device_guard(first):
-        _build.load().attention_forward(q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, scale,
-                                        temporal_causal, temporal_window or 0, _stream(first))
+        _build.load().attention_forward(q_s, k_s, v_s, q_t, k_t, v_t, *_branches(out, stacked), lse_s, lse_t,
+                                        scale, temporal_causal, temporal_window or 0, _stream(first))
     return out, lse_s, lse_t
 
 
 def backward(dout, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, *, scale: float, temporal_causal: bool,
-             temporal_window: Optional[int], temporal_grad_window: Optional[int]):
+             temporal_window: Optional[int], temporal_grad_window: Optional[int], stacked: bool):
     """-> (dq_s, dk_s, dv_s, dq_t, dk_t, dv_t), contiguous, in the input dtype (None for a branch not
     computed). Probabilities are recomputed from lse_s and lse_t."""
     def grads(q):
@@ -69,7 +75,8 @@ def backward(dout, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, *, scale: fl
 
     spatial_grads, temporal_grads = grads(q_s), grads(q_t)
     with _device_guard(out):
-        _build.load().attention_backward(dout, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t,
+        _build.load().attention_backward(*_branches(dout, stacked), q_s, k_s, v_s, q_t, k_t, v_t,
+                                         _branches(out, stacked)[0], lse_s, lse_t,
                                          *spatial_grads, *temporal_grads, scale, temporal_causal,
                                          temporal_window or 0, temporal_grad_window or 0, _stream(out))
     return (*spatial_grads, *temporal_grads)

@@ -87,3 +87,14 @@ def check_window(name: str, window: Optional[int]) -> Optional[int]:
     if window < 1:
         raise ValueError(f"{name} must be at least 1 (a frame always attends to itself), got {window}")
     return window
+
+
+COMBINE_MODES = ("sum", "stack")
+
+
+def check_combine(combine: str) -> bool:
+    """How parallel attention returns its branches: True for ``"stack"``, False for ``"sum"``."""
+    if combine not in COMBINE_MODES:
+        raise ValueError(f"combine must be one of {COMBINE_MODES} ('sum': o_s + o_t as (B, T, S, H, D); 'stack': "
+                         f"the branches apart as (B, T, S, 2, H, D)), got {combine!r}")
+    return combine == "stack"

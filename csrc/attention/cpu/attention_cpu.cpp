@@ -1,9 +1,10 @@
 // CPU kernels of the fused parallel spatial-temporal attention.
 //
 // Forward: one task per (batch, frame, head, block of BLOCK_Q tokens) computes both branches for its rows and
-// writes out = o_s + o_t once, rounded from float32. Backward: the temporal pass (one task per token-head,
-// all frames) writes dq_t, dk_t, dv_t and delta_t = rowsum(dout * o_t); the spatial pass (one task per
-// frame-head) uses delta_s = rowsum(dout * out) - delta_t and writes dq_s, dk_s, dv_s.
+// writes out = o_s + o_t once, rounded from float32 (stacked: o_s to out, o_t to out_t). Backward: the
+// temporal pass (one task per token-head, all frames) writes dq_t, dk_t, dv_t and delta_t = rowsum(dout_t *
+// o_t); the spatial pass (one task per frame-head) uses delta_s = rowsum(dout * o_s), which is rowsum(dout *
+// out) - delta_t when out holds the sum, and writes dq_s, dk_s, dv_s.
 //
 // All arithmetic is float32, on zero-padded float32 copies; queries are scaled as they are loaded. Matrix
 // products accumulate tiles of rows in 16-lane vector registers (accumulate_rows). The two leaf kernels that
@@ -318,10 +319,16 @@ void forward_task(const AttentionParams& p, ForwardBuffers& buf, int64_t task) {
   const int t = static_cast<int>(task / blocks / p.heads % p.frames);
   const int b = static_cast<int>(task / blocks / p.heads / p.frames);
   const int s0 = block * BLOCK_Q, rows = std::min(BLOCK_Q, p.tokens - s0);
-  if (p.spatial) spatial_forward_rows<T>(p, buf, b, t, h, s0, rows);
-  if (p.temporal) temporal_forward_rows<T>(p, buf, b, t, h, s0, rows, p.spatial);
-  const Rows<T> out(p.out);
-  for (int i = 0; i < rows; ++i) store_row(out.at(b, t, s0 + i, h), buf.acc.data() + i * buf.Dp, p.head_dim);
+  const auto store = [&](const TensorRef& ref) {
+    const Rows<T> out(ref);
+    for (int i = 0; i < rows; ++i) store_row(out.at(b, t, s0 + i, h), buf.acc.data() + i * buf.Dp, p.head_dim);
+  };
+  if (p.spatial) {
+    spatial_forward_rows<T>(p, buf, b, t, h, s0, rows);
+    if (p.stacked) store(p.out);
+  }
+  if (p.temporal) temporal_forward_rows<T>(p, buf, b, t, h, s0, rows, /*add=*/p.spatial && !p.stacked);
+  store(p.temporal ? p.out_t : p.out);  // out_t is out unless the branches are stacked
 }
 
 template <typename T>
@@ -360,7 +367,7 @@ void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& b
   const int h = static_cast<int>(task % p.heads);
   const int s = static_cast<int>(task / p.heads % p.tokens);
   const int b = static_cast<int>(task / p.heads / p.tokens);
-  const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), dout(p.dout), dq(p.dq_t), dk(p.dk_t), dv(p.dv_t);
+  const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), dout(p.dout_t), dq(p.dq_t), dk(p.dk_t), dv(p.dv_t);
   float *qs = buf.q.data(), *keys = buf.keys.data(), *dos = buf.dout.data(), *grad = buf.grad.data();
   float *prob = buf.prob.data(), *dscore = buf.dscore.data();
   const int64_t rows_size = static_cast<int64_t>(T_) * Tp, grad_size = static_cast<int64_t>(T_) * Dp;
@@ -449,7 +456,7 @@ void spatial_backward_task(const AttentionParams& p, SpatialBackwardBuffers& buf
       load_row(qb + i * Dp, q.at(b, t, s0 + i, h), D, p.scale);
       load_row(dorow, dout.at(b, t, s0 + i, h), D);
       delta[i] = dot(dorow, float_row(out.at(b, t, s0 + i, h), buf.out_row.data(), D), D) -
-                 (p.temporal ? p.delta_t[stat_index(p, b, t, h, s0 + i)] : 0.f);
+                 (p.temporal && !p.stacked ? p.delta_t[stat_index(p, b, t, h, s0 + i)] : 0.f);
     }
     std::fill(prob, prob + static_cast<int64_t>(rows) * Sp, 0.f);
     std::fill(dprob, dprob + static_cast<int64_t>(rows) * Sp, 0.f);

@@ -1,8 +1,9 @@
 // Spatial branch, backward (FlashAttention-2 style): per frame-head (b, t, h) and block of BN keys, loop over
 // blocks of BM queries, recompute P = exp(scale Q K^T - lse) and dP = dO V^T, form dS = P (dP - delta), and
 // accumulate dV += P^T dO and dK += dS^T Q in shared memory; dQ += dS K goes to a float32 buffer with
-// atomics, cast to the output dtype by a last kernel. delta = rowsum(dO * out) - delta_t comes from a
-// preprocessing kernel (out holds o_s + o_t; the temporal backward left delta_t = rowsum(dO * o_t)).
+// atomics, cast to the output dtype by a last kernel. delta = rowsum(dO * o_s) comes from a preprocessing
+// kernel: rowsum(dO * out) - delta_t when out holds o_s + o_t (the temporal backward left delta_t =
+// rowsum(dO * o_t)), rowsum(dO * out) when the branches are stacked (out holds o_s, dO its own gradient).
 #include "attention/cuda/block_gemm.cuh"
 #include "attention/cuda/branches.h"
 #include "attention/cuda/spatial_layout.cuh"
@@ -17,7 +18,7 @@ __device__ __forceinline__ int64_t accum_index(const AttentionParams& p, int b, 
   return (((static_cast<int64_t>(b) * p.frames + t) * p.tokens + s) * p.heads + h) * p.head_dim;
 }
 
-// Row (b, t, s, h) of warp `row`: delta_s = rowsum(dout * out) - delta_t, and the row of dq_accum zeroed.
+// Row (b, t, s, h) of warp `row`: delta_s = rowsum(dout * o_s), and the row of dq_accum zeroed.
 template <typename T>
 __global__ void __launch_bounds__(ROW_THREADS) spatial_bwd_preprocess_kernel(const AttentionParams p) {
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * ROW_THREADS + threadIdx.x) / 32;
@@ -37,7 +38,7 @@ __global__ void __launch_bounds__(ROW_THREADS) spatial_bwd_preprocess_kernel(con
   sum = group_sum(sum, 32);
   if (lane == 0) {
     const int64_t stat = stat_index(p, b, t, h, s);
-    p.delta_s[stat] = sum - (p.temporal ? p.delta_t[stat] : 0.f);
+    p.delta_s[stat] = sum - (p.temporal && !p.stacked ? p.delta_t[stat] : 0.f);
   }
 }
 

@@ -58,7 +58,7 @@ template <typename T, int G, int E>
 __global__ void __launch_bounds__(THREADS) temporal_fwd_kernel(const AttentionParams p) {
   const TokenHead th = token_head<G>(p);
   const int d0 = (threadIdx.x % G) * E, D = p.head_dim;
-  const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), out(p.out);
+  const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), out(p.out_t);
   for (int t = 0; t < p.frames; ++t) {
     int first, last;
     attended_frames(p, t, first, last);
@@ -91,7 +91,7 @@ template <typename T, int G, int E>
 __global__ void __launch_bounds__(THREADS) temporal_bwd_kernel(const AttentionParams p) {
   const TokenHead th = token_head<G>(p);
   const int d0 = (threadIdx.x % G) * E, D = p.head_dim;
-  const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), dout(p.dout), dq(p.dq_t), dk(p.dk_t), dv(p.dv_t);
+  const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), dout(p.dout_t), dq(p.dq_t), dk(p.dk_t), dv(p.dv_t);
   const bool leader = threadIdx.x % G == 0;
   float qr[E], kr[E], vr[E], dor[E], acc[E], grad[E];
   for (int t = 0; t < p.frames; ++t) {
