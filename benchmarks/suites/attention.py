@@ -3,7 +3,9 @@
 At each shape: forward and forward+backward time, TFLOP/s and peak memory of every available backend of
 ``pychop.parallel_st_attention`` (the ``torch`` backend is the unfused reference: two SDPA calls on permuted
 copies, then a sum), beside the spatial and the temporal SDPA call alone on contiguous inputs, and each fused
-backend's spatial branch alone (``pychop.spatial_attention``) against the spatial SDPA call.
+backend's spatial branch alone (``pychop.spatial_attention``) against the spatial SDPA call. On a GPU the
+op's rows also hold its floor: the larger of its matmul FLOPs at the bf16 matmul ceiling and the fewest bytes
+it must move at the copy ceiling (DESIGN.md's H100 figures), and the share of that floor each reached.
 
 Then a sweep of the temporal branch (``pychop.temporal_attention``, causal) over T = 8 ... 256 with the
 gradient window k in {1, 4, T}: the backward splits into the query-side kernel (dq: every key frame of the
@@ -40,10 +42,32 @@ SWEEP_FRAMES = (8, 16, 32, 64, 128, 256)
 SWEEP_WINDOWS = (1, 4, None)  # None: k = T, full backpropagation
 
 
+# Ceilings measured on an H100 (DESIGN.md): bf16 dense matmul and device-to-device copy.
+MATMUL_TFLOPS, COPY_TBPS = 694.0, 3.0
+
+
 def attention_flops(B, T, S, H, D, *, spatial=True, temporal=True, backward=False):
     """Matmul FLOPs: 4 per score per head dim forward (QK^T and PV); the backward is 2.5x the forward."""
     flops = (4 * B * T * H * S * S * D if spatial else 0) + (4 * B * S * H * T * T * D if temporal else 0)
     return flops * (3.5 if backward else 1.0)
+
+
+def fewest_bytes(B, T, S, H, D, itemsize, *, backward=False):
+    """Bytes the fused op must move at least: forward reads 6 inputs and writes the output and two float32
+    row statistics; the backward reads the inputs, output, its gradient and the statistics and writes 6
+    gradients."""
+    tensor, stats = B * T * S * H * D * itemsize, 2 * B * T * H * S * 4
+    forward = 7 * tensor + stats
+    return forward + (14 * tensor + stats if backward else 0)
+
+
+def floor_ms(B, T, S, H, D, itemsize, *, backward=False):
+    """(milliseconds, "compute" or "memory"): the larger of the matmul FLOPs at the matmul ceiling and the
+    fewest bytes at the copy ceiling. The temporal FLOPs are counted at the matmul ceiling too, though they
+    run as row-wise dot products: a lower bound, not an estimate."""
+    compute = attention_flops(B, T, S, H, D, backward=backward) / (MATMUL_TFLOPS * 1e9)
+    memory = fewest_bytes(B, T, S, H, D, itemsize, backward=backward) / (COPY_TBPS * 1e9)
+    return (compute, "compute") if compute >= memory else (memory, "memory")
 
 
 def fwd_bwd(fn, inputs, dout):
@@ -83,15 +107,25 @@ def shape_rows(ctx, dtype):
         make = lambda *size: torch.randn(*size, device=ctx.device, dtype=dtype, requires_grad=True)
         inputs = [make(B, T, S, H, D) for _ in range(6)]
         flops, spatial_flops = attention_flops(B, T, S, H, D), attention_flops(B, T, S, H, D, temporal=False)
-        reference = measure(ctx, "reference", lambda *x: pychop.parallel_st_attention(*x, backend="torch"),
-                            inputs, flops)
+        floors = [floor_ms(B, T, S, H, D, dtype.itemsize, backward=backward) for backward in (False, True)]
+
+        def against_floor(row):
+            """The op's rows on a GPU (the ceilings are an H100's): the floor and the share of it reached."""
+            if ctx.on_gpu:
+                (fwd_floor, fwd_bound), (fwdbwd_floor, fwdbwd_bound) = floors
+                row.update(floor_fwd_ms=fwd_floor, floor_fwdbwd_ms=fwdbwd_floor, bound=f"{fwd_bound}/{fwdbwd_bound}",
+                           fwd_of_floor=fwd_floor / row["fwd_ms"], fwdbwd_of_floor=fwdbwd_floor / row["fwdbwd_ms"])
+            return row
+
+        reference = against_floor(measure(ctx, "reference", lambda *x: pychop.parallel_st_attention(
+            *x, backend="torch"), inputs, flops))
         spatial = [make(B * T, H, S, D) for _ in range(3)]
         sdpa_spatial = measure(ctx, "sdpa spatial", F.scaled_dot_product_attention, spatial, spatial_flops)
         temporal = [make(B * S, H, T, D) for _ in range(3)]
         found = [reference]
         for backend in fused_backends(ctx):
             fn = lambda *x, backend=backend: pychop.parallel_st_attention(*x, backend=backend)
-            found.append(measure(ctx, backend, fn, inputs, flops, reference))
+            found.append(against_floor(measure(ctx, backend, fn, inputs, flops, reference)))
             fn = lambda *x, backend=backend: pychop.spatial_attention(*x, backend=backend)
             found.append(measure(ctx, f"{backend} spatial", fn, inputs[:3], spatial_flops, sdpa_spatial))
         found += [sdpa_spatial, measure(ctx, "sdpa temporal", F.scaled_dot_product_attention, temporal,
