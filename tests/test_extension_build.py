@@ -41,14 +41,18 @@ def test_binding_checks_name_the_argument():
     x, out, lse = inputs()
     x[4] = torch.randn(1, 2, 3, 1, 16)[..., ::2]
     with pytest.raises(RuntimeError, match=r"k_t must have a last-dimension stride of 1"):
-        extension.attention_forward(*x, out, *lse, 1.0, False, 0, 0)
+        extension.attention_forward(*x, out, None, *lse, 1.0, False, 0, 0)
     x, out, lse = inputs()
     x[2] = x[2].half()
     with pytest.raises(RuntimeError, match=r"v_s has dtype Half, expected Float like q_s"):
-        extension.attention_forward(*x, out, *lse, 1.0, False, 0, 0)
+        extension.attention_forward(*x, out, None, *lse, 1.0, False, 0, 0)
     x, out, lse = inputs()
     with pytest.raises(RuntimeError, match=r"lse_t must be a contiguous \(B, T, H, S\)"):
-        extension.attention_forward(*x, out, lse[0], lse[1].transpose(2, 3), 1.0, False, 0, 0)
+        extension.attention_forward(*x, out, None, lse[0], lse[1].transpose(2, 3), 1.0, False, 0, 0)
     x, out, lse = inputs(shape=(1, 2, 3, 1, 264))
     with pytest.raises(RuntimeError, match=r"q_s has head dim 264; at most 256"):
-        extension.attention_forward(*x, out, *lse, 1.0, False, 0, 0)
+        extension.attention_forward(*x, out, None, *lse, 1.0, False, 0, 0)
+    x, out, lse = inputs()
+    with pytest.raises(RuntimeError, match=r"stacked branches need both branches"):
+        extension.attention_forward(*x[:3], None, None, None, out, torch.empty_like(out), lse[0], None, 1.0, False,
+                                    0, 0)

@@ -13,6 +13,9 @@ weights and optimizer state. Then a saved-tensor account of one forward (``saved
 autograd keeps for backward, attributed to the innermost component that saved them, each storage counted
 once, parameters left out. GPU: ``SD15_VIDEO`` (a Stable-Diffusion-1.5 video UNet, 16 frames, 32x32
 latents), batch 2, bfloat16 weights. CPU: ``TINY``, batch 1, float32 (timings say nothing about a GPU).
+
+The account alone, at any config and on any device (saved bytes do not depend on the device):
+``python -m benchmarks.suites.mobius --config SD15_VIDEO --batch 1`` (a few minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -142,9 +145,15 @@ def run(ctx):
         if ctx.on_gpu:
             torch.cuda.empty_cache()
 
+    return rows + account_rows(accounts)
+
+
+def account_rows(accounts):
+    """Rows of the saved-tensor account: one per component, a column per form, then the totals."""
     components = sorted({name for totals in accounts.values() for name in totals},
                         key=lambda name: (name == "unet in/out", name.split(" C=")[0], int(name.split("C=")[-1])
                                           if "C=" in name else 0))
+    rows = []
     for component in components:
         account_row = {"table": "saved", "form": "per component", "component": component}
         for label, totals in accounts.items():
@@ -172,3 +181,35 @@ def plot(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def account_main(argv=None):
+    """The saved-tensor account alone, for any config on any device: bytes saved for backward do not depend on
+    the device, so a CPU shows where the memory of the GPU config goes (one forward per form, no step)."""
+    import argparse
+
+    from benchmarks.runner import format_table
+    from pychop.models import video_unet
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.suites.mobius", description=account_main.__doc__)
+    parser.add_argument("--config", default="SD15_VIDEO", choices=["TINY", "SD15_VIDEO"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args(argv)
+    config, device, dtype = getattr(video_unet, args.config), torch.device(args.device), getattr(torch, args.dtype)
+    accounts = {}
+    for label, mode, backend in FORMS:
+        model = build(config, mode, backend, device, dtype)
+        torch.manual_seed(1)
+        accounts[label] = saved_tensor_account(model, model.example_inputs(args.batch, device=device, dtype=dtype))[0]
+        del model
+    rows = account_rows(accounts)
+    serial = rows[-1]["serial+reference MiB"]
+    for label in accounts:
+        print(f"{label}: {rows[-1][f'{label} MiB']:.1f} MiB saved, {rows[-1][f'{label} MiB'] / serial:.3f} of serial")
+    print(format_table([{k: v for k, v in row.items() if k not in ("table", "form")} for row in rows]))
+
+
+if __name__ == "__main__":
+    account_main()
