@@ -23,8 +23,7 @@ Inputs are read where they lie (any strides with a last-dimension stride of 1, e
   which also accumulates the exact ``delta_s = sum_j p dp`` and, with both branches summed, ``sum_j p k`` to
   correct dq for the rounding of the saved sum (one extra tl.dot). Stacked, each branch has its own output
   gradient (the temporal one at ``DOut + sdo_branch``) and ``delta_s = rowsum(dO_s * o_s)``, as
-  FlashAttention computes it. Stores dq_s, dq_t and both exact deltas (float32,
-  B*T*H*S each).
+  FlashAttention computes it. Stores dq_s, dq_t and both exact deltas (float32, B*T*H*S each).
 - ``_backward_key_kernel``: per block of key tokens of frame t. Spatial: FlashAttention-2's dk/dv loop over
   the query blocks of the frame. Temporal: dk_t and dv_t from the query frames u that attend to frame t
   within the gradient band, ``u < t + min(window, grad_window)``: with a grad window k its cost grows with
