@@ -25,7 +25,7 @@
 #include <limits>
 #include <memory>
 #include <new>
-#include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PYCHOP_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -166,19 +166,6 @@ PYCHOP_CPU_CLONES void softmax_grad_rows(float* p, float* dp, int64_t ld, int ro
   }
 }
 
-// One query row q of the temporal branch over n key frames (rows of keys and values, row strides ld_k, ld_v):
-// out = softmax(q . keys^T) values, added to out when `add`; returns the logsumexp. score: n floats of scratch.
-PYCHOP_CPU_CLONES float temporal_forward_row(const float* __restrict__ q, const float* __restrict__ keys,
-                                             int64_t ld_k, const float* __restrict__ values, int64_t ld_v, int n,
-                                             int D, float* __restrict__ score, float* __restrict__ out, bool add) {
-  for (int u = 0; u < n; ++u) score[u] = dot(q, keys + u * ld_k, D);
-  const float lse = softmax(score, n);
-  if (!add) std::fill(out, out + D, 0.f);
-  for (int u = 0; u < n; ++u)
-    for (int d = 0; d < D; ++d) out[d] += score[u] * values[u * ld_v + d];
-  return lse;
-}
-
 // C (M x N, row stride ldc) = A (M x K, lda) B (K x N, ldb), plus C when `accumulate`; float32, row-major.
 // torch's exported small-gemm entry point: oneDNN's JIT brgemm microkernel (AVX2 and up, cached per shape and
 // thread), else torch's BLAS gemm. It takes no transposes: callers keep transposed copies where needed.
@@ -210,93 +197,119 @@ FloatArray floats(int64_t n) {
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 
-// Float32 working copies of one thread; Dp and Sp are D and S padded to 16.
-struct ForwardBuffers {
-  int Dp, Sp;
-  FloatArray keys_t, values, q, scores, acc, lse, frames_k, frames_v, tscores;
-  int64_t gathered = -1;  // the frame-head whose keys and values are in keys_t and values
-  explicit ForwardBuffers(const AttentionParams& p)
-      : Dp(padded(p.head_dim)), Sp(padded(p.tokens)),
-        keys_t(floats(p.spatial ? static_cast<int64_t>(Dp) * Sp : 0)),
-        values(floats(p.spatial ? static_cast<int64_t>(p.tokens) * Dp : 0)),
-        q(floats(static_cast<int64_t>(BLOCK_Q) * Dp)), scores(floats(static_cast<int64_t>(BLOCK_Q) * Sp)),
-        acc(floats(static_cast<int64_t>(BLOCK_Q) * Dp)), lse(floats(BLOCK_Q)),
-        frames_k(floats(static_cast<int64_t>(p.frames) * Dp)), frames_v(floats(static_cast<int64_t>(p.frames) * Dp)),
-        tscores(floats(p.frames)) {}
+// Float32 working copies of the temporal forward, one thread's (Dp, Tp: D, T padded to 16).
+struct TemporalForwardBuffers {
+  int Dp, Tp;
+  FloatArray q, keys_t, values, prob, lse, out;
+  explicit TemporalForwardBuffers(const AttentionParams& p)
+      : Dp(padded(p.head_dim)), Tp(padded(p.frames)), q(floats(static_cast<int64_t>(p.frames) * Dp)),
+        keys_t(floats(static_cast<int64_t>(Dp) * Tp)), values(floats(static_cast<int64_t>(p.frames) * Dp)),
+        prob(floats(static_cast<int64_t>(p.frames) * Tp)), lse(floats(p.frames)),
+        out(floats(static_cast<int64_t>(p.frames) * Dp)) {}
 };
 
-// Spatial rows [s0, s0 + rows) of frame (b, t), head h: acc = o_s, lse_s written.
+// Rows of the T x T temporal scores (row stride ld) become softmax rows over each query frame's attended
+// frames [first, last], zero elsewhere; lse[t] their logsumexp.
+PYCHOP_CPU_CLONES void temporal_softmax_rows(const AttentionParams& p, float* scores, int64_t ld, float* lse) {
+  for (int t = 0; t < p.frames; ++t) {
+    int first, last;
+    attended_frames(p, t, first, last);
+    float* row = scores + t * ld;
+    lse[t] = softmax(row + first, last - first + 1);
+    std::fill(row, row + first, 0.f);
+    std::fill(row + last + 1, row + p.frames, 0.f);
+  }
+}
+
+// One token-head (b, s, h): o_t for all its frames, into `o_t` (float32, rows (b, t, s, h) of its strides) or,
+// without the spatial branch, into out; lse_t written.
 template <typename T>
-void spatial_forward_rows(const AttentionParams& p, ForwardBuffers& buf, int64_t frame_head, int b, int t,
-                          int h, int s0, int rows) {
+void temporal_forward_task(const AttentionParams& p, TemporalForwardBuffers& buf, const Rows<float>& o_t,
+                           int64_t task) {
+  const int T_ = p.frames, D = p.head_dim, Dp = buf.Dp, Tp = buf.Tp;
+  const int h = static_cast<int>(task % p.heads);
+  const int s = static_cast<int>(task / p.heads % p.tokens);
+  const int b = static_cast<int>(task / p.heads / p.tokens);
+  const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), out(p.out);
+  load_rows(buf.q.get(), Dp, q.at(b, 0, s, h), q.st, T_, D, p.scale);
+  load_cols(buf.keys_t.get(), Tp, k.at(b, 0, s, h), k.st, T_, D);
+  load_rows(buf.values.get(), Dp, v.at(b, 0, s, h), v.st, T_, D);
+  matmul(T_, T_, D, buf.q.get(), Dp, buf.keys_t.get(), Tp, buf.prob.get(), Tp);  // scale Q K^T
+  temporal_softmax_rows(p, buf.prob.get(), Tp, buf.lse.get());
+  for (int t = 0; t < T_; ++t) p.lse_t[stat_index(p, b, t, h, s)] = buf.lse[t];
+  if (p.spatial) {
+    matmul(T_, D, T_, buf.prob.get(), Tp, buf.values.get(), Dp, o_t.at(b, 0, s, h), o_t.st);  // P V
+  } else {
+    matmul(T_, D, T_, buf.prob.get(), Tp, buf.values.get(), Dp, buf.out.get(), Dp);
+    store_rows(out.at(b, 0, s, h), out.st, buf.out.get(), Dp, T_, D);
+  }
+}
+
+// Float32 working copies of the spatial forward, one thread's (Dp, Sp: D, S padded to 16).
+struct SpatialForwardBuffers {
+  int Dp, Sp;
+  FloatArray keys_t, values, q, scores, acc, lse;
+  int64_t gathered = -1;  // the frame-head whose keys and values are in keys_t and values
+  explicit SpatialForwardBuffers(const AttentionParams& p)
+      : Dp(padded(p.head_dim)), Sp(padded(p.tokens)), keys_t(floats(static_cast<int64_t>(Dp) * Sp)),
+        values(floats(static_cast<int64_t>(p.tokens) * Dp)), q(floats(static_cast<int64_t>(BLOCK_Q) * Dp)),
+        scores(floats(static_cast<int64_t>(BLOCK_Q) * Sp)), acc(floats(static_cast<int64_t>(BLOCK_Q) * Dp)),
+        lse(floats(BLOCK_Q)) {}
+};
+
+// Spatial rows [s0, s0 + rows) of frame-head (b, t, h): out = o_s (+ o_t, read from `o_t`); lse_s written.
+template <typename T>
+void spatial_forward_task(const AttentionParams& p, SpatialForwardBuffers& buf, const Rows<float>& o_t,
+                          int64_t frame_head, int s0, int rows) {
   const int S = p.tokens, D = p.head_dim, Dp = buf.Dp, Sp = buf.Sp;
-  const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s);
+  const int h = static_cast<int>(frame_head % p.heads);
+  const int t = static_cast<int>(frame_head / p.heads % p.frames);
+  const int b = static_cast<int>(frame_head / p.heads / p.frames);
+  const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s), out(p.out);
   if (buf.gathered != frame_head) {
     load_cols(buf.keys_t.get(), Sp, k.at(b, t, 0, h), k.ss, S, D);
     load_rows(buf.values.get(), Dp, v.at(b, t, 0, h), v.ss, S, D);
     buf.gathered = frame_head;
   }
+  float* acc = buf.acc.get();
   load_rows(buf.q.get(), Dp, q.at(b, t, s0, h), q.ss, rows, D, p.scale);
   matmul(rows, S, D, buf.q.get(), Dp, buf.keys_t.get(), Sp, buf.scores.get(), Sp);  // scale Q K^T
   softmax_rows(buf.scores.get(), Sp, rows, S, buf.lse.get());
   std::copy(buf.lse.get(), buf.lse.get() + rows, p.lse_s + stat_index(p, b, t, h, s0));
-  matmul(rows, D, S, buf.scores.get(), Sp, buf.values.get(), Dp, buf.acc.get(), Dp);  // P V
+  if (p.temporal) load_rows(acc, Dp, o_t.at(b, t, s0, h), o_t.ss, rows, D);
+  matmul(rows, D, S, buf.scores.get(), Sp, buf.values.get(), Dp, acc, Dp, p.temporal);  // P V (+ o_t)
+  store_rows(out.at(b, t, s0, h), out.ss, acc, Dp, rows, D);
 }
 
-// The n = last - first + 1 rows (b, first ... last, s, h) of x as float32 rows with stride ld: the tensor's own
-// rows for float32, else converted into `scratch` (row stride Dp).
-template <typename T>
-const float* frame_rows(const Rows<T>& x, int b, int first, int last, int s, int h, int D, float* scratch, int Dp,
-                        int64_t& ld) {
-  if constexpr (std::is_same_v<T, float>) {
-    ld = x.st;
-    return x.at(b, first, s, h);
-  } else {
-    load_rows(scratch, Dp, x.at(b, first, s, h), x.st, last - first + 1, D);
-    ld = Dp;
-    return scratch;
-  }
-}
-
-// Temporal attention of tokens [s0, s0 + rows) at frame t, head h, added into acc (or written when !add);
-// lse_t written.
-template <typename T>
-void temporal_forward_rows(const AttentionParams& p, ForwardBuffers& buf, int b, int t, int h, int s0, int rows,
-                           bool add) {
-  const int D = p.head_dim, Dp = buf.Dp;
-  const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t);
-  int first, last;
-  attended_frames(p, t, first, last);
-  load_rows(buf.q.get(), Dp, q.at(b, t, s0, h), q.ss, rows, D, p.scale);
-  for (int i = 0; i < rows; ++i) {
-    const int s = s0 + i;
-    int64_t ld_k, ld_v;
-    const float* keys = frame_rows(k, b, first, last, s, h, D, buf.frames_k.get(), Dp, ld_k);
-    const float* values = frame_rows(v, b, first, last, s, h, D, buf.frames_v.get(), Dp, ld_v);
-    p.lse_t[stat_index(p, b, t, h, s)] = temporal_forward_row(buf.q.get() + i * Dp, keys, ld_k, values, ld_v,
-                                                              last - first + 1, D, buf.tscores.get(),
-                                                              buf.acc.get() + i * Dp, add);
-  }
-}
-
+// The temporal pass first (o_t kept in float32 when the spatial branch follows), then the spatial pass, one task
+// per (frame-head, block of BLOCK_Q tokens).
 template <typename T>
 void forward(const AttentionParams& p) {
-  const int blocks = (p.tokens + BLOCK_Q - 1) / BLOCK_Q;
-  const int64_t tasks = static_cast<int64_t>(p.batch) * p.frames * p.heads * blocks;
-  const Rows<T> out(p.out);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    ForwardBuffers buf(p);
-    for (int64_t task = begin; task < end; ++task) {  // a thread's tasks are consecutive: keys gathered once
-      const int64_t frame_head = task / blocks;
-      const int s0 = static_cast<int>(task % blocks) * BLOCK_Q, rows = std::min(BLOCK_Q, p.tokens - s0);
-      const int h = static_cast<int>(frame_head % p.heads);
-      const int t = static_cast<int>(frame_head / p.heads % p.frames);
-      const int b = static_cast<int>(frame_head / p.heads / p.frames);
-      if (p.spatial) spatial_forward_rows<T>(p, buf, frame_head, b, t, h, s0, rows);
-      if (p.temporal) temporal_forward_rows<T>(p, buf, b, t, h, s0, rows, p.spatial);
-      store_rows(out.at(b, t, s0, h), out.ss, buf.acc.get(), buf.Dp, rows, p.head_dim);
-    }
-  });
+  const int B = p.batch, T_ = p.frames, S = p.tokens, H = p.heads, D = p.head_dim;
+  std::vector<float> o_t_storage(p.temporal && p.spatial ? static_cast<size_t>(B) * T_ * S * H * D : 0);
+  TensorRef o_t_ref;
+  o_t_ref.data = o_t_storage.data();
+  o_t_ref.stride_h = D;
+  o_t_ref.stride_s = static_cast<int64_t>(H) * D;
+  o_t_ref.stride_t = o_t_ref.stride_s * S;
+  o_t_ref.stride_b = o_t_ref.stride_t * T_;
+  const Rows<float> o_t(o_t_ref);
+  if (p.temporal) {
+    at::parallel_for(0, static_cast<int64_t>(B) * S * H, 1, [&](int64_t begin, int64_t end) {
+      TemporalForwardBuffers buf(p);
+      for (int64_t task = begin; task < end; ++task) temporal_forward_task<T>(p, buf, o_t, task);
+    });
+  }
+  if (p.spatial) {
+    const int blocks = (S + BLOCK_Q - 1) / BLOCK_Q;
+    at::parallel_for(0, static_cast<int64_t>(B) * T_ * H * blocks, 1, [&](int64_t begin, int64_t end) {
+      SpatialForwardBuffers buf(p);
+      for (int64_t task = begin; task < end; ++task) {  // a thread's tasks are consecutive: keys gathered once
+        const int s0 = static_cast<int>(task % blocks) * BLOCK_Q;
+        spatial_forward_task<T>(p, buf, o_t, task / blocks, s0, std::min(BLOCK_Q, S - s0));
+      }
+    });
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
