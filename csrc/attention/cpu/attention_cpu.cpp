@@ -39,6 +39,13 @@ namespace {
 
 constexpr int BLOCK_Q = 64;  // query rows per spatial gemm
 
+// Tasks per thread, at least: a thread is woken only for about 4 MFLOP of work (tens of microseconds), so
+// small calls run on the calling thread instead of paying for a parallel region.
+int64_t grain(int64_t flops_per_task) {
+  constexpr int64_t MIN_THREAD_FLOPS = int64_t{1} << 22;
+  return std::max<int64_t>(1, MIN_THREAD_FLOPS / std::max<int64_t>(1, flops_per_task));
+}
+
 template <typename T>
 struct Rows {  // element (b, t, s, h, 0) of a TensorRef, typed
   T* data;
@@ -295,14 +302,16 @@ void forward(const AttentionParams& p) {
   o_t_ref.stride_b = o_t_ref.stride_t * T_;
   const Rows<float> o_t(o_t_ref);
   if (p.temporal) {
-    at::parallel_for(0, static_cast<int64_t>(B) * S * H, 1, [&](int64_t begin, int64_t end) {
+    const int64_t flops = 4 * static_cast<int64_t>(T_) * T_ * D;
+    at::parallel_for(0, static_cast<int64_t>(B) * S * H, grain(flops), [&](int64_t begin, int64_t end) {
       TemporalForwardBuffers buf(p);
       for (int64_t task = begin; task < end; ++task) temporal_forward_task<T>(p, buf, o_t, task);
     });
   }
   if (p.spatial) {
     const int blocks = (S + BLOCK_Q - 1) / BLOCK_Q;
-    at::parallel_for(0, static_cast<int64_t>(B) * T_ * H * blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t flops = 4 * static_cast<int64_t>(std::min(S, BLOCK_Q)) * S * D;
+    at::parallel_for(0, static_cast<int64_t>(B) * T_ * H * blocks, grain(flops), [&](int64_t begin, int64_t end) {
       SpatialForwardBuffers buf(p);
       for (int64_t task = begin; task < end; ++task) {  // a thread's tasks are consecutive: keys gathered once
         const int s0 = static_cast<int>(task % blocks) * BLOCK_Q;
@@ -436,16 +445,17 @@ void spatial_backward_task(const AttentionParams& p, SpatialBackwardBuffers& buf
 
 template <typename T>
 void backward(const AttentionParams& p) {
+  const int64_t T_ = p.frames, S = p.tokens, D = p.head_dim;
   if (p.temporal) {  // first: the spatial pass reads delta_t
-    const int64_t tasks = static_cast<int64_t>(p.batch) * p.tokens * p.heads;
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tasks = static_cast<int64_t>(p.batch) * S * p.heads;
+    at::parallel_for(0, tasks, grain(10 * T_ * T_ * D), [&](int64_t begin, int64_t end) {
       TemporalBackwardBuffers buf(p);
       for (int64_t task = begin; task < end; ++task) temporal_backward_task<T>(p, buf, task);
     });
   }
   if (p.spatial) {
-    const int64_t tasks = static_cast<int64_t>(p.batch) * p.frames * p.heads;
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tasks = static_cast<int64_t>(p.batch) * T_ * p.heads;
+    at::parallel_for(0, tasks, grain(10 * S * S * D), [&](int64_t begin, int64_t end) {
       SpatialBackwardBuffers buf(p);
       for (int64_t task = begin; task < end; ++task) spatial_backward_task<T>(p, buf, task);
     });
