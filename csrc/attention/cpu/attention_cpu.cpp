@@ -71,24 +71,42 @@ void store_rows(T* __restrict__ dst, int64_t stride, const float* __restrict__ s
     for (int d = 0; d < D; ++d) dst[r * stride + d] = static_cast<T>(src[r * ld + d] * factor);
 }
 
-// The transpose of load_rows: dst[d * ld + r] = factor * src[r * stride + d]. Rows go 16 at a time, so that
-// each d writes 64 contiguous bytes while those 16 source rows stay in L1.
-template <typename T>
-void load_cols(float* __restrict__ dst, int64_t ld, const T* __restrict__ src, int64_t stride, int n, int D,
-               float factor = 1.f) {
-  for (int r0 = 0; r0 < n; r0 += 16) {
-    const int r1 = std::min(n, r0 + 16);
-    for (int d = 0; d < D; ++d)
-      for (int r = r0; r < r1; ++r) dst[d * ld + r] = static_cast<float>(src[r * stride + d]) * factor;
+typedef float vec8 __attribute__((vector_size(32)));
+typedef int lanes8 __attribute__((vector_size(32)));
+
+// dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block: unpack pairs of rows, then pairs of pairs, then halves.
+PYCHOP_INLINE void transpose8x8(float* __restrict__ dst, int64_t ldd, const float* __restrict__ src, int64_t lds) {
+  vec8 r[8], t[8];
+  for (int i = 0; i < 8; ++i) std::memcpy(&r[i], src + i * lds, sizeof(vec8));
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(r[i], r[i + 1], lanes8{0, 8, 1, 9, 4, 12, 5, 13});
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], lanes8{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      r[i + 2 * j] = __builtin_shuffle(t[i + j], t[i + j + 2], lanes8{0, 1, 8, 9, 4, 5, 12, 13});
+      r[i + 2 * j + 1] = __builtin_shuffle(t[i + j], t[i + j + 2], lanes8{2, 3, 10, 11, 6, 7, 14, 15});
+    }
+  for (int c = 0; c < 4; ++c) {
+    const vec8 low = __builtin_shuffle(r[c], r[c + 4], lanes8{0, 1, 2, 3, 8, 9, 10, 11});
+    const vec8 high = __builtin_shuffle(r[c], r[c + 4], lanes8{4, 5, 6, 7, 12, 13, 14, 15});
+    std::memcpy(dst + c * ldd, &low, sizeof(vec8));
+    std::memcpy(dst + (c + 4) * ldd, &high, sizeof(vec8));
   }
 }
 
-// dst[r * stride + 0:D) = factor * src[d * ld + r] over d (the transpose of a D x n matrix), rounded to T.
-template <typename T>
-void store_cols(T* __restrict__ dst, int64_t stride, const float* __restrict__ src, int64_t ld, int n, int D,
-                float factor = 1.f) {
-  for (int r = 0; r < n; ++r)
-    for (int d = 0; d < D; ++d) dst[r * stride + d] = static_cast<T>(src[d * ld + r] * factor);
+// dst[c * ldd + r] = src[r * lds + c]: the transpose of a rows x cols float32 matrix, in 8 x 8 register blocks.
+PYCHOP_CPU_CLONES void transpose(float* __restrict__ dst, int64_t ldd, const float* __restrict__ src, int64_t lds,
+                                 int rows, int cols) {
+  int r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    int c = 0;
+    for (; c + 8 <= cols; c += 8) transpose8x8(dst + c * ldd + r, ldd, src + r * lds + c, lds);
+    for (; c < cols; ++c)
+      for (int i = 0; i < 8; ++i) dst[c * ldd + r + i] = src[(r + i) * lds + c];
+  }
+  for (; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
 // 8 partial sums, then the tail: a fixed order that vectorizes without reassociation.
@@ -207,12 +225,12 @@ FloatArray floats(int64_t n) {
 // Float32 working copies of the temporal forward, one thread's (Dp, Tp: D, T padded to 16).
 struct TemporalForwardBuffers {
   int Dp, Tp;
-  FloatArray q, keys_t, values, prob, lse, out;
+  FloatArray q, keys_t, values, prob, lse, rows;  // rows: staging for keys and for o_t
   explicit TemporalForwardBuffers(const AttentionParams& p)
       : Dp(padded(p.head_dim)), Tp(padded(p.frames)), q(floats(static_cast<int64_t>(p.frames) * Dp)),
         keys_t(floats(static_cast<int64_t>(Dp) * Tp)), values(floats(static_cast<int64_t>(p.frames) * Dp)),
         prob(floats(static_cast<int64_t>(p.frames) * Tp)), lse(floats(p.frames)),
-        out(floats(static_cast<int64_t>(p.frames) * Dp)) {}
+        rows(floats(static_cast<int64_t>(p.frames) * Dp)) {}
 };
 
 // Rows of the T x T temporal scores (row stride ld) become softmax rows over each query frame's attended
@@ -239,7 +257,8 @@ void temporal_forward_task(const AttentionParams& p, TemporalForwardBuffers& buf
   const int b = static_cast<int>(task / p.heads / p.tokens);
   const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), out(p.out);
   load_rows(buf.q.get(), Dp, q.at(b, 0, s, h), q.st, T_, D, p.scale);
-  load_cols(buf.keys_t.get(), Tp, k.at(b, 0, s, h), k.st, T_, D);
+  load_rows(buf.rows.get(), Dp, k.at(b, 0, s, h), k.st, T_, D);
+  transpose(buf.keys_t.get(), Tp, buf.rows.get(), Dp, T_, D);
   load_rows(buf.values.get(), Dp, v.at(b, 0, s, h), v.st, T_, D);
   matmul(T_, T_, D, buf.q.get(), Dp, buf.keys_t.get(), Tp, buf.prob.get(), Tp);  // scale Q K^T
   temporal_softmax_rows(p, buf.prob.get(), Tp, buf.lse.get());
@@ -247,18 +266,19 @@ void temporal_forward_task(const AttentionParams& p, TemporalForwardBuffers& buf
   if (p.spatial) {
     matmul(T_, D, T_, buf.prob.get(), Tp, buf.values.get(), Dp, o_t.at(b, 0, s, h), o_t.st);  // P V
   } else {
-    matmul(T_, D, T_, buf.prob.get(), Tp, buf.values.get(), Dp, buf.out.get(), Dp);
-    store_rows(out.at(b, 0, s, h), out.st, buf.out.get(), Dp, T_, D);
+    matmul(T_, D, T_, buf.prob.get(), Tp, buf.values.get(), Dp, buf.rows.get(), Dp);
+    store_rows(out.at(b, 0, s, h), out.st, buf.rows.get(), Dp, T_, D);
   }
 }
 
 // Float32 working copies of the spatial forward, one thread's (Dp, Sp: D, S padded to 16).
 struct SpatialForwardBuffers {
   int Dp, Sp;
-  FloatArray keys_t, values, q, scores, acc, lse;
+  FloatArray keys, keys_t, values, q, scores, acc, lse;
   int64_t gathered = -1;  // the frame-head whose keys and values are in keys_t and values
   explicit SpatialForwardBuffers(const AttentionParams& p)
-      : Dp(padded(p.head_dim)), Sp(padded(p.tokens)), keys_t(floats(static_cast<int64_t>(Dp) * Sp)),
+      : Dp(padded(p.head_dim)), Sp(padded(p.tokens)), keys(floats(static_cast<int64_t>(p.tokens) * Dp)),
+        keys_t(floats(static_cast<int64_t>(Dp) * Sp)),
         values(floats(static_cast<int64_t>(p.tokens) * Dp)), q(floats(static_cast<int64_t>(BLOCK_Q) * Dp)),
         scores(floats(static_cast<int64_t>(BLOCK_Q) * Sp)), acc(floats(static_cast<int64_t>(BLOCK_Q) * Dp)),
         lse(floats(BLOCK_Q)) {}
@@ -274,7 +294,8 @@ void spatial_forward_task(const AttentionParams& p, SpatialForwardBuffers& buf, 
   const int b = static_cast<int>(frame_head / p.heads / p.frames);
   const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s), out(p.out);
   if (buf.gathered != frame_head) {
-    load_cols(buf.keys_t.get(), Sp, k.at(b, t, 0, h), k.ss, S, D);
+    load_rows(buf.keys.get(), Dp, k.at(b, t, 0, h), k.ss, S, D);
+    transpose(buf.keys_t.get(), Sp, buf.keys.get(), Dp, S, D);
     load_rows(buf.values.get(), Dp, v.at(b, t, 0, h), v.ss, S, D);
     buf.gathered = frame_head;
   }
@@ -326,17 +347,17 @@ void forward(const AttentionParams& p) {
 // ---------------------------------------------------------------------------------------------------------
 
 // Float32 working copies of the temporal backward, one thread's (Dp, Tp: D, T padded to 16). The names
-// ending in _t hold transposes (D x T).
+// ending in _t hold transposes (D x T); rows stages values and gradients (T x D).
 struct TemporalBackwardBuffers {
   int Dp, Tp;
-  FloatArray q, q_t, keys, keys_t, values_t, dout, dout_t, prob, dscore, grad;
+  FloatArray q, q_t, keys, keys_t, values_t, dout, dout_t, prob, dscore, grad, rows;
   explicit TemporalBackwardBuffers(const AttentionParams& p)
       : Dp(padded(p.head_dim)), Tp(padded(p.frames)), q(floats(static_cast<int64_t>(p.frames) * Dp)),
         q_t(floats(static_cast<int64_t>(Dp) * Tp)), keys(floats(static_cast<int64_t>(p.frames) * Dp)),
         keys_t(floats(static_cast<int64_t>(Dp) * Tp)), values_t(floats(static_cast<int64_t>(Dp) * Tp)),
         dout(floats(static_cast<int64_t>(p.frames) * Dp)), dout_t(floats(static_cast<int64_t>(Dp) * Tp)),
         prob(floats(static_cast<int64_t>(p.frames) * Tp)), dscore(floats(static_cast<int64_t>(p.frames) * Tp)),
-        grad(floats(static_cast<int64_t>(Dp) * Tp)) {}  // T x Dp or Dp x Tp
+        grad(floats(static_cast<int64_t>(Dp) * Tp)), rows(floats(static_cast<int64_t>(p.frames) * Dp)) {}
 };
 
 // One token-head (b, s, h): the T x T attention over its frames, backward. Writes dq_t, dk_t, dv_t and
@@ -351,12 +372,13 @@ void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& b
   const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), dout(p.dout), dq(p.dq_t), dk(p.dk_t), dv(p.dv_t);
   float *prob = buf.prob.get(), *dscore = buf.dscore.get(), *grad = buf.grad.get();
   load_rows(buf.q.get(), Dp, q.at(b, 0, s, h), q.st, T_, D, p.scale);
-  load_cols(buf.q_t.get(), Tp, q.at(b, 0, s, h), q.st, T_, D, p.scale);
   load_rows(buf.keys.get(), Dp, k.at(b, 0, s, h), k.st, T_, D);
-  load_cols(buf.keys_t.get(), Tp, k.at(b, 0, s, h), k.st, T_, D);
-  load_cols(buf.values_t.get(), Tp, v.at(b, 0, s, h), v.st, T_, D);
+  load_rows(buf.rows.get(), Dp, v.at(b, 0, s, h), v.st, T_, D);
   load_rows(buf.dout.get(), Dp, dout.at(b, 0, s, h), dout.st, T_, D);
-  load_cols(buf.dout_t.get(), Tp, dout.at(b, 0, s, h), dout.st, T_, D);
+  transpose(buf.q_t.get(), Tp, buf.q.get(), Dp, T_, D);
+  transpose(buf.keys_t.get(), Tp, buf.keys.get(), Dp, T_, D);
+  transpose(buf.values_t.get(), Tp, buf.rows.get(), Dp, T_, D);
+  transpose(buf.dout_t.get(), Tp, buf.dout.get(), Dp, T_, D);
   matmul(T_, T_, D, buf.q.get(), Dp, buf.keys_t.get(), Tp, prob, Tp);          // scale Q K^T
   matmul(T_, T_, D, buf.dout.get(), Dp, buf.values_t.get(), Tp, dscore, Tp);  // dP = dO V^T
   for (int t = 0; t < T_; ++t) {
@@ -386,18 +408,22 @@ void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& b
     for (int u = first; u < first_live_frame(p, t, first); ++u) prob[t * Tp + u] = dscore[t * Tp + u] = 0.f;
   }
   matmul(D, T_, T_, buf.q_t.get(), Tp, dscore, Tp, grad, Tp);  // dK^T = (scale Q)^T dS
-  store_cols(dk.at(b, 0, s, h), dk.st, grad, Tp, T_, D);
+  transpose(buf.rows.get(), Dp, grad, Tp, D, T_);
+  store_rows(dk.at(b, 0, s, h), dk.st, buf.rows.get(), Dp, T_, D);
   matmul(D, T_, T_, buf.dout_t.get(), Tp, prob, Tp, grad, Tp);  // dV^T = dO^T P
-  store_cols(dv.at(b, 0, s, h), dv.st, grad, Tp, T_, D);
+  transpose(buf.rows.get(), Dp, grad, Tp, D, T_);
+  store_rows(dv.at(b, 0, s, h), dv.st, buf.rows.get(), Dp, T_, D);
 }
 
 // Float32 working copies of the spatial backward, one thread's (Dp, Sp: D, S padded to 16). The names ending
-// in _t hold transposes: keys_t, values_t, dk_t, dv_t are D x S, q_t and dout_t D x BLOCK_Q.
+// in _t hold transposes: keys_t, values_t, dk_t, dv_t are D x S, q_t and dout_t D x BLOCK_Q; rows stages
+// values and gradients (S x D).
 struct SpatialBackwardBuffers {
   int Dp, Sp;
-  FloatArray keys, keys_t, values_t, dk_t, dv_t, q, q_t, dout, dout_t, dq, out_row, prob, dprob, lse, delta;
+  FloatArray keys, rows, keys_t, values_t, dk_t, dv_t, q, q_t, dout, dout_t, dq, out_row, prob, dprob, lse, delta;
   explicit SpatialBackwardBuffers(const AttentionParams& p)
       : Dp(padded(p.head_dim)), Sp(padded(p.tokens)), keys(floats(static_cast<int64_t>(p.tokens) * Dp)),
+        rows(floats(static_cast<int64_t>(p.tokens) * Dp)),
         keys_t(floats(static_cast<int64_t>(Dp) * Sp)), values_t(floats(static_cast<int64_t>(Dp) * Sp)),
         dk_t(floats(static_cast<int64_t>(Dp) * Sp)), dv_t(floats(static_cast<int64_t>(Dp) * Sp)),
         q(floats(static_cast<int64_t>(BLOCK_Q) * Dp)), q_t(floats(static_cast<int64_t>(Dp) * BLOCK_Q)),
@@ -417,14 +443,15 @@ void spatial_backward_task(const AttentionParams& p, SpatialBackwardBuffers& buf
   const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s), out(p.out), dout(p.dout), dq(p.dq_s), dk(p.dk_s), dv(p.dv_s);
   float *prob = buf.prob.get(), *dprob = buf.dprob.get(), *lse = buf.lse.get(), *delta = buf.delta.get();
   load_rows(buf.keys.get(), Dp, k.at(b, t, 0, h), k.ss, S, D);
-  load_cols(buf.keys_t.get(), Sp, k.at(b, t, 0, h), k.ss, S, D);
-  load_cols(buf.values_t.get(), Sp, v.at(b, t, 0, h), v.ss, S, D);
+  load_rows(buf.rows.get(), Dp, v.at(b, t, 0, h), v.ss, S, D);
+  transpose(buf.keys_t.get(), Sp, buf.keys.get(), Dp, S, D);
+  transpose(buf.values_t.get(), Sp, buf.rows.get(), Dp, S, D);
   for (int s0 = 0; s0 < S; s0 += BLOCK_Q) {
     const int rows = std::min(BLOCK_Q, S - s0);
     load_rows(buf.q.get(), Dp, q.at(b, t, s0, h), q.ss, rows, D, p.scale);
-    load_cols(buf.q_t.get(), BLOCK_Q, q.at(b, t, s0, h), q.ss, rows, D, p.scale);
     load_rows(buf.dout.get(), Dp, dout.at(b, t, s0, h), dout.ss, rows, D);
-    load_cols(buf.dout_t.get(), BLOCK_Q, dout.at(b, t, s0, h), dout.ss, rows, D);
+    transpose(buf.q_t.get(), BLOCK_Q, buf.q.get(), Dp, rows, D);
+    transpose(buf.dout_t.get(), BLOCK_Q, buf.dout.get(), Dp, rows, D);
     for (int i = 0; i < rows; ++i) {
       load_rows(buf.out_row.get(), Dp, out.at(b, t, s0 + i, h), out.ss, 1, D);
       const int64_t stat = stat_index(p, b, t, h, s0 + i);
@@ -439,8 +466,10 @@ void spatial_backward_task(const AttentionParams& p, SpatialBackwardBuffers& buf
     matmul(D, S, rows, buf.q_t.get(), BLOCK_Q, dprob, Sp, buf.dk_t.get(), Sp, s0 > 0);    // dK^T += (scale Q)^T dS
     store_rows(dq.at(b, t, s0, h), dq.ss, buf.dq.get(), Dp, rows, D, p.scale);
   }
-  store_cols(dk.at(b, t, 0, h), dk.ss, buf.dk_t.get(), Sp, S, D);
-  store_cols(dv.at(b, t, 0, h), dv.ss, buf.dv_t.get(), Sp, S, D);
+  transpose(buf.rows.get(), Dp, buf.dk_t.get(), Sp, D, S);
+  store_rows(dk.at(b, t, 0, h), dk.ss, buf.rows.get(), Dp, S, D);
+  transpose(buf.rows.get(), Dp, buf.dv_t.get(), Sp, D, S);
+  store_rows(dv.at(b, t, 0, h), dv.ss, buf.rows.get(), Dp, S, D);
 }
 
 template <typename T>
