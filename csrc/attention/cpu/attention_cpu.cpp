@@ -25,7 +25,7 @@
 #include <limits>
 #include <memory>
 #include <new>
-#include <vector>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PYCHOP_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -314,13 +314,17 @@ void spatial_forward_task(const AttentionParams& p, SpatialForwardBuffers& buf, 
 template <typename T>
 void forward(const AttentionParams& p) {
   const int B = p.batch, T_ = p.frames, S = p.tokens, H = p.heads, D = p.head_dim;
-  std::vector<float> o_t_storage(p.temporal && p.spatial ? static_cast<size_t>(B) * T_ * S * H * D : 0);
-  TensorRef o_t_ref;
-  o_t_ref.data = o_t_storage.data();
-  o_t_ref.stride_h = D;
-  o_t_ref.stride_s = static_cast<int64_t>(H) * D;
-  o_t_ref.stride_t = o_t_ref.stride_s * S;
-  o_t_ref.stride_b = o_t_ref.stride_t * T_;
+  // o_t waits in float32 for the spatial pass: in out itself when out is float32, else in a contiguous copy.
+  const bool in_out = std::is_same_v<T, float>;
+  FloatArray storage = floats(p.temporal && p.spatial && !in_out ? static_cast<int64_t>(B) * T_ * S * H * D : 0);
+  TensorRef o_t_ref = p.out;
+  if (!in_out) {
+    o_t_ref.data = storage.get();
+    o_t_ref.stride_h = D;
+    o_t_ref.stride_s = static_cast<int64_t>(H) * D;
+    o_t_ref.stride_t = o_t_ref.stride_s * S;
+    o_t_ref.stride_b = o_t_ref.stride_t * T_;
+  }
   const Rows<float> o_t(o_t_ref);
   if (p.temporal) {
     const int64_t flops = 4 * static_cast<int64_t>(T_) * T_ * D;
