@@ -1,16 +1,17 @@
 // CPU kernels of the fused parallel spatial-temporal attention.
 //
-// Forward: one task per (batch, frame, head, block of BLOCK_Q tokens) computes both branches for its rows and
-// writes out = o_s + o_t once, rounded from float32. Backward: the temporal pass (one task per token-head,
-// all frames) writes dq_t, dk_t, dv_t and delta_t = rowsum(dout * o_t); the spatial pass (one task per
-// frame-head) uses delta_s = rowsum(dout * out) - delta_t and writes dq_s, dk_s, dv_s.
+// Forward: the temporal pass (one task per token-head, all frames) writes lse_t and keeps o_t in float32 (in
+// out itself when out is float32); then the spatial pass (one task per frame-head and block of BLOCK_Q
+// tokens) writes lse_s and out = o_s + o_t, rounded once from float32. Backward: the temporal pass writes dq_t,
+// dk_t, dv_t and delta_t = rowsum(dout * o_t); the spatial pass (one task per frame-head) uses
+// delta_s = rowsum(dout * out) - delta_t and writes dq_s, dk_s, dv_s.
 //
-// All arithmetic is float32, on float32 working copies gathered from the inputs' strides (queries scaled as
-// they are loaded). Matrix products are BLAS gemms (at::native::cpublas::gemm: torch's MKL or OpenBLAS, one
-// thread each inside at::parallel_for), the temporal branch's T x T ones included; only the forward's
-// temporal rows (one query against its own T keys, no shared operand) are dot products. The row kernels
-// (softmax, its gradient, the temporal forward row) are compiled for AVX-512, AVX2 and baseline x86-64, and
-// the best is picked at load time; the rest is compiled once.
+// All arithmetic is float32, on float32 row copies of the inputs (any strides; queries scaled as they are
+// loaded). Every matrix product, the temporal T x T ones included, is torch's exported small gemm
+// (at::native::cpublas::brgemm: oneDNN's JIT microkernel, else BLAS), one thread each inside
+// at::parallel_for; it takes no transpose flags, so transposed operands are copied by 8 x 8 register blocks
+// (transpose). The row kernels (softmax, its gradient, transpose) are compiled for AVX-512, AVX2 and
+// baseline x86-64, the best picked at load time; the rest is compiled once.
 #include "attention/kernels.h"
 
 #include <ATen/Parallel.h>
@@ -109,7 +110,7 @@ PYCHOP_CPU_CLONES void transpose(float* __restrict__ dst, int64_t ldd, const flo
     for (int c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
-// 8 partial sums, then the tail: a fixed order that vectorizes without reassociation.
+// 8 partial sums, then the tail: an order that vectorizes without reassociation.
 PYCHOP_INLINE float dot(const float* __restrict__ x, const float* __restrict__ y, int n) {
   float lanes[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int i = 0;
@@ -210,7 +211,7 @@ struct FreeFloats {
 };
 using FloatArray = std::unique_ptr<float[], FreeFloats>;
 
-// n floats, 64-byte aligned: gemm results then do not depend on where a buffer happens to lie.
+// n uninitialised floats, 64-byte aligned (rows padded to 16 floats then start on cache lines).
 FloatArray floats(int64_t n) {
   const size_t bytes = static_cast<size_t>((n + 15) / 16 * 16) * sizeof(float);
   float* x = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
