@@ -352,22 +352,22 @@ void forward(const AttentionParams& p) {
 // ---------------------------------------------------------------------------------------------------------
 
 // Float32 working copies of the temporal backward, one thread's (Dp, Tp: D, T padded to 16). The names
-// ending in _t hold transposes (D x T); rows stages values and gradients (T x D).
+// ending in _t hold transposes (keys_t, values_t: D x T; prob_t, dscore_t: T x T); values stages V (T x D).
 struct TemporalBackwardBuffers {
   int Dp, Tp;
-  FloatArray q, q_t, keys, keys_t, values_t, dout, dout_t, prob, dscore, grad, rows;
+  FloatArray q, keys, keys_t, values, values_t, dout, prob, prob_t, dscore, dscore_t, grad;
   explicit TemporalBackwardBuffers(const AttentionParams& p)
       : Dp(padded(p.head_dim)), Tp(padded(p.frames)), q(floats(static_cast<int64_t>(p.frames) * Dp)),
-        q_t(floats(static_cast<int64_t>(Dp) * Tp)), keys(floats(static_cast<int64_t>(p.frames) * Dp)),
-        keys_t(floats(static_cast<int64_t>(Dp) * Tp)), values_t(floats(static_cast<int64_t>(Dp) * Tp)),
-        dout(floats(static_cast<int64_t>(p.frames) * Dp)), dout_t(floats(static_cast<int64_t>(Dp) * Tp)),
-        prob(floats(static_cast<int64_t>(p.frames) * Tp)), dscore(floats(static_cast<int64_t>(p.frames) * Tp)),
-        grad(floats(static_cast<int64_t>(Dp) * Tp)), rows(floats(static_cast<int64_t>(p.frames) * Dp)) {}
+        keys(floats(static_cast<int64_t>(p.frames) * Dp)), keys_t(floats(static_cast<int64_t>(Dp) * Tp)),
+        values(floats(static_cast<int64_t>(p.frames) * Dp)), values_t(floats(static_cast<int64_t>(Dp) * Tp)),
+        dout(floats(static_cast<int64_t>(p.frames) * Dp)), prob(floats(static_cast<int64_t>(p.frames) * Tp)),
+        prob_t(floats(static_cast<int64_t>(p.frames) * Tp)), dscore(floats(static_cast<int64_t>(p.frames) * Tp)),
+        dscore_t(floats(static_cast<int64_t>(p.frames) * Tp)), grad(floats(static_cast<int64_t>(p.frames) * Dp)) {}
 };
 
 // One token-head (b, s, h): the T x T attention over its frames, backward. Writes dq_t, dk_t, dv_t and
 // delta_t = rowsum(dout * o_t) = sum_u P[t, u] dP[t, u]. dq uses every attended frame; P and dS are then
-// cleared where the grad window makes k_t, v_t constants, for dk^T = (scale Q)^T dS and dv^T = dO^T P.
+// cleared where the grad window makes k_t, v_t constants, for dk = dS^T (scale Q) and dv = P^T dO.
 template <typename T>
 void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& buf, int64_t task) {
   const int T_ = p.frames, D = p.head_dim, Dp = buf.Dp, Tp = buf.Tp;
@@ -378,12 +378,10 @@ void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& b
   float *prob = buf.prob.get(), *dscore = buf.dscore.get(), *grad = buf.grad.get();
   load_rows(buf.q.get(), Dp, q.at(b, 0, s, h), q.st, T_, D, p.scale);
   load_rows(buf.keys.get(), Dp, k.at(b, 0, s, h), k.st, T_, D);
-  load_rows(buf.rows.get(), Dp, v.at(b, 0, s, h), v.st, T_, D);
+  load_rows(buf.values.get(), Dp, v.at(b, 0, s, h), v.st, T_, D);
   load_rows(buf.dout.get(), Dp, dout.at(b, 0, s, h), dout.st, T_, D);
-  transpose(buf.q_t.get(), Tp, buf.q.get(), Dp, T_, D);
   transpose(buf.keys_t.get(), Tp, buf.keys.get(), Dp, T_, D);
-  transpose(buf.values_t.get(), Tp, buf.rows.get(), Dp, T_, D);
-  transpose(buf.dout_t.get(), Tp, buf.dout.get(), Dp, T_, D);
+  transpose(buf.values_t.get(), Tp, buf.values.get(), Dp, T_, D);
   matmul(T_, T_, D, buf.q.get(), Dp, buf.keys_t.get(), Tp, prob, Tp);          // scale Q K^T
   matmul(T_, T_, D, buf.dout.get(), Dp, buf.values_t.get(), Tp, dscore, Tp);  // dP = dO V^T
   for (int t = 0; t < T_; ++t) {
@@ -412,12 +410,12 @@ void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& b
     attended_frames(p, t, first, last);
     for (int u = first; u < first_live_frame(p, t, first); ++u) prob[t * Tp + u] = dscore[t * Tp + u] = 0.f;
   }
-  matmul(D, T_, T_, buf.q_t.get(), Tp, dscore, Tp, grad, Tp);  // dK^T = (scale Q)^T dS
-  transpose(buf.rows.get(), Dp, grad, Tp, D, T_);
-  store_rows(dk.at(b, 0, s, h), dk.st, buf.rows.get(), Dp, T_, D);
-  matmul(D, T_, T_, buf.dout_t.get(), Tp, prob, Tp, grad, Tp);  // dV^T = dO^T P
-  transpose(buf.rows.get(), Dp, grad, Tp, D, T_);
-  store_rows(dv.at(b, 0, s, h), dv.st, buf.rows.get(), Dp, T_, D);
+  transpose(buf.dscore_t.get(), Tp, dscore, Tp, T_, T_);
+  transpose(buf.prob_t.get(), Tp, prob, Tp, T_, T_);
+  matmul(T_, D, T_, buf.dscore_t.get(), Tp, buf.q.get(), Dp, grad, Dp);  // dK = dS^T (scale Q)
+  store_rows(dk.at(b, 0, s, h), dk.st, grad, Dp, T_, D);
+  matmul(T_, D, T_, buf.prob_t.get(), Tp, buf.dout.get(), Dp, grad, Dp);  // dV = P^T dO
+  store_rows(dv.at(b, 0, s, h), dv.st, grad, Dp, T_, D);
 }
 
 // Float32 working copies of the spatial backward, one thread's (Dp, Sp: D, S padded to 16). The names ending
