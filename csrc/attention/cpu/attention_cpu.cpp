@@ -64,6 +64,21 @@ void load_rows(float* __restrict__ dst, int64_t ld, const T* __restrict__ src, i
     for (int d = 0; d < D; ++d) dst[r * ld + d] = static_cast<float>(src[r * stride + d]) * factor;
 }
 
+// n rows from src (row stride `stride`) as a float32 gemm operand, its row stride in ld: the tensor's own rows
+// when it is float32 with rows at least D apart, else a float32 copy in `copy` (row stride ld_copy).
+template <typename T>
+const float* float_rows(const T* src, int64_t stride, int n, int D, float* copy, int64_t ld_copy, int64_t& ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride >= D) {
+      ld = stride;
+      return src;
+    }
+  }
+  load_rows(copy, ld_copy, src, stride, n, D);
+  ld = ld_copy;
+  return copy;
+}
+
 // dst[r * stride + 0:D) = factor * src[r * ld + 0:D), rounded to T, for n rows.
 template <typename T>
 void store_rows(T* __restrict__ dst, int64_t stride, const float* __restrict__ src, int64_t ld, int n, int D,
@@ -257,17 +272,18 @@ void temporal_forward_task(const AttentionParams& p, TemporalForwardBuffers& buf
   const int s = static_cast<int>(task / p.heads % p.tokens);
   const int b = static_cast<int>(task / p.heads / p.tokens);
   const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), out(p.out);
+  int64_t ld_k, ld_v;
   load_rows(buf.q.get(), Dp, q.at(b, 0, s, h), q.st, T_, D, p.scale);
-  load_rows(buf.rows.get(), Dp, k.at(b, 0, s, h), k.st, T_, D);
-  transpose(buf.keys_t.get(), Tp, buf.rows.get(), Dp, T_, D);
-  load_rows(buf.values.get(), Dp, v.at(b, 0, s, h), v.st, T_, D);
+  const float* keys = float_rows(k.at(b, 0, s, h), k.st, T_, D, buf.rows.get(), Dp, ld_k);
+  transpose(buf.keys_t.get(), Tp, keys, ld_k, T_, D);
+  const float* values = float_rows(v.at(b, 0, s, h), v.st, T_, D, buf.values.get(), Dp, ld_v);
   matmul(T_, T_, D, buf.q.get(), Dp, buf.keys_t.get(), Tp, buf.prob.get(), Tp);  // scale Q K^T
   temporal_softmax_rows(p, buf.prob.get(), Tp, buf.lse.get());
   for (int t = 0; t < T_; ++t) p.lse_t[stat_index(p, b, t, h, s)] = buf.lse[t];
   if (p.spatial) {
-    matmul(T_, D, T_, buf.prob.get(), Tp, buf.values.get(), Dp, o_t.at(b, 0, s, h), o_t.st);  // P V
+    matmul(T_, D, T_, buf.prob.get(), Tp, values, ld_v, o_t.at(b, 0, s, h), o_t.st);  // P V
   } else {
-    matmul(T_, D, T_, buf.prob.get(), Tp, buf.values.get(), Dp, buf.rows.get(), Dp);
+    matmul(T_, D, T_, buf.prob.get(), Tp, values, ld_v, buf.rows.get(), Dp);
     store_rows(out.at(b, 0, s, h), out.st, buf.rows.get(), Dp, T_, D);
   }
 }
@@ -376,14 +392,15 @@ void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& b
   const int b = static_cast<int>(task / p.heads / p.tokens);
   const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), dout(p.dout), dq(p.dq_t), dk(p.dk_t), dv(p.dv_t);
   float *prob = buf.prob.get(), *dscore = buf.dscore.get(), *grad = buf.grad.get();
+  int64_t ld_k, ld_v, ld_o;
   load_rows(buf.q.get(), Dp, q.at(b, 0, s, h), q.st, T_, D, p.scale);
-  load_rows(buf.keys.get(), Dp, k.at(b, 0, s, h), k.st, T_, D);
-  load_rows(buf.values.get(), Dp, v.at(b, 0, s, h), v.st, T_, D);
-  load_rows(buf.dout.get(), Dp, dout.at(b, 0, s, h), dout.st, T_, D);
-  transpose(buf.keys_t.get(), Tp, buf.keys.get(), Dp, T_, D);
-  transpose(buf.values_t.get(), Tp, buf.values.get(), Dp, T_, D);
-  matmul(T_, T_, D, buf.q.get(), Dp, buf.keys_t.get(), Tp, prob, Tp);          // scale Q K^T
-  matmul(T_, T_, D, buf.dout.get(), Dp, buf.values_t.get(), Tp, dscore, Tp);  // dP = dO V^T
+  const float* keys = float_rows(k.at(b, 0, s, h), k.st, T_, D, buf.keys.get(), Dp, ld_k);
+  const float* values = float_rows(v.at(b, 0, s, h), v.st, T_, D, buf.values.get(), Dp, ld_v);
+  const float* douts = float_rows(dout.at(b, 0, s, h), dout.st, T_, D, buf.dout.get(), Dp, ld_o);
+  transpose(buf.keys_t.get(), Tp, keys, ld_k, T_, D);
+  transpose(buf.values_t.get(), Tp, values, ld_v, T_, D);
+  matmul(T_, T_, D, buf.q.get(), Dp, buf.keys_t.get(), Tp, prob, Tp);   // scale Q K^T
+  matmul(T_, T_, D, douts, ld_o, buf.values_t.get(), Tp, dscore, Tp);  // dP = dO V^T
   for (int t = 0; t < T_; ++t) {
     int first, last;
     attended_frames(p, t, first, last);
@@ -403,7 +420,7 @@ void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& b
       pr[u] = attended ? pr[u] : 0.f;
     }
   }
-  matmul(T_, D, T_, dscore, Tp, buf.keys.get(), Dp, grad, Dp);  // dS K
+  matmul(T_, D, T_, dscore, Tp, keys, ld_k, grad, Dp);  // dS K
   store_rows(dq.at(b, 0, s, h), dq.st, grad, Dp, T_, D, p.scale);
   for (int t = 0; t < T_; ++t) {
     int first, last;
@@ -414,7 +431,7 @@ void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& b
   transpose(buf.prob_t.get(), Tp, prob, Tp, T_, T_);
   matmul(T_, D, T_, buf.dscore_t.get(), Tp, buf.q.get(), Dp, grad, Dp);  // dK = dS^T (scale Q)
   store_rows(dk.at(b, 0, s, h), dk.st, grad, Dp, T_, D);
-  matmul(T_, D, T_, buf.prob_t.get(), Tp, buf.dout.get(), Dp, grad, Dp);  // dV = P^T dO
+  matmul(T_, D, T_, buf.prob_t.get(), Tp, douts, ld_o, grad, Dp);  // dV = P^T dO
   store_rows(dv.at(b, 0, s, h), dv.st, grad, Dp, T_, D);
 }
 
