@@ -26,7 +26,8 @@ def extension_build_args():
     extension = (CUDAExtension if with_cuda else CppExtension)(
         "pychop._C", sources=[str(Path(source).relative_to(root)) for source in kwargs["sources"]],
         include_dirs=kwargs["extra_include_paths"],
-        extra_compile_args={"cxx": kwargs["extra_cflags"], "nvcc": kwargs.get("extra_cuda_cflags", [])})
+        extra_compile_args={"cxx": kwargs["extra_cflags"], "nvcc": kwargs.get("extra_cuda_cflags", [])},
+        extra_link_args=kwargs["extra_ldflags"])
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
 
 

@@ -44,14 +44,14 @@ class Context:
         return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # no bar off a terminal
 
     def time_ms(self, fn: Callable[[], object]) -> float:
-        """Median milliseconds of fn(), warmed up."""
+        """Median milliseconds of fn(), warmed up (on the CPU with all of torch's threads, as a user runs it)."""
         if self.on_gpu:
             import triton.testing
             return float(triton.testing.do_bench(fn, warmup=25 if self.quick else 100,
                                                  rep=100 if self.quick else 500, return_mode="median"))
         from torch.utils.benchmark import Timer
         fn()
-        measurement = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
+        measurement = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
             min_run_time=0.1 if self.quick else 0.5)
         return measurement.median * 1e3
 

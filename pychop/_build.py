@@ -25,7 +25,10 @@ CSRC = ROOT / "csrc"
 BUILD_DIR_ENV = "PYCHOP_BUILD_DIR"
 JIT_NAME = "pychop_C"
 
-CXX_FLAGS = ["-O3", "-Wno-psabi"]  # -Wno-psabi: notes on 64-byte vector arguments of inlined helpers
+# -fopenmp: at::parallel_for is an inline OpenMP loop, serial without it (torch's libgomp runs it);
+# -Wno-psabi: notes on 64-byte vector arguments of inlined helpers.
+CXX_FLAGS = ["-O3", "-fopenmp", "-Wno-psabi"]
+LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3"]
 
 
@@ -65,6 +68,7 @@ def extension_kwargs(with_cuda: bool) -> Dict[str, object]:
         "sources": cpp_sources() + (cuda_sources() if with_cuda else []),
         "extra_include_paths": [str(CSRC)],
         "extra_cflags": CXX_FLAGS + defines,
+        "extra_ldflags": LD_FLAGS,
     }
     if with_cuda:
         kwargs["extra_cuda_cflags"] = NVCC_FLAGS + defines

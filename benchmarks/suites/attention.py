@@ -35,6 +35,7 @@ GPU_SHAPES = {
 CPU_SHAPES = {
     "cpu-a": (1, 8, 8, 8, 2, 32),
     "cpu-b": (2, 4, 6, 6, 4, 40),
+    "cpu-c": (1, 8, 16, 16, 4, 64),  # mid-size: time goes to the matrix products, not to the call overhead
 }
 # T sweep of the temporal branch with a causal grad window: (B, S, H, D), then the frame counts.
 SWEEP_SHAPE = (1, 32 * 32, 8, 64)

@@ -1,27 +1,34 @@
 // CPU kernels of the fused parallel spatial-temporal attention.
 //
-// Forward: one task per (batch, frame, head, block of BLOCK_Q tokens) computes both branches for its rows and
-// writes out = o_s + o_t once, rounded from float32 (stacked: o_s to out, o_t to out_t). Backward: the
-// temporal pass (one task per token-head, all frames) writes dq_t, dk_t, dv_t and delta_t = rowsum(dout_t *
-// o_t); the spatial pass (one task per frame-head) uses delta_s = rowsum(dout * o_s), which is rowsum(dout *
-// out) - delta_t when out holds the sum, and writes dq_s, dk_s, dv_s.
+// Forward: the temporal pass (one task per token-head, all frames) writes lse_t and keeps o_t in float32 (in
+// out itself when out is float32); then the spatial pass (one task per frame-head and block of BLOCK_Q
+// tokens) writes lse_s and out = o_s + o_t, rounded once from float32. With the branches stacked each pass
+// writes its own output instead (o_t to out_t, o_s to out). Backward: the temporal pass writes dq_t, dk_t,
+// dv_t and delta_t = rowsum(dout_t * o_t); the spatial pass (one task per frame-head) uses delta_s =
+// rowsum(dout * o_s), which is rowsum(dout * out) - delta_t when out holds the sum, and writes dq_s, dk_s,
+// dv_s.
 //
-// All arithmetic is float32, on zero-padded float32 copies; queries are scaled as they are loaded. Matrix
-// products accumulate tiles of rows in 16-lane vector registers (accumulate_rows). The two leaf kernels that
-// carry the work, accumulate_rows and exp_shifted, are compiled for AVX-512, AVX2 and baseline x86-64, and the
-// best is picked at load time; the rest is compiled once.
+// All arithmetic is float32, on float32 row copies of the inputs (any strides; queries scaled as they are
+// loaded). Every matrix product, the temporal T x T ones included, is torch's exported small gemm
+// (at::native::cpublas::brgemm: oneDNN's JIT microkernel, else BLAS), one thread each inside
+// at::parallel_for; it takes no transpose flags, so transposed operands are copied by 8 x 8 register blocks
+// (transpose). The row kernels (softmax, its gradient, transpose) are compiled for AVX-512, AVX2 and
+// baseline x86-64, the best picked at load time; the rest is compiled once.
 #include "attention/kernels.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <new>
 #include <type_traits>
-#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PYCHOP_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -33,7 +40,14 @@
 namespace pychop {
 namespace {
 
-constexpr int BLOCK_Q = 64;  // query rows per spatial task
+constexpr int BLOCK_Q = 64;  // query rows per spatial gemm
+
+// Tasks per thread, at least: a thread is woken only for about 4 MFLOP of work (tens of microseconds), so
+// small calls run on the calling thread instead of paying for a parallel region.
+int64_t grain(int64_t flops_per_task) {
+  constexpr int64_t MIN_THREAD_FLOPS = int64_t{1} << 22;
+  return std::max<int64_t>(1, MIN_THREAD_FLOPS / std::max<int64_t>(1, flops_per_task));
+}
 
 template <typename T>
 struct Rows {  // element (b, t, s, h, 0) of a TensorRef, typed
@@ -44,38 +58,76 @@ struct Rows {  // element (b, t, s, h, 0) of a TensorRef, typed
   PYCHOP_INLINE T* at(int b, int t, int s, int h) const { return data + b * sb + t * st + s * ss + h * sh; }
 };
 
+// dst[r * ld + 0:D) = factor * src[r * stride + 0:D) in float32, for n rows.
 template <typename T>
-PYCHOP_INLINE void load_row(float* __restrict__ dst, const T* __restrict__ src, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+void load_rows(float* __restrict__ dst, int64_t ld, const T* __restrict__ src, int64_t stride, int n, int D,
+               float factor = 1.f) {
+  for (int r = 0; r < n; ++r)
+    for (int d = 0; d < D; ++d) dst[r * ld + d] = static_cast<float>(src[r * stride + d]) * factor;
 }
 
+// n rows from src (row stride `stride`) as a float32 gemm operand, its row stride in ld: the tensor's own rows
+// when it is float32 with rows at least D apart, else a float32 copy in `copy` (row stride ld_copy).
 template <typename T>
-PYCHOP_INLINE void load_row(float* __restrict__ dst, const T* __restrict__ src, int n, float factor) {
-  for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * factor;
-}
-
-// A float32 view of a row: the row itself for float tensors, else a converted copy in `scratch`.
-template <typename T>
-PYCHOP_INLINE const float* float_row(const T* src, float* scratch, int n) {
+const float* float_rows(const T* src, int64_t stride, int n, int D, float* copy, int64_t ld_copy, int64_t& ld) {
   if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    load_row(scratch, src, n);
-    return scratch;
+    if (stride >= D) {
+      ld = stride;
+      return src;
+    }
+  }
+  load_rows(copy, ld_copy, src, stride, n, D);
+  ld = ld_copy;
+  return copy;
+}
+
+// dst[r * stride + 0:D) = factor * src[r * ld + 0:D), rounded to T, for n rows.
+template <typename T>
+void store_rows(T* __restrict__ dst, int64_t stride, const float* __restrict__ src, int64_t ld, int n, int D,
+                float factor = 1.f) {
+  for (int r = 0; r < n; ++r)
+    for (int d = 0; d < D; ++d) dst[r * stride + d] = static_cast<T>(src[r * ld + d] * factor);
+}
+
+typedef float vec8 __attribute__((vector_size(32)));
+typedef int lanes8 __attribute__((vector_size(32)));
+
+// dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block: unpack pairs of rows, then pairs of pairs, then halves.
+PYCHOP_INLINE void transpose8x8(float* __restrict__ dst, int64_t ldd, const float* __restrict__ src, int64_t lds) {
+  vec8 r[8], t[8];
+  for (int i = 0; i < 8; ++i) std::memcpy(&r[i], src + i * lds, sizeof(vec8));
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(r[i], r[i + 1], lanes8{0, 8, 1, 9, 4, 12, 5, 13});
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], lanes8{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      r[i + 2 * j] = __builtin_shuffle(t[i + j], t[i + j + 2], lanes8{0, 1, 8, 9, 4, 5, 12, 13});
+      r[i + 2 * j + 1] = __builtin_shuffle(t[i + j], t[i + j + 2], lanes8{2, 3, 10, 11, 6, 7, 14, 15});
+    }
+  for (int c = 0; c < 4; ++c) {
+    const vec8 low = __builtin_shuffle(r[c], r[c + 4], lanes8{0, 1, 2, 3, 8, 9, 10, 11});
+    const vec8 high = __builtin_shuffle(r[c], r[c + 4], lanes8{4, 5, 6, 7, 12, 13, 14, 15});
+    std::memcpy(dst + c * ldd, &low, sizeof(vec8));
+    std::memcpy(dst + (c + 4) * ldd, &high, sizeof(vec8));
   }
 }
 
-template <typename T>
-PYCHOP_INLINE void store_row(T* __restrict__ dst, const float* __restrict__ src, int n, float factor = 1.f) {
-  for (int i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] * factor);
+// dst[c * ldd + r] = src[r * lds + c]: the transpose of a rows x cols float32 matrix, in 8 x 8 register blocks.
+PYCHOP_CPU_CLONES void transpose(float* __restrict__ dst, int64_t ldd, const float* __restrict__ src, int64_t lds,
+                                 int rows, int cols) {
+  int r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    int c = 0;
+    for (; c + 8 <= cols; c += 8) transpose8x8(dst + c * ldd + r, ldd, src + r * lds + c, lds);
+    for (; c < cols; ++c)
+      for (int i = 0; i < 8; ++i) dst[c * ldd + r + i] = src[(r + i) * lds + c];
+  }
+  for (; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
-PYCHOP_INLINE void axpy(float* __restrict__ y, float a, const float* __restrict__ x, int n) {
-  for (int i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-// A fixed summation order (8 lanes, then the tail), whatever the alignment: the backward recomputes the
-// forward's scores bit for bit, so a softmax over one key gives a probability of exactly 1.
+// 8 partial sums, then the tail: an order that vectorizes without reassociation.
 PYCHOP_INLINE float dot(const float* __restrict__ x, const float* __restrict__ y, int n) {
   float lanes[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int i = 0;
@@ -107,285 +159,256 @@ PYCHOP_INLINE float exp_nonpositive(float x) {
   return poly * two_n;
 }
 
-// x[i] = exp(x[i] - shift) for shift >= max(x); returns the sum.
-PYCHOP_CPU_CLONES float exp_shifted(float* __restrict__ x, int n, float shift) {
-  for (int i = 0; i < n; ++i) x[i] = exp_nonpositive(x[i] - shift);
-  float lanes[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+// max and sum of x[0:n), 16 lanes wide so that they vectorize (a fixed order, no reassociation needed).
+PYCHOP_INLINE float max_of(const float* __restrict__ x, int n) {
+  float lanes[16];
+  std::fill(lanes, lanes + 16, -std::numeric_limits<float>::infinity());
   int i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int l = 0; l < 8; ++l) lanes[l] += x[i + l];
-  float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-  for (; i < n; ++i) sum += x[i];
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] = x[i + l] > lanes[l] ? x[i + l] : lanes[l];
+  for (int l = 0; i < n; ++i, ++l) lanes[l] = x[i] > lanes[l] ? x[i] : lanes[l];
+  return *std::max_element(lanes, lanes + 16);
+}
+
+PYCHOP_INLINE float sum_of(const float* __restrict__ x, int n) {
+  float lanes[16] = {};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] += x[i + l];
+  for (int l = 0; i < n; ++i, ++l) lanes[l] += x[i];
+  float sum = 0.f;
+  for (int l = 0; l < 16; ++l) sum += lanes[l];
   return sum;
 }
 
-PYCHOP_INLINE float max_of(const float* __restrict__ x, int n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int i = 0; i < n; ++i) m = std::max(m, x[i]);
-  return m;
+// x = softmax(x) over n scores; returns their logsumexp. A single score gives exactly 1.
+PYCHOP_INLINE float softmax(float* __restrict__ x, int n) {
+  const float max_score = max_of(x, n);
+  for (int i = 0; i < n; ++i) x[i] = exp_nonpositive(x[i] - max_score);
+  const float sum = sum_of(x, n);
+  const float inv = 1.f / sum;
+  for (int i = 0; i < n; ++i) x[i] *= inv;
+  return max_score + std::log(sum);
+}
+
+// Rows [0, rows) of the score matrix x (row stride ld, n columns) become softmax rows; lse[i] their logsumexp.
+PYCHOP_CPU_CLONES void softmax_rows(float* x, int64_t ld, int rows, int n, float* lse) {
+  for (int i = 0; i < rows; ++i) lse[i] = softmax(x + i * ld, n);
+}
+
+// From the scores s and dP = dO V^T of rows [0, rows) (row stride ld, n columns), the probabilities
+// p = exp(s - lse[i]) (in place of s) and dS = p (dP - delta[i]) (in place of dP).
+PYCHOP_CPU_CLONES void softmax_grad_rows(float* p, float* dp, int64_t ld, int rows, int n, const float* lse,
+                                         const float* delta) {
+  for (int i = 0; i < rows; ++i) {
+    float *pr = p + i * ld, *dr = dp + i * ld;
+    for (int j = 0; j < n; ++j) {
+      pr[j] = exp_nonpositive(pr[j] - lse[i]);
+      dr[j] = pr[j] * (dr[j] - delta[i]);
+    }
+  }
+}
+
+// C (M x N, row stride ldc) = A (M x K, lda) B (K x N, ldb), plus C when `accumulate`; float32, row-major.
+// torch's exported small-gemm entry point: oneDNN's JIT brgemm microkernel (AVX2 and up, cached per shape and
+// thread), else torch's BLAS gemm. It takes no transposes: callers keep transposed copies where needed.
+PYCHOP_INLINE void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                          float* C, int64_t ldc, bool accumulate = false) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
 }
 
 PYCHOP_INLINE int64_t stat_index(const AttentionParams& p, int b, int t, int h, int s) {
   return ((static_cast<int64_t>(b) * p.frames + t) * p.heads + h) * p.tokens + s;
 }
 
-// Float32 vectors of 16 lanes (GCC vector extensions: one AVX-512 register, two AVX2 or four SSE ones).
-typedef float vec16 __attribute__((vector_size(64)));
-constexpr int LANES = 16;
+PYCHOP_INLINE int padded(int n) { return (n + 15) / 16 * 16; }  // row strides of whole 64-byte lines
 
-PYCHOP_INLINE int round_up(int n) { return (n + LANES - 1) / LANES * LANES; }
+struct FreeFloats {
+  void operator()(float* x) const { std::free(x); }
+};
+using FloatArray = std::unique_ptr<float[], FreeFloats>;
 
-PYCHOP_INLINE vec16 load16(const float* src) {
-  vec16 v;
-  std::memcpy(&v, src, sizeof(v));
-  return v;
-}
-
-PYCHOP_INLINE void store16(float* dst, vec16 v) { std::memcpy(dst, &v, sizeof(v)); }
-
-// y[0:16 V) += sum_r coef[r * coef_stride] x[r * ldx + 0:16 V), with V * P independent register
-// accumulators (rows taken P at a time) so that the FMA latency is hidden.
-template <int V, int P>
-PYCHOP_INLINE void accumulate_chunk(float* __restrict__ y, const float* __restrict__ coef, int64_t coef_stride,
-                                    const float* __restrict__ x, int64_t ldx, int rows) {
-  vec16 acc[P][V];
-  for (int v = 0; v < V; ++v) {
-    acc[0][v] = load16(y + v * LANES);
-    for (int phase = 1; phase < P; ++phase) acc[phase][v] = vec16{};
-  }
-  int r = 0;
-  for (; r + P <= rows; r += P)
-    for (int phase = 0; phase < P; ++phase) {
-      const float w = coef[(r + phase) * coef_stride];
-      const float* xr = x + (r + phase) * ldx;
-      for (int v = 0; v < V; ++v) acc[phase][v] += w * load16(xr + v * LANES);
-    }
-  for (; r < rows; ++r) {
-    const float w = coef[r * coef_stride];
-    for (int v = 0; v < V; ++v) acc[0][v] += w * load16(x + r * ldx + v * LANES);
-  }
-  for (int v = 0; v < V; ++v) {
-    for (int phase = 1; phase < P; ++phase) acc[0][v] += acc[phase][v];
-    store16(y + v * LANES, acc[0][v]);
-  }
-}
-
-// Y[i, 0:16 V) += sum_r coef[i * coef_row + r * coef_step] x[r * ldx + 0:16 V) for R output rows i at
-// once: each load of x feeds R FMAs, and the R * V accumulators stay in registers.
-template <int R, int V>
-PYCHOP_INLINE void accumulate_tile(float* __restrict__ y, int64_t ldy, const float* __restrict__ coef,
-                                   int64_t coef_row, int64_t coef_step, const float* __restrict__ x, int64_t ldx,
-                                   int rows) {
-  vec16 acc[R][V];
-  for (int i = 0; i < R; ++i)
-    for (int v = 0; v < V; ++v) acc[i][v] = load16(y + i * ldy + v * LANES);
-  for (int r = 0; r < rows; ++r) {
-    vec16 xr[V];
-    for (int v = 0; v < V; ++v) xr[v] = load16(x + r * ldx + v * LANES);
-    for (int i = 0; i < R; ++i) {
-      const float w = coef[i * coef_row + r * coef_step];
-      for (int v = 0; v < V; ++v) acc[i][v] += w * xr[v];
-    }
-  }
-  for (int i = 0; i < R; ++i)
-    for (int v = 0; v < V; ++v) store16(y + i * ldy + v * LANES, acc[i][v]);
-}
-
-// Y[i, 0:n) += sum_r coef[i * coef_row + r * coef_step] * x[r * ldx + 0:n) for `count` rows i of Y (row
-// stride ldy), n a multiple of 16: the matrix product Y += C X with C read through (coef_row, coef_step).
-// Every matrix product of the kernels is this, on zero-padded float32 copies: scores (C: query rows, X: keys
-// transposed), P V and dS K (C: rows of P or dS), P^T dO and dS^T Q (C: P or dS read by columns).
-PYCHOP_CPU_CLONES void accumulate_rows(float* __restrict__ y, int64_t ldy, int count, int n,
-                                   const float* __restrict__ coef, int64_t coef_row, int64_t coef_step,
-                                   const float* __restrict__ x, int64_t ldx, int rows) {
-  int i = 0;
-  for (; i + 4 <= count; i += 4) {
-    float* yi = y + i * ldy;
-    const float* ci = coef + i * coef_row;
-    int c = 0;
-    for (; c + 4 * LANES <= n; c += 4 * LANES) accumulate_tile<4, 4>(yi + c, ldy, ci, coef_row, coef_step, x + c, ldx, rows);
-    if (c + 2 * LANES <= n) {
-      accumulate_tile<4, 2>(yi + c, ldy, ci, coef_row, coef_step, x + c, ldx, rows);
-      c += 2 * LANES;
-    }
-    if (c < n) accumulate_tile<4, 1>(yi + c, ldy, ci, coef_row, coef_step, x + c, ldx, rows);
-  }
-  for (; i < count; ++i) {  // the last rows one at a time, rows of x taken P at a time
-    float* yi = y + i * ldy;
-    const float* ci = coef + i * coef_row;
-    int c = 0;
-    for (; c + 4 * LANES <= n; c += 4 * LANES) accumulate_chunk<4, 2>(yi + c, ci, coef_step, x + c, ldx, rows);
-    if (c + 2 * LANES <= n) {
-      accumulate_chunk<2, 4>(yi + c, ci, coef_step, x + c, ldx, rows);
-      c += 2 * LANES;
-    }
-    if (c < n) accumulate_chunk<1, 8>(yi + c, ci, coef_step, x + c, ldx, rows);
-  }
-}
-
-// Gathers the S x D matrix of (b, t, h) into `rows` (S x ld, if given) and/or its transpose `cols`
-// (D x ld_cols). Padding columns and rows are left as they are (zero in the callers' buffers).
-template <typename T>
-PYCHOP_INLINE void gather_frame(const Rows<T>& x, int b, int t, int h, int S, int D, float* rows, int ld,
-                                float* cols, int ld_cols, float* scratch) {
-  for (int s = 0; s < S; ++s) {
-    float* row = rows != nullptr ? rows + static_cast<int64_t>(s) * ld : scratch;
-    load_row(row, x.at(b, t, s, h), D);
-    if (cols != nullptr)
-      for (int d = 0; d < D; ++d) cols[static_cast<int64_t>(d) * ld_cols + s] = row[d];
-  }
+// n uninitialised floats, 64-byte aligned (rows padded to 16 floats then start on cache lines).
+FloatArray floats(int64_t n) {
+  const size_t bytes = static_cast<size_t>((n + 15) / 16 * 16) * sizeof(float);
+  float* x = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
+  if (x == nullptr) throw std::bad_alloc();
+  return FloatArray(x);
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 
-// Float32 working copies, zero-initialised once per thread; Dp and Sp are D and S padded to 16.
-struct ForwardBuffers {
-  int Dp, Sp;
-  std::vector<float> keys_t, values, q, scores, acc, k_frames, v_frames, tscores;
-  explicit ForwardBuffers(const AttentionParams& p)
-      : Dp(round_up(p.head_dim)), Sp(round_up(p.tokens)),
-        keys_t(p.spatial ? static_cast<size_t>(Dp) * Sp : 0),
-        values(p.spatial ? static_cast<size_t>(Sp) * Dp : 0),
-        q(static_cast<size_t>(BLOCK_Q) * Dp),
-        scores(p.spatial ? static_cast<size_t>(BLOCK_Q) * Sp : 0),
-        acc(static_cast<size_t>(BLOCK_Q) * Dp),
-        k_frames(static_cast<size_t>(p.frames) * Dp),
-        v_frames(static_cast<size_t>(p.frames) * Dp),
-        tscores(p.frames) {}
+// Float32 working copies of the temporal forward, one thread's (Dp, Tp: D, T padded to 16).
+struct TemporalForwardBuffers {
+  int Dp, Tp;
+  FloatArray q, keys_t, values, prob, lse, rows;  // rows: staging for keys and for o_t
+  explicit TemporalForwardBuffers(const AttentionParams& p)
+      : Dp(padded(p.head_dim)), Tp(padded(p.frames)), q(floats(static_cast<int64_t>(p.frames) * Dp)),
+        keys_t(floats(static_cast<int64_t>(Dp) * Tp)), values(floats(static_cast<int64_t>(p.frames) * Dp)),
+        prob(floats(static_cast<int64_t>(p.frames) * Tp)), lse(floats(p.frames)),
+        rows(floats(static_cast<int64_t>(p.frames) * Dp)) {}
 };
 
-// Spatial rows [s0, s0 + rows) of frame (b, t), head h: acc = o_s, lse_s written.
+// Rows of the T x T temporal scores (row stride ld) become softmax rows over each query frame's attended
+// frames [first, last], zero elsewhere; lse[t] their logsumexp.
+PYCHOP_CPU_CLONES void temporal_softmax_rows(const AttentionParams& p, float* scores, int64_t ld, float* lse) {
+  for (int t = 0; t < p.frames; ++t) {
+    int first, last;
+    attended_frames(p, t, first, last);
+    float* row = scores + t * ld;
+    lse[t] = softmax(row + first, last - first + 1);
+    std::fill(row, row + first, 0.f);
+    std::fill(row + last + 1, row + p.frames, 0.f);
+  }
+}
+
+// Whether out holds o_s + o_t (both branches, not stacked): the temporal pass then leaves o_t in float32 for
+// the spatial pass to add, and the spatial backward takes delta_s from the sum.
+inline bool sums_branches(const AttentionParams& p) { return p.spatial && p.temporal && !p.stacked; }
+
+// One token-head (b, s, h): o_t for all its frames, into `o_t` (float32, rows (b, t, s, h) of its strides) when
+// the branches are summed, else into out_t; lse_t written.
 template <typename T>
-PYCHOP_INLINE void spatial_forward_rows(const AttentionParams& p, ForwardBuffers& buf, int b, int t, int h,
-                                        int s0, int rows) {
+void temporal_forward_task(const AttentionParams& p, TemporalForwardBuffers& buf, const Rows<float>& o_t,
+                           int64_t task) {
+  const int T_ = p.frames, D = p.head_dim, Dp = buf.Dp, Tp = buf.Tp;
+  const int h = static_cast<int>(task % p.heads);
+  const int s = static_cast<int>(task / p.heads % p.tokens);
+  const int b = static_cast<int>(task / p.heads / p.tokens);
+  const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), out(p.out_t);
+  int64_t ld_k, ld_v;
+  load_rows(buf.q.get(), Dp, q.at(b, 0, s, h), q.st, T_, D, p.scale);
+  const float* keys = float_rows(k.at(b, 0, s, h), k.st, T_, D, buf.rows.get(), Dp, ld_k);
+  transpose(buf.keys_t.get(), Tp, keys, ld_k, T_, D);
+  const float* values = float_rows(v.at(b, 0, s, h), v.st, T_, D, buf.values.get(), Dp, ld_v);
+  matmul(T_, T_, D, buf.q.get(), Dp, buf.keys_t.get(), Tp, buf.prob.get(), Tp);  // scale Q K^T
+  temporal_softmax_rows(p, buf.prob.get(), Tp, buf.lse.get());
+  for (int t = 0; t < T_; ++t) p.lse_t[stat_index(p, b, t, h, s)] = buf.lse[t];
+  if (sums_branches(p)) {
+    matmul(T_, D, T_, buf.prob.get(), Tp, values, ld_v, o_t.at(b, 0, s, h), o_t.st);  // P V
+  } else {
+    matmul(T_, D, T_, buf.prob.get(), Tp, values, ld_v, buf.rows.get(), Dp);
+    store_rows(out.at(b, 0, s, h), out.st, buf.rows.get(), Dp, T_, D);
+  }
+}
+
+// Float32 working copies of the spatial forward, one thread's (Dp, Sp: D, S padded to 16).
+struct SpatialForwardBuffers {
+  int Dp, Sp;
+  FloatArray keys, keys_t, values, q, scores, acc, lse;
+  int64_t gathered = -1;  // the frame-head whose keys and values are in keys_t and values
+  explicit SpatialForwardBuffers(const AttentionParams& p)
+      : Dp(padded(p.head_dim)), Sp(padded(p.tokens)), keys(floats(static_cast<int64_t>(p.tokens) * Dp)),
+        keys_t(floats(static_cast<int64_t>(Dp) * Sp)),
+        values(floats(static_cast<int64_t>(p.tokens) * Dp)), q(floats(static_cast<int64_t>(BLOCK_Q) * Dp)),
+        scores(floats(static_cast<int64_t>(BLOCK_Q) * Sp)), acc(floats(static_cast<int64_t>(BLOCK_Q) * Dp)),
+        lse(floats(BLOCK_Q)) {}
+};
+
+// Spatial rows [s0, s0 + rows) of frame-head (b, t, h): out = o_s (+ o_t, read from `o_t`, when the branches
+// are summed); lse_s written.
+template <typename T>
+void spatial_forward_task(const AttentionParams& p, SpatialForwardBuffers& buf, const Rows<float>& o_t,
+                          int64_t frame_head, int s0, int rows) {
   const int S = p.tokens, D = p.head_dim, Dp = buf.Dp, Sp = buf.Sp;
-  const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s);
-  gather_frame(k, b, t, h, S, D, nullptr, 0, buf.keys_t.data(), Sp, buf.acc.data());
-  gather_frame(v, b, t, h, S, D, buf.values.data(), Dp, nullptr, 0, nullptr);
-  float *qb = buf.q.data(), *scores = buf.scores.data(), *acc = buf.acc.data();
-  for (int i = 0; i < rows; ++i) load_row(qb + i * Dp, q.at(b, t, s0 + i, h), D, p.scale);
-  std::fill(scores, scores + static_cast<int64_t>(rows) * Sp, 0.f);
-  accumulate_rows(scores, Sp, rows, Sp, qb, Dp, 1, buf.keys_t.data(), Sp, D);  // scale Q K^T
-  for (int i = 0; i < rows; ++i) {
-    float* score = scores + static_cast<int64_t>(i) * Sp;
-    const float max_score = max_of(score, S);
-    const float sum = exp_shifted(score, S, max_score);
-    p.lse_s[stat_index(p, b, t, h, s0 + i)] = max_score + std::log(sum);
-    const float inv = 1.f / sum;
-    for (int j = 0; j < S; ++j) score[j] *= inv;
+  const int h = static_cast<int>(frame_head % p.heads);
+  const int t = static_cast<int>(frame_head / p.heads % p.frames);
+  const int b = static_cast<int>(frame_head / p.heads / p.frames);
+  const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s), out(p.out);
+  if (buf.gathered != frame_head) {
+    load_rows(buf.keys.get(), Dp, k.at(b, t, 0, h), k.ss, S, D);
+    transpose(buf.keys_t.get(), Sp, buf.keys.get(), Dp, S, D);
+    load_rows(buf.values.get(), Dp, v.at(b, t, 0, h), v.ss, S, D);
+    buf.gathered = frame_head;
   }
-  std::fill(acc, acc + static_cast<int64_t>(rows) * Dp, 0.f);
-  accumulate_rows(acc, Dp, rows, Dp, scores, Sp, 1, buf.values.data(), Dp, S);  // P V
+  float* acc = buf.acc.get();
+  load_rows(buf.q.get(), Dp, q.at(b, t, s0, h), q.ss, rows, D, p.scale);
+  matmul(rows, S, D, buf.q.get(), Dp, buf.keys_t.get(), Sp, buf.scores.get(), Sp);  // scale Q K^T
+  softmax_rows(buf.scores.get(), Sp, rows, S, buf.lse.get());
+  std::copy(buf.lse.get(), buf.lse.get() + rows, p.lse_s + stat_index(p, b, t, h, s0));
+  const bool add = sums_branches(p);
+  if (add) load_rows(acc, Dp, o_t.at(b, t, s0, h), o_t.ss, rows, D);
+  matmul(rows, D, S, buf.scores.get(), Sp, buf.values.get(), Dp, acc, Dp, add);  // P V (+ o_t)
+  store_rows(out.at(b, t, s0, h), out.ss, acc, Dp, rows, D);
 }
 
-// Temporal attention of token s0 + i at frame t, head h, added into acc row i; lse_t written.
-template <typename T>
-PYCHOP_INLINE void temporal_forward_rows(const AttentionParams& p, ForwardBuffers& buf, int b, int t, int h,
-                                         int s0, int rows, bool add) {
-  const int D = p.head_dim, Dp = buf.Dp;
-  const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t);
-  int first, last;
-  attended_frames(p, t, first, last);
-  float* score = buf.tscores.data();
-  for (int i = 0; i < rows; ++i) {
-    const int s = s0 + i;
-    float* qrow = buf.q.data() + i * Dp;
-    load_row(qrow, q.at(b, t, s, h), D, p.scale);
-    float max_score = -std::numeric_limits<float>::infinity();
-    for (int u = first; u <= last; ++u) {
-      const float* krow = float_row(k.at(b, u, s, h), buf.k_frames.data() + static_cast<int64_t>(u) * Dp, D);
-      score[u] = dot(qrow, krow, D);
-      max_score = std::max(max_score, score[u]);
-    }
-    const float sum = exp_shifted(score + first, last - first + 1, max_score);
-    p.lse_t[stat_index(p, b, t, h, s)] = max_score + std::log(sum);
-    float* out = buf.acc.data() + i * Dp;
-    if (!add) std::fill(out, out + D, 0.f);
-    const float inv = 1.f / sum;
-    for (int u = first; u <= last; ++u) {
-      const float* vrow = float_row(v.at(b, u, s, h), buf.v_frames.data() + static_cast<int64_t>(u) * Dp, D);
-      axpy(out, score[u] * inv, vrow, D);
-    }
-  }
-}
-
-template <typename T>
-void forward_task(const AttentionParams& p, ForwardBuffers& buf, int64_t task) {
-  const int blocks = (p.tokens + BLOCK_Q - 1) / BLOCK_Q;
-  const int block = static_cast<int>(task % blocks);
-  const int h = static_cast<int>(task / blocks % p.heads);
-  const int t = static_cast<int>(task / blocks / p.heads % p.frames);
-  const int b = static_cast<int>(task / blocks / p.heads / p.frames);
-  const int s0 = block * BLOCK_Q, rows = std::min(BLOCK_Q, p.tokens - s0);
-  const auto store = [&](const TensorRef& ref) {
-    const Rows<T> out(ref);
-    for (int i = 0; i < rows; ++i) store_row(out.at(b, t, s0 + i, h), buf.acc.data() + i * buf.Dp, p.head_dim);
-  };
-  if (p.spatial) {
-    spatial_forward_rows<T>(p, buf, b, t, h, s0, rows);
-    if (p.stacked) store(p.out);
-  }
-  if (p.temporal) temporal_forward_rows<T>(p, buf, b, t, h, s0, rows, /*add=*/p.spatial && !p.stacked);
-  store(p.temporal ? p.out_t : p.out);  // out_t is out unless the branches are stacked
-}
-
+// The temporal pass first (o_t kept in float32 when the spatial branch follows), then the spatial pass, one task
+// per (frame-head, block of BLOCK_Q tokens).
 template <typename T>
 void forward(const AttentionParams& p) {
-  const int64_t blocks = (p.tokens + BLOCK_Q - 1) / BLOCK_Q;
-  const int64_t tasks = static_cast<int64_t>(p.batch) * p.frames * p.heads * blocks;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    ForwardBuffers buf(p);
-    for (int64_t task = begin; task < end; ++task) forward_task<T>(p, buf, task);
-  });
+  const int B = p.batch, T_ = p.frames, S = p.tokens, H = p.heads, D = p.head_dim;
+  // o_t waits in float32 for the spatial pass: in out itself when out is float32, else in a contiguous copy.
+  const bool in_out = std::is_same_v<T, float>;
+  FloatArray storage = floats(sums_branches(p) && !in_out ? static_cast<int64_t>(B) * T_ * S * H * D : 0);
+  TensorRef o_t_ref = p.out;
+  if (!in_out) {
+    o_t_ref.data = storage.get();
+    o_t_ref.stride_h = D;
+    o_t_ref.stride_s = static_cast<int64_t>(H) * D;
+    o_t_ref.stride_t = o_t_ref.stride_s * S;
+    o_t_ref.stride_b = o_t_ref.stride_t * T_;
+  }
+  const Rows<float> o_t(o_t_ref);
+  if (p.temporal) {
+    const int64_t flops = 4 * static_cast<int64_t>(T_) * T_ * D;
+    at::parallel_for(0, static_cast<int64_t>(B) * S * H, grain(flops), [&](int64_t begin, int64_t end) {
+      TemporalForwardBuffers buf(p);
+      for (int64_t task = begin; task < end; ++task) temporal_forward_task<T>(p, buf, o_t, task);
+    });
+  }
+  if (p.spatial) {
+    const int blocks = (S + BLOCK_Q - 1) / BLOCK_Q;
+    const int64_t flops = 4 * static_cast<int64_t>(std::min(S, BLOCK_Q)) * S * D;
+    at::parallel_for(0, static_cast<int64_t>(B) * T_ * H * blocks, grain(flops), [&](int64_t begin, int64_t end) {
+      SpatialForwardBuffers buf(p);
+      for (int64_t task = begin; task < end; ++task) {  // a thread's tasks are consecutive: keys gathered once
+        const int s0 = static_cast<int>(task % blocks) * BLOCK_Q;
+        spatial_forward_task<T>(p, buf, o_t, task / blocks, s0, std::min(BLOCK_Q, S - s0));
+      }
+    });
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------------------
 
-// Float32 working copies of the temporal backward, zero-initialised once per thread (Dp, Tp: D, T padded).
+// Float32 working copies of the temporal backward, one thread's (Dp, Tp: D, T padded to 16). The names
+// ending in _t hold transposes (keys_t, values_t: D x T; prob_t, dscore_t: T x T); values stages V (T x D).
 struct TemporalBackwardBuffers {
   int Dp, Tp;
-  std::vector<float> q, keys, keys_t, values_t, dout, prob, dscore, grad;
+  FloatArray q, keys, keys_t, values, values_t, dout, prob, prob_t, dscore, dscore_t, grad;
   explicit TemporalBackwardBuffers(const AttentionParams& p)
-      : Dp(round_up(p.head_dim)), Tp(round_up(p.frames)),
-        q(static_cast<size_t>(p.frames) * Dp), keys(static_cast<size_t>(p.frames) * Dp),
-        keys_t(static_cast<size_t>(Dp) * Tp), values_t(static_cast<size_t>(Dp) * Tp),
-        dout(static_cast<size_t>(p.frames) * Dp), prob(static_cast<size_t>(p.frames) * Tp),
-        dscore(static_cast<size_t>(p.frames) * Tp), grad(static_cast<size_t>(p.frames) * Dp) {}
+      : Dp(padded(p.head_dim)), Tp(padded(p.frames)), q(floats(static_cast<int64_t>(p.frames) * Dp)),
+        keys(floats(static_cast<int64_t>(p.frames) * Dp)), keys_t(floats(static_cast<int64_t>(Dp) * Tp)),
+        values(floats(static_cast<int64_t>(p.frames) * Dp)), values_t(floats(static_cast<int64_t>(Dp) * Tp)),
+        dout(floats(static_cast<int64_t>(p.frames) * Dp)), prob(floats(static_cast<int64_t>(p.frames) * Tp)),
+        prob_t(floats(static_cast<int64_t>(p.frames) * Tp)), dscore(floats(static_cast<int64_t>(p.frames) * Tp)),
+        dscore_t(floats(static_cast<int64_t>(p.frames) * Tp)), grad(floats(static_cast<int64_t>(p.frames) * Dp)) {}
 };
 
 // One token-head (b, s, h): the T x T attention over its frames, backward. Writes dq_t, dk_t, dv_t and
-// delta_t = rowsum(dout * o_t) = sum_u P[t, u] dP[t, u]. dq uses every attended frame; P and dS are then
+// delta_t = rowsum(dout_t * o_t) = sum_u P[t, u] dP[t, u]. dq uses every attended frame; P and dS are then
 // cleared where the grad window makes k_t, v_t constants, for dk = dS^T (scale Q) and dv = P^T dO.
 template <typename T>
-void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& buf,
-                                              int64_t task) {
+void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& buf, int64_t task) {
   const int T_ = p.frames, D = p.head_dim, Dp = buf.Dp, Tp = buf.Tp;
   const int h = static_cast<int>(task % p.heads);
   const int s = static_cast<int>(task / p.heads % p.tokens);
   const int b = static_cast<int>(task / p.heads / p.tokens);
   const Rows<T> q(p.q_t), k(p.k_t), v(p.v_t), dout(p.dout_t), dq(p.dq_t), dk(p.dk_t), dv(p.dv_t);
-  float *qs = buf.q.data(), *keys = buf.keys.data(), *dos = buf.dout.data(), *grad = buf.grad.data();
-  float *prob = buf.prob.data(), *dscore = buf.dscore.data();
-  const int64_t rows_size = static_cast<int64_t>(T_) * Tp, grad_size = static_cast<int64_t>(T_) * Dp;
-  for (int u = 0; u < T_; ++u) {
-    load_row(qs + u * Dp, q.at(b, u, s, h), D, p.scale);
-    load_row(dos + u * Dp, dout.at(b, u, s, h), D);
-    float* krow = keys + u * Dp;
-    load_row(krow, k.at(b, u, s, h), D);
-    const float* vrow = float_row(v.at(b, u, s, h), grad, D);
-    for (int d = 0; d < D; ++d) {
-      buf.keys_t[d * Tp + u] = krow[d];
-      buf.values_t[d * Tp + u] = vrow[d];
-    }
-  }
-  std::fill(prob, prob + rows_size, 0.f);
-  std::fill(dscore, dscore + rows_size, 0.f);
-  accumulate_rows(prob, Tp, T_, Tp, qs, Dp, 1, buf.keys_t.data(), Tp, D);      // scale Q K^T
-  accumulate_rows(dscore, Tp, T_, Tp, dos, Dp, 1, buf.values_t.data(), Tp, D);  // dO V^T
+  float *prob = buf.prob.get(), *dscore = buf.dscore.get(), *grad = buf.grad.get();
+  int64_t ld_k, ld_v, ld_o;
+  load_rows(buf.q.get(), Dp, q.at(b, 0, s, h), q.st, T_, D, p.scale);
+  const float* keys = float_rows(k.at(b, 0, s, h), k.st, T_, D, buf.keys.get(), Dp, ld_k);
+  const float* values = float_rows(v.at(b, 0, s, h), v.st, T_, D, buf.values.get(), Dp, ld_v);
+  const float* douts = float_rows(dout.at(b, 0, s, h), dout.st, T_, D, buf.dout.get(), Dp, ld_o);
+  transpose(buf.keys_t.get(), Tp, keys, ld_k, T_, D);
+  transpose(buf.values_t.get(), Tp, values, ld_v, T_, D);
+  matmul(T_, T_, D, buf.q.get(), Dp, buf.keys_t.get(), Tp, prob, Tp);   // scale Q K^T
+  matmul(T_, T_, D, douts, ld_o, buf.values_t.get(), Tp, dscore, Tp);  // dP = dO V^T
   for (int t = 0; t < T_; ++t) {
     int first, last;
     attended_frames(p, t, first, last);
@@ -399,42 +422,46 @@ void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& b
     float delta = 0.f;
     for (int u = first; u <= last; ++u) delta += pr[u] * ds[u];
     if (p.spatial) p.delta_t[stat_index(p, b, t, h, s)] = delta;
-    for (int u = 0; u < Tp; ++u) {
+    for (int u = 0; u < T_; ++u) {
       const bool attended = u >= first && u <= last;
       ds[u] = attended ? pr[u] * (ds[u] - delta) : 0.f;
       pr[u] = attended ? pr[u] : 0.f;
     }
   }
-  std::fill(grad, grad + grad_size, 0.f);
-  accumulate_rows(grad, Dp, T_, Dp, dscore, Tp, 1, keys, Dp, T_);  // dS K
+  matmul(T_, D, T_, dscore, Tp, keys, ld_k, grad, Dp);  // dS K
+  store_rows(dq.at(b, 0, s, h), dq.st, grad, Dp, T_, D, p.scale);
   for (int t = 0; t < T_; ++t) {
-    store_row(dq.at(b, t, s, h), grad + t * Dp, D, p.scale);
     int first, last;
     attended_frames(p, t, first, last);
     for (int u = first; u < first_live_frame(p, t, first); ++u) prob[t * Tp + u] = dscore[t * Tp + u] = 0.f;
   }
-  std::fill(grad, grad + grad_size, 0.f);
-  accumulate_rows(grad, Dp, T_, Dp, dscore, 1, Tp, qs, Dp, T_);  // dK = dS^T (scale Q)
-  for (int u = 0; u < T_; ++u) store_row(dk.at(b, u, s, h), grad + u * Dp, D);
-  std::fill(grad, grad + grad_size, 0.f);
-  accumulate_rows(grad, Dp, T_, Dp, prob, 1, Tp, dos, Dp, T_);  // dV = P^T dO
-  for (int u = 0; u < T_; ++u) store_row(dv.at(b, u, s, h), grad + u * Dp, D);
+  transpose(buf.dscore_t.get(), Tp, dscore, Tp, T_, T_);
+  transpose(buf.prob_t.get(), Tp, prob, Tp, T_, T_);
+  matmul(T_, D, T_, buf.dscore_t.get(), Tp, buf.q.get(), Dp, grad, Dp);  // dK = dS^T (scale Q)
+  store_rows(dk.at(b, 0, s, h), dk.st, grad, Dp, T_, D);
+  matmul(T_, D, T_, buf.prob_t.get(), Tp, douts, ld_o, grad, Dp);  // dV = P^T dO
+  store_rows(dv.at(b, 0, s, h), dv.st, grad, Dp, T_, D);
 }
 
-// Float32 working copies of the spatial backward, zero-initialised once per thread (Dp, Sp: D, S padded).
+// Float32 working copies of the spatial backward, one thread's (Dp, Sp: D, S padded to 16). The names ending
+// in _t hold transposes: keys_t, values_t, dk_t, dv_t are D x S, q_t and dout_t D x BLOCK_Q; rows stages
+// values and gradients (S x D).
 struct SpatialBackwardBuffers {
   int Dp, Sp;
-  std::vector<float> keys, keys_t, values_t, dk, dv, q, dout, dq, out_row, prob, dprob, delta;
+  FloatArray keys, rows, keys_t, values_t, dk_t, dv_t, q, q_t, dout, dout_t, dq, out_row, prob, dprob, lse, delta;
   explicit SpatialBackwardBuffers(const AttentionParams& p)
-      : Dp(round_up(p.head_dim)), Sp(round_up(p.tokens)),
-        keys(static_cast<size_t>(Sp) * Dp), keys_t(static_cast<size_t>(Dp) * Sp),
-        values_t(static_cast<size_t>(Dp) * Sp), dk(static_cast<size_t>(Sp) * Dp), dv(static_cast<size_t>(Sp) * Dp),
-        q(static_cast<size_t>(BLOCK_Q) * Dp), dout(static_cast<size_t>(BLOCK_Q) * Dp),
-        dq(static_cast<size_t>(BLOCK_Q) * Dp), out_row(Dp), prob(static_cast<size_t>(BLOCK_Q) * Sp),
-        dprob(static_cast<size_t>(BLOCK_Q) * Sp), delta(BLOCK_Q) {}
+      : Dp(padded(p.head_dim)), Sp(padded(p.tokens)), keys(floats(static_cast<int64_t>(p.tokens) * Dp)),
+        rows(floats(static_cast<int64_t>(p.tokens) * Dp)),
+        keys_t(floats(static_cast<int64_t>(Dp) * Sp)), values_t(floats(static_cast<int64_t>(Dp) * Sp)),
+        dk_t(floats(static_cast<int64_t>(Dp) * Sp)), dv_t(floats(static_cast<int64_t>(Dp) * Sp)),
+        q(floats(static_cast<int64_t>(BLOCK_Q) * Dp)), q_t(floats(static_cast<int64_t>(Dp) * BLOCK_Q)),
+        dout(floats(static_cast<int64_t>(BLOCK_Q) * Dp)), dout_t(floats(static_cast<int64_t>(Dp) * BLOCK_Q)),
+        dq(floats(static_cast<int64_t>(BLOCK_Q) * Dp)), out_row(floats(Dp)),
+        prob(floats(static_cast<int64_t>(BLOCK_Q) * Sp)), dprob(floats(static_cast<int64_t>(BLOCK_Q) * Sp)),
+        lse(floats(BLOCK_Q)), delta(floats(BLOCK_Q)) {}
 };
 
-// One frame-head (b, t, h): dq_s, dk_s, dv_s.
+// One frame-head (b, t, h): dq_s, dk_s, dv_s, query block by query block.
 template <typename T>
 void spatial_backward_task(const AttentionParams& p, SpatialBackwardBuffers& buf, int64_t task) {
   const int S = p.tokens, D = p.head_dim, Dp = buf.Dp, Sp = buf.Sp;
@@ -442,56 +469,50 @@ void spatial_backward_task(const AttentionParams& p, SpatialBackwardBuffers& buf
   const int t = static_cast<int>(task / p.heads % p.frames);
   const int b = static_cast<int>(task / p.heads / p.frames);
   const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s), out(p.out), dout(p.dout), dq(p.dq_s), dk(p.dk_s), dv(p.dv_s);
-  float *keys = buf.keys.data(), *dks = buf.dk.data(), *dvs = buf.dv.data();
-  float *qb = buf.q.data(), *dob = buf.dout.data(), *dqb = buf.dq.data();
-  float *prob = buf.prob.data(), *dprob = buf.dprob.data(), *delta = buf.delta.data();
-  gather_frame(k, b, t, h, S, D, keys, Dp, buf.keys_t.data(), Sp, nullptr);
-  gather_frame(v, b, t, h, S, D, nullptr, 0, buf.values_t.data(), Sp, buf.out_row.data());
-  std::fill(dks, dks + static_cast<int64_t>(S) * Dp, 0.f);
-  std::fill(dvs, dvs + static_cast<int64_t>(S) * Dp, 0.f);
+  float *prob = buf.prob.get(), *dprob = buf.dprob.get(), *lse = buf.lse.get(), *delta = buf.delta.get();
+  load_rows(buf.keys.get(), Dp, k.at(b, t, 0, h), k.ss, S, D);
+  load_rows(buf.rows.get(), Dp, v.at(b, t, 0, h), v.ss, S, D);
+  transpose(buf.keys_t.get(), Sp, buf.keys.get(), Dp, S, D);
+  transpose(buf.values_t.get(), Sp, buf.rows.get(), Dp, S, D);
   for (int s0 = 0; s0 < S; s0 += BLOCK_Q) {
     const int rows = std::min(BLOCK_Q, S - s0);
+    load_rows(buf.q.get(), Dp, q.at(b, t, s0, h), q.ss, rows, D, p.scale);
+    load_rows(buf.dout.get(), Dp, dout.at(b, t, s0, h), dout.ss, rows, D);
+    transpose(buf.q_t.get(), BLOCK_Q, buf.q.get(), Dp, rows, D);
+    transpose(buf.dout_t.get(), BLOCK_Q, buf.dout.get(), Dp, rows, D);
     for (int i = 0; i < rows; ++i) {
-      float* dorow = dob + i * Dp;
-      load_row(qb + i * Dp, q.at(b, t, s0 + i, h), D, p.scale);
-      load_row(dorow, dout.at(b, t, s0 + i, h), D);
-      delta[i] = dot(dorow, float_row(out.at(b, t, s0 + i, h), buf.out_row.data(), D), D) -
-                 (p.temporal && !p.stacked ? p.delta_t[stat_index(p, b, t, h, s0 + i)] : 0.f);
+      load_rows(buf.out_row.get(), Dp, out.at(b, t, s0 + i, h), out.ss, 1, D);
+      const int64_t stat = stat_index(p, b, t, h, s0 + i);
+      lse[i] = p.lse_s[stat];
+      delta[i] = dot(buf.dout.get() + i * Dp, buf.out_row.get(), D) - (sums_branches(p) ? p.delta_t[stat] : 0.f);
     }
-    std::fill(prob, prob + static_cast<int64_t>(rows) * Sp, 0.f);
-    std::fill(dprob, dprob + static_cast<int64_t>(rows) * Sp, 0.f);
-    accumulate_rows(prob, Sp, rows, Sp, qb, Dp, 1, buf.keys_t.data(), Sp, D);     // scale Q K^T
-    accumulate_rows(dprob, Sp, rows, Sp, dob, Dp, 1, buf.values_t.data(), Sp, D);  // dO V^T
-    for (int i = 0; i < rows; ++i) {
-      float *pr = prob + static_cast<int64_t>(i) * Sp, *dp = dprob + static_cast<int64_t>(i) * Sp;
-      exp_shifted(pr, S, p.lse_s[stat_index(p, b, t, h, s0 + i)]);      // P
-      for (int j = 0; j < S; ++j) dp[j] = pr[j] * (dp[j] - delta[i]);  // dS: dq = scale dS k, dk = dS^T (scale q)
-    }
-    std::fill(dqb, dqb + static_cast<int64_t>(rows) * Dp, 0.f);
-    accumulate_rows(dqb, Dp, rows, Dp, dprob, Sp, 1, keys, Dp, S);  // dS K
-    accumulate_rows(dvs, Dp, S, Dp, prob, 1, Sp, dob, Dp, rows);    // dV += P^T dO
-    accumulate_rows(dks, Dp, S, Dp, dprob, 1, Sp, qb, Dp, rows);    // dK += dS^T (scale Q)
-    for (int i = 0; i < rows; ++i) store_row(dq.at(b, t, s0 + i, h), dqb + i * Dp, D, p.scale);
+    matmul(rows, S, D, buf.q.get(), Dp, buf.keys_t.get(), Sp, prob, Sp);          // scale Q K^T
+    matmul(rows, S, D, buf.dout.get(), Dp, buf.values_t.get(), Sp, dprob, Sp);  // dP = dO V^T
+    softmax_grad_rows(prob, dprob, Sp, rows, S, lse, delta);                    // P, dS
+    matmul(rows, D, S, dprob, Sp, buf.keys.get(), Dp, buf.dq.get(), Dp);                 // dS K
+    matmul(D, S, rows, buf.dout_t.get(), BLOCK_Q, prob, Sp, buf.dv_t.get(), Sp, s0 > 0);  // dV^T += dO^T P
+    matmul(D, S, rows, buf.q_t.get(), BLOCK_Q, dprob, Sp, buf.dk_t.get(), Sp, s0 > 0);    // dK^T += (scale Q)^T dS
+    store_rows(dq.at(b, t, s0, h), dq.ss, buf.dq.get(), Dp, rows, D, p.scale);
   }
-  for (int s = 0; s < S; ++s) {
-    store_row(dk.at(b, t, s, h), dks + static_cast<int64_t>(s) * Dp, D);
-    store_row(dv.at(b, t, s, h), dvs + static_cast<int64_t>(s) * Dp, D);
-  }
+  transpose(buf.rows.get(), Dp, buf.dk_t.get(), Sp, D, S);
+  store_rows(dk.at(b, t, 0, h), dk.ss, buf.rows.get(), Dp, S, D);
+  transpose(buf.rows.get(), Dp, buf.dv_t.get(), Sp, D, S);
+  store_rows(dv.at(b, t, 0, h), dv.ss, buf.rows.get(), Dp, S, D);
 }
 
 template <typename T>
 void backward(const AttentionParams& p) {
-  const int S = p.tokens, T_ = p.frames;
+  const int64_t T_ = p.frames, S = p.tokens, D = p.head_dim;
   if (p.temporal) {  // first: the spatial pass reads delta_t
     const int64_t tasks = static_cast<int64_t>(p.batch) * S * p.heads;
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tasks, grain(10 * T_ * T_ * D), [&](int64_t begin, int64_t end) {
       TemporalBackwardBuffers buf(p);
       for (int64_t task = begin; task < end; ++task) temporal_backward_task<T>(p, buf, task);
     });
   }
   if (p.spatial) {
     const int64_t tasks = static_cast<int64_t>(p.batch) * T_ * p.heads;
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tasks, grain(10 * S * S * D), [&](int64_t begin, int64_t end) {
       SpatialBackwardBuffers buf(p);
       for (int64_t task = begin; task < end; ++task) spatial_backward_task<T>(p, buf, task);
     });
