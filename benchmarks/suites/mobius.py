@@ -183,13 +183,25 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def form_account(config_name, mode, backend, batch, device, dtype_name):
+    """The saved-tensor account of one form (see account_main)."""
+    from pychop.models import video_unet
+
+    dtype = getattr(torch, dtype_name)
+    model = build(getattr(video_unet, config_name), mode, backend, torch.device(device), dtype)
+    torch.manual_seed(1)
+    return saved_tensor_account(model, model.example_inputs(batch, device=device, dtype=dtype))[0]
+
+
 def account_main(argv=None):
     """The saved-tensor account alone, for any config on any device: bytes saved for backward do not depend on
-    the device, so a CPU shows where the memory of the GPU config goes (one forward per form, no step)."""
+    the device, so a CPU shows where the memory of the GPU config goes (one forward per form, no step; each
+    form in a fresh process, so that one form's freed memory cannot inflate the next one's)."""
     import argparse
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     from benchmarks.runner import format_table
-    from pychop.models import video_unet
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.suites.mobius", description=account_main.__doc__)
     parser.add_argument("--config", default="SD15_VIDEO", choices=["TINY", "SD15_VIDEO"])
@@ -197,17 +209,16 @@ def account_main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
-    config, device, dtype = getattr(video_unet, args.config), torch.device(args.device), getattr(torch, args.dtype)
     accounts = {}
     for label, mode, backend in FORMS:
-        model = build(config, mode, backend, device, dtype)
-        torch.manual_seed(1)
-        accounts[label] = saved_tensor_account(model, model.example_inputs(args.batch, device=device, dtype=dtype))[0]
-        del model
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            accounts[label] = pool.submit(form_account, args.config, mode, backend, args.batch, args.device,
+                                          args.dtype).result()
+        print(f"{label}: {sum(accounts[label].values()):.1f} MiB saved", flush=True)
     rows = account_rows(accounts)
     serial = rows[-1]["serial+reference MiB"]
     for label in accounts:
-        print(f"{label}: {rows[-1][f'{label} MiB']:.1f} MiB saved, {rows[-1][f'{label} MiB'] / serial:.3f} of serial")
+        print(f"{label}: {rows[-1][f'{label} MiB'] / serial:.3f} of serial+reference")
     print(format_table([{k: v for k, v in row.items() if k not in ("table", "form")} for row in rows]))
 
 
