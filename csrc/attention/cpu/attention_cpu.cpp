@@ -314,7 +314,9 @@ void temporal_forward_task(const AttentionParams& p, TemporalForwardBuffers& buf
 struct SpatialForwardBuffers {
   int Dp, Sp;
   FloatArray keys, keys_t, values, q, scores, acc, lse;
-  int64_t gathered = -1;  // the frame-head whose keys and values are in keys_t and values
+  int64_t gathered = -1;  // the frame-head whose keys are in keys_t and whose values value_rows points at
+  const float* value_rows = nullptr;  // its values in float32: in place (see float_rows) or in `values`
+  int64_t ld_v = 0;
   explicit SpatialForwardBuffers(const AttentionParams& p)
       : Dp(padded(p.head_dim)), Sp(padded(p.tokens)), keys(floats(static_cast<int64_t>(p.tokens) * Dp)),
         keys_t(floats(static_cast<int64_t>(Dp) * Sp)),
@@ -334,20 +336,25 @@ void spatial_forward_task(const AttentionParams& p, SpatialForwardBuffers& buf, 
   const int b = static_cast<int>(frame_head / p.heads / p.frames);
   const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s), out(p.out);
   if (buf.gathered != frame_head) {
-    load_rows(buf.keys.get(), Dp, k.at(b, t, 0, h), k.ss, S, D);
-    transpose(buf.keys_t.get(), Sp, buf.keys.get(), Dp, S, D);
-    load_rows(buf.values.get(), Dp, v.at(b, t, 0, h), v.ss, S, D);
+    int64_t ld_k;
+    const float* keys = float_rows(k.at(b, t, 0, h), k.ss, S, D, buf.keys.get(), Dp, ld_k);
+    transpose(buf.keys_t.get(), Sp, keys, ld_k, S, D);
+    buf.value_rows = float_rows(v.at(b, t, 0, h), v.ss, S, D, buf.values.get(), Dp, buf.ld_v);
     buf.gathered = frame_head;
   }
-  float* acc = buf.acc.get();
   load_rows(buf.q.get(), Dp, q.at(b, t, s0, h), q.ss, rows, D, p.scale);
   matmul(rows, S, D, buf.q.get(), Dp, buf.keys_t.get(), Sp, buf.scores.get(), Sp);  // scale Q K^T
   softmax_rows(buf.scores.get(), Sp, rows, S, buf.lse.get());
   std::copy(buf.lse.get(), buf.lse.get() + rows, p.lse_s + stat_index(p, b, t, h, s0));
   const bool add = sums_branches(p);
-  if (add) load_rows(acc, Dp, o_t.at(b, t, s0, h), o_t.ss, rows, D);
-  matmul(rows, D, S, buf.scores.get(), Sp, buf.values.get(), Dp, acc, Dp, add);  // P V (+ o_t)
-  store_rows(out.at(b, t, s0, h), out.ss, acc, Dp, rows, D);
+  if constexpr (std::is_same_v<T, float>) {  // straight into out, where o_t waits when added (see forward)
+    matmul(rows, D, S, buf.scores.get(), Sp, buf.value_rows, buf.ld_v, out.at(b, t, s0, h), out.ss, add);
+  } else {
+    float* acc = buf.acc.get();
+    if (add) load_rows(acc, Dp, o_t.at(b, t, s0, h), o_t.ss, rows, D);
+    matmul(rows, D, S, buf.scores.get(), Sp, buf.value_rows, buf.ld_v, acc, Dp, add);  // P V (+ o_t)
+    store_rows(out.at(b, t, s0, h), out.ss, acc, Dp, rows, D);
+  }
 }
 
 // The temporal pass first (o_t kept in float32 when the spatial branch follows), then the spatial pass, one task
