@@ -8,12 +8,15 @@
 // rowsum(dout * o_s), which is rowsum(dout * out) - delta_t when out holds the sum, and writes dq_s, dk_s,
 // dv_s.
 //
-// All arithmetic is float32, on float32 row copies of the inputs (any strides; queries scaled as they are
-// loaded). Every matrix product, the temporal T x T ones included, is torch's exported small gemm
-// (at::native::cpublas::brgemm: oneDNN's JIT microkernel, else BLAS), one thread each inside
-// at::parallel_for; it takes no transpose flags, so transposed operands are copied by 8 x 8 register blocks
-// (transpose). The row kernels (softmax, its gradient, transpose) are compiled for AVX-512, AVX2 and
-// baseline x86-64, the best picked at load time; the rest is compiled once.
+// All arithmetic is float32. float32 rows are read and written in place where a gemm can take them (rows at
+// least D apart); other dtypes and strides go through float32 row copies. The forward scales queries as they
+// are copied; the spatial backward scales the scores and dS instead (P = exp(scale Q K^T - lse),
+// dS' = scale dS, dQ = dS' K, dK^T = Q^T dS'). Every matrix product, the temporal T x T ones included, is
+// torch's exported small gemm (at::native::cpublas::brgemm: oneDNN's JIT microkernel, else BLAS), one thread
+// each; it takes no transpose flags, so transposed operands are copied by 8 x 8 register blocks
+// (transpose). Threads are torch's (at::parallel_for), taking runs of tasks from a shared counter (run_tasks).
+// The row kernels (softmax, its gradient, transpose) are compiled for AVX-512, AVX2 and baseline x86-64, the
+// best picked at load time; the rest is compiled once.
 #include "attention/kernels.h"
 
 #include <ATen/Parallel.h>
@@ -460,10 +463,15 @@ void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& b
   }
   transpose(buf.dscore_t.get(), Tp, dscore, Tp, T_, T_);
   transpose(buf.prob_t.get(), Tp, prob, Tp, T_, T_);
-  matmul(T_, D, T_, buf.dscore_t.get(), Tp, buf.q.get(), Dp, grad, Dp);  // dK = dS^T (scale Q)
-  store_rows(dk.at(b, 0, s, h), dk.st, grad, Dp, T_, D);
-  matmul(T_, D, T_, buf.prob_t.get(), Tp, douts, ld_o, grad, Dp);  // dV = P^T dO
-  store_rows(dv.at(b, 0, s, h), dv.st, grad, Dp, T_, D);
+  if constexpr (std::is_same_v<T, float>) {  // straight into the gradients
+    matmul(T_, D, T_, buf.dscore_t.get(), Tp, buf.q.get(), Dp, dk.at(b, 0, s, h), dk.st);  // dK = dS^T (scale Q)
+    matmul(T_, D, T_, buf.prob_t.get(), Tp, douts, ld_o, dv.at(b, 0, s, h), dv.st);        // dV = P^T dO
+  } else {
+    matmul(T_, D, T_, buf.dscore_t.get(), Tp, buf.q.get(), Dp, grad, Dp);
+    store_rows(dk.at(b, 0, s, h), dk.st, grad, Dp, T_, D);
+    matmul(T_, D, T_, buf.prob_t.get(), Tp, douts, ld_o, grad, Dp);
+    store_rows(dv.at(b, 0, s, h), dv.st, grad, Dp, T_, D);
+  }
 }
 
 // Float32 working copies of the spatial backward, one thread's (Dp, Sp: D, S padded to 16). The names ending
