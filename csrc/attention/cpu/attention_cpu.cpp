@@ -8,12 +8,15 @@
 // rowsum(dout * o_s), which is rowsum(dout * out) - delta_t when out holds the sum, and writes dq_s, dk_s,
 // dv_s.
 //
-// All arithmetic is float32, on float32 row copies of the inputs (any strides; queries scaled as they are
-// loaded). Every matrix product, the temporal T x T ones included, is torch's exported small gemm
-// (at::native::cpublas::brgemm: oneDNN's JIT microkernel, else BLAS), one thread each inside
-// at::parallel_for; it takes no transpose flags, so transposed operands are copied by 8 x 8 register blocks
-// (transpose). The row kernels (softmax, its gradient, transpose) are compiled for AVX-512, AVX2 and
-// baseline x86-64, the best picked at load time; the rest is compiled once.
+// All arithmetic is float32. float32 rows are read and written in place where a gemm can take them (rows at
+// least D apart); other dtypes and strides go through float32 row copies. The forward scales queries as they
+// are copied; the spatial backward scales the scores and dS instead (P = exp(scale Q K^T - lse),
+// dS' = scale dS, dQ = dS' K, dK^T = Q^T dS'). Every matrix product, the temporal T x T ones included, is
+// torch's exported small gemm (at::native::cpublas::brgemm: oneDNN's JIT microkernel, else BLAS), one thread
+// each; it takes no transpose flags, so transposed operands are copied by 8 x 8 register blocks
+// (transpose). Threads are torch's (at::parallel_for), taking runs of tasks from a shared counter (run_tasks).
+// The row kernels (softmax, its gradient, transpose) are compiled for AVX-512, AVX2 and baseline x86-64, the
+// best picked at load time; the rest is compiled once.
 #include "attention/kernels.h"
 
 #include <ATen/Parallel.h>
@@ -22,6 +25,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -40,13 +44,27 @@
 namespace pychop {
 namespace {
 
-constexpr int BLOCK_Q = 64;  // query rows per spatial gemm
+constexpr int BLOCK_Q = 64;       // query rows per spatial gemm, forward
+constexpr int BLOCK_Q_BWD = 128;  // and backward (fewer passes over the D x S accumulators dK^T, dV^T)
 
-// Tasks per thread, at least: a thread is woken only for about 4 MFLOP of work (tens of microseconds), so
-// small calls run on the calling thread instead of paying for a parallel region.
-int64_t grain(int64_t flops_per_task) {
+// Runs body(buffers, task) for every task in [0, tasks) on torch's threads, each thread with its own
+// Buffers(p). Tasks go out from a shared counter in runs of consecutive ones (a multiple of `unit`, about 16
+// runs per thread), so that a thread the OS deschedules (other processes on the cores) leaves the rest of its
+// share to the others instead of holding up the call. A thread is woken only for about 4 MFLOP of work (tens
+// of microseconds), so small calls run on the calling thread instead of paying for a parallel region.
+template <typename Buffers, typename Body>
+void run_tasks(const AttentionParams& p, int64_t tasks, int64_t flops_per_task, int64_t unit, const Body& body) {
   constexpr int64_t MIN_THREAD_FLOPS = int64_t{1} << 22;
-  return std::max<int64_t>(1, MIN_THREAD_FLOPS / std::max<int64_t>(1, flops_per_task));
+  const int64_t min_tasks = std::max<int64_t>(1, MIN_THREAD_FLOPS / std::max<int64_t>(1, flops_per_task));
+  const int64_t workers = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), (tasks + min_tasks - 1) / min_tasks));
+  const int64_t run = unit * std::max<int64_t>(1, tasks / unit / (16 * workers));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Buffers buf(p);
+    for (int64_t first = next.fetch_add(run); first < tasks; first = next.fetch_add(run))
+      for (int64_t task = first; task < std::min(tasks, first + run); ++task) body(buf, task);
+  });
 }
 
 template <typename T>
@@ -128,13 +146,14 @@ PYCHOP_CPU_CLONES void transpose(float* __restrict__ dst, int64_t ldd, const flo
 }
 
 // 8 partial sums, then the tail: an order that vectorizes without reassociation.
-PYCHOP_INLINE float dot(const float* __restrict__ x, const float* __restrict__ y, int n) {
+template <typename T>
+PYCHOP_INLINE float dot(const float* __restrict__ x, const T* __restrict__ y, int n) {
   float lanes[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int i = 0;
   for (; i + 8 <= n; i += 8)
-    for (int l = 0; l < 8; ++l) lanes[l] += x[i + l] * y[i + l];
+    for (int l = 0; l < 8; ++l) lanes[l] += x[i + l] * static_cast<float>(y[i + l]);
   float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-  for (; i < n; ++i) sum += x[i] * y[i];
+  for (; i < n; ++i) sum += x[i] * static_cast<float>(y[i]);
   return sum;
 }
 
@@ -196,15 +215,15 @@ PYCHOP_CPU_CLONES void softmax_rows(float* x, int64_t ld, int rows, int n, float
   for (int i = 0; i < rows; ++i) lse[i] = softmax(x + i * ld, n);
 }
 
-// From the scores s and dP = dO V^T of rows [0, rows) (row stride ld, n columns), the probabilities
-// p = exp(s - lse[i]) (in place of s) and dS = p (dP - delta[i]) (in place of dP).
-PYCHOP_CPU_CLONES void softmax_grad_rows(float* p, float* dp, int64_t ld, int rows, int n, const float* lse,
-                                         const float* delta) {
+// From the unscaled scores s and dP = dO V^T of rows [0, rows) (row stride ld, n columns), the probabilities
+// p = exp(scale s - lse[i]) (in place of s) and dS' = scale p (dP - delta[i]) (in place of dP).
+PYCHOP_CPU_CLONES void softmax_grad_rows(float* p, float* dp, int64_t ld, int rows, int n, float scale,
+                                         const float* lse, const float* delta) {
   for (int i = 0; i < rows; ++i) {
     float *pr = p + i * ld, *dr = dp + i * ld;
     for (int j = 0; j < n; ++j) {
-      pr[j] = exp_nonpositive(pr[j] - lse[i]);
-      dr[j] = pr[j] * (dr[j] - delta[i]);
+      pr[j] = exp_nonpositive(scale * pr[j] - lse[i]);
+      dr[j] = scale * pr[j] * (dr[j] - delta[i]);
     }
   }
 }
@@ -298,7 +317,9 @@ void temporal_forward_task(const AttentionParams& p, TemporalForwardBuffers& buf
 struct SpatialForwardBuffers {
   int Dp, Sp;
   FloatArray keys, keys_t, values, q, scores, acc, lse;
-  int64_t gathered = -1;  // the frame-head whose keys and values are in keys_t and values
+  int64_t gathered = -1;  // the frame-head whose keys are in keys_t and whose values value_rows points at
+  const float* value_rows = nullptr;  // its values in float32: in place (see float_rows) or in `values`
+  int64_t ld_v = 0;
   explicit SpatialForwardBuffers(const AttentionParams& p)
       : Dp(padded(p.head_dim)), Sp(padded(p.tokens)), keys(floats(static_cast<int64_t>(p.tokens) * Dp)),
         keys_t(floats(static_cast<int64_t>(Dp) * Sp)),
@@ -318,20 +339,25 @@ void spatial_forward_task(const AttentionParams& p, SpatialForwardBuffers& buf, 
   const int b = static_cast<int>(frame_head / p.heads / p.frames);
   const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s), out(p.out);
   if (buf.gathered != frame_head) {
-    load_rows(buf.keys.get(), Dp, k.at(b, t, 0, h), k.ss, S, D);
-    transpose(buf.keys_t.get(), Sp, buf.keys.get(), Dp, S, D);
-    load_rows(buf.values.get(), Dp, v.at(b, t, 0, h), v.ss, S, D);
+    int64_t ld_k;
+    const float* keys = float_rows(k.at(b, t, 0, h), k.ss, S, D, buf.keys.get(), Dp, ld_k);
+    transpose(buf.keys_t.get(), Sp, keys, ld_k, S, D);
+    buf.value_rows = float_rows(v.at(b, t, 0, h), v.ss, S, D, buf.values.get(), Dp, buf.ld_v);
     buf.gathered = frame_head;
   }
-  float* acc = buf.acc.get();
   load_rows(buf.q.get(), Dp, q.at(b, t, s0, h), q.ss, rows, D, p.scale);
   matmul(rows, S, D, buf.q.get(), Dp, buf.keys_t.get(), Sp, buf.scores.get(), Sp);  // scale Q K^T
   softmax_rows(buf.scores.get(), Sp, rows, S, buf.lse.get());
   std::copy(buf.lse.get(), buf.lse.get() + rows, p.lse_s + stat_index(p, b, t, h, s0));
   const bool add = sums_branches(p);
-  if (add) load_rows(acc, Dp, o_t.at(b, t, s0, h), o_t.ss, rows, D);
-  matmul(rows, D, S, buf.scores.get(), Sp, buf.values.get(), Dp, acc, Dp, add);  // P V (+ o_t)
-  store_rows(out.at(b, t, s0, h), out.ss, acc, Dp, rows, D);
+  if constexpr (std::is_same_v<T, float>) {  // straight into out, where o_t waits when added (see forward)
+    matmul(rows, D, S, buf.scores.get(), Sp, buf.value_rows, buf.ld_v, out.at(b, t, s0, h), out.ss, add);
+  } else {
+    float* acc = buf.acc.get();
+    if (add) load_rows(acc, Dp, o_t.at(b, t, s0, h), o_t.ss, rows, D);
+    matmul(rows, D, S, buf.scores.get(), Sp, buf.value_rows, buf.ld_v, acc, Dp, add);  // P V (+ o_t)
+    store_rows(out.at(b, t, s0, h), out.ss, acc, Dp, rows, D);
+  }
 }
 
 // The temporal pass first (o_t kept in float32 when the spatial branch follows), then the spatial pass, one task
@@ -353,21 +379,21 @@ void forward(const AttentionParams& p) {
   const Rows<float> o_t(o_t_ref);
   if (p.temporal) {
     const int64_t flops = 4 * static_cast<int64_t>(T_) * T_ * D;
-    at::parallel_for(0, static_cast<int64_t>(B) * S * H, grain(flops), [&](int64_t begin, int64_t end) {
-      TemporalForwardBuffers buf(p);
-      for (int64_t task = begin; task < end; ++task) temporal_forward_task<T>(p, buf, o_t, task);
-    });
+    run_tasks<TemporalForwardBuffers>(p, static_cast<int64_t>(B) * S * H, flops, 1,
+                                      [&](TemporalForwardBuffers& buf, int64_t task) {
+                                        temporal_forward_task<T>(p, buf, o_t, task);
+                                      });
   }
   if (p.spatial) {
     const int blocks = (S + BLOCK_Q - 1) / BLOCK_Q;
     const int64_t flops = 4 * static_cast<int64_t>(std::min(S, BLOCK_Q)) * S * D;
-    at::parallel_for(0, static_cast<int64_t>(B) * T_ * H * blocks, grain(flops), [&](int64_t begin, int64_t end) {
-      SpatialForwardBuffers buf(p);
-      for (int64_t task = begin; task < end; ++task) {  // a thread's tasks are consecutive: keys gathered once
-        const int s0 = static_cast<int>(task % blocks) * BLOCK_Q;
-        spatial_forward_task<T>(p, buf, o_t, task / blocks, s0, std::min(BLOCK_Q, S - s0));
-      }
-    });
+    // Runs of whole frame-heads: a thread gathers a frame-head's keys and values once.
+    run_tasks<SpatialForwardBuffers>(p, static_cast<int64_t>(B) * T_ * H * blocks, flops, blocks,
+                                     [&](SpatialForwardBuffers& buf, int64_t task) {
+                                       const int s0 = static_cast<int>(task % blocks) * BLOCK_Q;
+                                       spatial_forward_task<T>(p, buf, o_t, task / blocks, s0,
+                                                               std::min(BLOCK_Q, S - s0));
+                                     });
   }
 }
 
@@ -437,67 +463,86 @@ void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& b
   }
   transpose(buf.dscore_t.get(), Tp, dscore, Tp, T_, T_);
   transpose(buf.prob_t.get(), Tp, prob, Tp, T_, T_);
-  matmul(T_, D, T_, buf.dscore_t.get(), Tp, buf.q.get(), Dp, grad, Dp);  // dK = dS^T (scale Q)
-  store_rows(dk.at(b, 0, s, h), dk.st, grad, Dp, T_, D);
-  matmul(T_, D, T_, buf.prob_t.get(), Tp, douts, ld_o, grad, Dp);  // dV = P^T dO
-  store_rows(dv.at(b, 0, s, h), dv.st, grad, Dp, T_, D);
+  if constexpr (std::is_same_v<T, float>) {  // straight into the gradients
+    matmul(T_, D, T_, buf.dscore_t.get(), Tp, buf.q.get(), Dp, dk.at(b, 0, s, h), dk.st);  // dK = dS^T (scale Q)
+    matmul(T_, D, T_, buf.prob_t.get(), Tp, douts, ld_o, dv.at(b, 0, s, h), dv.st);        // dV = P^T dO
+  } else {
+    matmul(T_, D, T_, buf.dscore_t.get(), Tp, buf.q.get(), Dp, grad, Dp);
+    store_rows(dk.at(b, 0, s, h), dk.st, grad, Dp, T_, D);
+    matmul(T_, D, T_, buf.prob_t.get(), Tp, douts, ld_o, grad, Dp);
+    store_rows(dv.at(b, 0, s, h), dv.st, grad, Dp, T_, D);
+  }
 }
 
 // Float32 working copies of the spatial backward, one thread's (Dp, Sp: D, S padded to 16). The names ending
-// in _t hold transposes: keys_t, values_t, dk_t, dv_t are D x S, q_t and dout_t D x BLOCK_Q; rows stages
-// values and gradients (S x D).
+// in _t hold transposes: keys_t, values_t, dk_t, dv_t are D x S, q_t and dout_t D x BLOCK_Q_BWD. keys, values,
+// q, dout are float32 copies of rows the gemms cannot read in place (see float_rows); dq and rows stage
+// gradients for a non-float32 output.
 struct SpatialBackwardBuffers {
   int Dp, Sp;
-  FloatArray keys, rows, keys_t, values_t, dk_t, dv_t, q, q_t, dout, dout_t, dq, out_row, prob, dprob, lse, delta;
+  FloatArray keys, values, rows, keys_t, values_t, dk_t, dv_t, q, q_t, dout, dout_t, dq, prob, dprob, lse, delta;
   explicit SpatialBackwardBuffers(const AttentionParams& p)
       : Dp(padded(p.head_dim)), Sp(padded(p.tokens)), keys(floats(static_cast<int64_t>(p.tokens) * Dp)),
-        rows(floats(static_cast<int64_t>(p.tokens) * Dp)),
+        values(floats(static_cast<int64_t>(p.tokens) * Dp)), rows(floats(static_cast<int64_t>(p.tokens) * Dp)),
         keys_t(floats(static_cast<int64_t>(Dp) * Sp)), values_t(floats(static_cast<int64_t>(Dp) * Sp)),
         dk_t(floats(static_cast<int64_t>(Dp) * Sp)), dv_t(floats(static_cast<int64_t>(Dp) * Sp)),
-        q(floats(static_cast<int64_t>(BLOCK_Q) * Dp)), q_t(floats(static_cast<int64_t>(Dp) * BLOCK_Q)),
-        dout(floats(static_cast<int64_t>(BLOCK_Q) * Dp)), dout_t(floats(static_cast<int64_t>(Dp) * BLOCK_Q)),
-        dq(floats(static_cast<int64_t>(BLOCK_Q) * Dp)), out_row(floats(Dp)),
-        prob(floats(static_cast<int64_t>(BLOCK_Q) * Sp)), dprob(floats(static_cast<int64_t>(BLOCK_Q) * Sp)),
-        lse(floats(BLOCK_Q)), delta(floats(BLOCK_Q)) {}
+        q(floats(static_cast<int64_t>(BLOCK_Q_BWD) * Dp)), q_t(floats(static_cast<int64_t>(Dp) * BLOCK_Q_BWD)),
+        dout(floats(static_cast<int64_t>(BLOCK_Q_BWD) * Dp)),
+        dout_t(floats(static_cast<int64_t>(Dp) * BLOCK_Q_BWD)), dq(floats(static_cast<int64_t>(BLOCK_Q_BWD) * Dp)),
+        prob(floats(static_cast<int64_t>(BLOCK_Q_BWD) * Sp)), dprob(floats(static_cast<int64_t>(BLOCK_Q_BWD) * Sp)),
+        lse(floats(BLOCK_Q_BWD)), delta(floats(BLOCK_Q_BWD)) {}
 };
 
-// One frame-head (b, t, h): dq_s, dk_s, dv_s, query block by query block.
+// One frame-head (b, t, h): dq_s, dk_s, dv_s, query block by query block. The scale is applied to the scores
+// (P = exp(scale Q K^T - lse)) and to dS (dS' = scale dS), so that dQ = dS' K and dK^T = Q^T dS' need no
+// scaled copy of Q; float32 inputs are read in place, float32 gradients written in place.
 template <typename T>
 void spatial_backward_task(const AttentionParams& p, SpatialBackwardBuffers& buf, int64_t task) {
+  constexpr bool in_place = std::is_same_v<T, float>;
   const int S = p.tokens, D = p.head_dim, Dp = buf.Dp, Sp = buf.Sp;
   const int h = static_cast<int>(task % p.heads);
   const int t = static_cast<int>(task / p.heads % p.frames);
   const int b = static_cast<int>(task / p.heads / p.frames);
   const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s), out(p.out), dout(p.dout), dq(p.dq_s), dk(p.dk_s), dv(p.dv_s);
   float *prob = buf.prob.get(), *dprob = buf.dprob.get(), *lse = buf.lse.get(), *delta = buf.delta.get();
-  load_rows(buf.keys.get(), Dp, k.at(b, t, 0, h), k.ss, S, D);
-  load_rows(buf.rows.get(), Dp, v.at(b, t, 0, h), v.ss, S, D);
-  transpose(buf.keys_t.get(), Sp, buf.keys.get(), Dp, S, D);
-  transpose(buf.values_t.get(), Sp, buf.rows.get(), Dp, S, D);
-  for (int s0 = 0; s0 < S; s0 += BLOCK_Q) {
-    const int rows = std::min(BLOCK_Q, S - s0);
-    load_rows(buf.q.get(), Dp, q.at(b, t, s0, h), q.ss, rows, D, p.scale);
-    load_rows(buf.dout.get(), Dp, dout.at(b, t, s0, h), dout.ss, rows, D);
-    transpose(buf.q_t.get(), BLOCK_Q, buf.q.get(), Dp, rows, D);
-    transpose(buf.dout_t.get(), BLOCK_Q, buf.dout.get(), Dp, rows, D);
+  int64_t ld_k, ld_v;
+  const float* keys = float_rows(k.at(b, t, 0, h), k.ss, S, D, buf.keys.get(), Dp, ld_k);
+  const float* values = float_rows(v.at(b, t, 0, h), v.ss, S, D, buf.values.get(), Dp, ld_v);
+  transpose(buf.keys_t.get(), Sp, keys, ld_k, S, D);
+  transpose(buf.values_t.get(), Sp, values, ld_v, S, D);
+  for (int s0 = 0; s0 < S; s0 += BLOCK_Q_BWD) {
+    const int rows = std::min(BLOCK_Q_BWD, S - s0);
+    int64_t ld_q, ld_o;
+    const float* qs = float_rows(q.at(b, t, s0, h), q.ss, rows, D, buf.q.get(), Dp, ld_q);
+    const float* douts = float_rows(dout.at(b, t, s0, h), dout.ss, rows, D, buf.dout.get(), Dp, ld_o);
+    transpose(buf.q_t.get(), BLOCK_Q_BWD, qs, ld_q, rows, D);
+    transpose(buf.dout_t.get(), BLOCK_Q_BWD, douts, ld_o, rows, D);
     for (int i = 0; i < rows; ++i) {
-      load_rows(buf.out_row.get(), Dp, out.at(b, t, s0 + i, h), out.ss, 1, D);
       const int64_t stat = stat_index(p, b, t, h, s0 + i);
       lse[i] = p.lse_s[stat];
-      delta[i] = dot(buf.dout.get() + i * Dp, buf.out_row.get(), D) - (sums_branches(p) ? p.delta_t[stat] : 0.f);
+      delta[i] = dot(douts + i * ld_o, out.at(b, t, s0 + i, h), D) - (sums_branches(p) ? p.delta_t[stat] : 0.f);
     }
-    matmul(rows, S, D, buf.q.get(), Dp, buf.keys_t.get(), Sp, prob, Sp);          // scale Q K^T
-    matmul(rows, S, D, buf.dout.get(), Dp, buf.values_t.get(), Sp, dprob, Sp);  // dP = dO V^T
-    softmax_grad_rows(prob, dprob, Sp, rows, S, lse, delta);                    // P, dS
-    matmul(rows, D, S, dprob, Sp, buf.keys.get(), Dp, buf.dq.get(), Dp);                 // dS K
-    matmul(D, S, rows, buf.dout_t.get(), BLOCK_Q, prob, Sp, buf.dv_t.get(), Sp, s0 > 0);  // dV^T += dO^T P
-    matmul(D, S, rows, buf.q_t.get(), BLOCK_Q, dprob, Sp, buf.dk_t.get(), Sp, s0 > 0);    // dK^T += (scale Q)^T dS
-    store_rows(dq.at(b, t, s0, h), dq.ss, buf.dq.get(), Dp, rows, D, p.scale);
+    matmul(rows, S, D, qs, ld_q, buf.keys_t.get(), Sp, prob, Sp);         // Q K^T
+    matmul(rows, S, D, douts, ld_o, buf.values_t.get(), Sp, dprob, Sp);  // dP = dO V^T
+    softmax_grad_rows(prob, dprob, Sp, rows, S, p.scale, lse, delta);    // P, dS' = scale dS
+    if constexpr (in_place) {
+      matmul(rows, D, S, dprob, Sp, keys, ld_k, dq.at(b, t, s0, h), dq.ss);  // dQ = dS' K
+    } else {
+      matmul(rows, D, S, dprob, Sp, keys, ld_k, buf.dq.get(), Dp);
+      store_rows(dq.at(b, t, s0, h), dq.ss, buf.dq.get(), Dp, rows, D);
+    }
+    matmul(D, S, rows, buf.dout_t.get(), BLOCK_Q_BWD, prob, Sp, buf.dv_t.get(), Sp, s0 > 0);  // dV^T += dO^T P
+    matmul(D, S, rows, buf.q_t.get(), BLOCK_Q_BWD, dprob, Sp, buf.dk_t.get(), Sp, s0 > 0);    // dK^T += Q^T dS'
   }
-  transpose(buf.rows.get(), Dp, buf.dk_t.get(), Sp, D, S);
-  store_rows(dk.at(b, t, 0, h), dk.ss, buf.rows.get(), Dp, S, D);
-  transpose(buf.rows.get(), Dp, buf.dv_t.get(), Sp, D, S);
-  store_rows(dv.at(b, t, 0, h), dv.ss, buf.rows.get(), Dp, S, D);
+  if constexpr (in_place) {
+    transpose(dk.at(b, t, 0, h), dk.ss, buf.dk_t.get(), Sp, D, S);
+    transpose(dv.at(b, t, 0, h), dv.ss, buf.dv_t.get(), Sp, D, S);
+  } else {
+    transpose(buf.rows.get(), Dp, buf.dk_t.get(), Sp, D, S);
+    store_rows(dk.at(b, t, 0, h), dk.ss, buf.rows.get(), Dp, S, D);
+    transpose(buf.rows.get(), Dp, buf.dv_t.get(), Sp, D, S);
+    store_rows(dv.at(b, t, 0, h), dv.ss, buf.rows.get(), Dp, S, D);
+  }
 }
 
 template <typename T>
@@ -505,16 +550,14 @@ void backward(const AttentionParams& p) {
   const int64_t T_ = p.frames, S = p.tokens, D = p.head_dim;
   if (p.temporal) {  // first: the spatial pass reads delta_t
     const int64_t tasks = static_cast<int64_t>(p.batch) * S * p.heads;
-    at::parallel_for(0, tasks, grain(10 * T_ * T_ * D), [&](int64_t begin, int64_t end) {
-      TemporalBackwardBuffers buf(p);
-      for (int64_t task = begin; task < end; ++task) temporal_backward_task<T>(p, buf, task);
+    run_tasks<TemporalBackwardBuffers>(p, tasks, 10 * T_ * T_ * D, 1, [&](TemporalBackwardBuffers& buf, int64_t task) {
+      temporal_backward_task<T>(p, buf, task);
     });
   }
   if (p.spatial) {
     const int64_t tasks = static_cast<int64_t>(p.batch) * T_ * p.heads;
-    at::parallel_for(0, tasks, grain(10 * S * S * D), [&](int64_t begin, int64_t end) {
-      SpatialBackwardBuffers buf(p);
-      for (int64_t task = begin; task < end; ++task) spatial_backward_task<T>(p, buf, task);
+    run_tasks<SpatialBackwardBuffers>(p, tasks, 10 * S * S * D, 1, [&](SpatialBackwardBuffers& buf, int64_t task) {
+      spatial_backward_task<T>(p, buf, task);
     });
   }
 }
