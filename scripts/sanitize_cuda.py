@@ -1,5 +1,5 @@
-"""Runs the "cuda" backend forward and backward at small shapes, every option and dtype, for
-compute-sanitizer:
+"""Runs the "cuda" backend forward and backward at small shapes, every option and dtype, both branches
+summed and stacked, for compute-sanitizer:
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_cuda.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python scripts/sanitize_cuda.py
@@ -30,6 +30,7 @@ def main():
                 x = [torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(6)]
                 for op, inputs, kwargs in (
                         (pychop.parallel_st_attention, x, options),
+                        (pychop.parallel_st_attention, x, dict(options, combine="stack")),
                         (pychop.spatial_attention, x[:3], {}),
                         (pychop.temporal_attention, x[3:], {k.replace("temporal_", ""): v for k, v in options.items()})):
                     out = op(*inputs, backend="cuda", **kwargs)
