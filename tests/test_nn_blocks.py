@@ -1,5 +1,8 @@
 """pychop.nn blocks against a plain float64 composition written here with einsum on the blocks' own weights."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,6 +172,36 @@ def test_parallel_block_feeds_one_fused_call_views_of_one_packed_projection(monk
         assert t._base is not None and t.untyped_storage().data_ptr() == storage, "attention input is a copy"
         assert t.shape == (B, T, S, HEADS, C // HEADS) and t.stride(-1) == 1
         assert t.stride(2) == 6 * C  # a row of the packed (B, T, S, 6, H, D) projection
+
+
+@pytest.mark.parametrize("backend", runnable_backends("cpu", interpreted=False))
+def test_recomputed_projection_gives_the_same_gradients_and_keeps_no_projection(backend, seed):
+    """recompute_projection: bit-identical output and gradients, and the (B, T, S, 6C) projection made in the
+    forward is freed once the forward returns (kept alive by the graph without the option)."""
+    block = ParallelSTBlock(DIM, HEADS, backend=backend)
+    block.spatial.requires_grad_(False)  # the Mobius setup: only the temporal side trains
+    project, projections = block.project, []
+
+    def tracked_project(x):
+        packed = project(x)
+        projections.append(weakref.ref(packed._base if packed._base is not None else packed))  # views keep it
+        return packed
+
+    block.project = tracked_project
+    x = torch.randn(SHAPE, requires_grad=True)
+    dout = torch.randn(SHAPE)
+    params = [p for p in block.parameters() if p.requires_grad]
+    results = []
+    for recompute in (False, True):
+        block.recompute_projection = recompute
+        projections.clear()
+        out = block(x)
+        gc.collect()
+        assert (projections[0]() is None) == recompute, f"recompute_projection={recompute}"
+        results.append([out.detach(), *torch.autograd.grad(out, [x, *params], dout)])
+        assert len(projections) == 1 + recompute  # recomputed once in the backward, for every view
+    for plain, recomputed in zip(*results):
+        torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
 
 
 def test_st_blocks_reject_bad_tokens():

@@ -1,12 +1,15 @@
 """Suite `mobius`: one training step of the reference VideoUNet, serial vs parallel (Mobius), temporal layers only.
 
-Three forms of ``pychop.models.VideoUNet`` with identical weights, spatial layers frozen (``freeze_spatial``),
+Four forms of ``pychop.models.VideoUNet`` with identical weights, spatial layers frozen (``freeze_spatial``),
 AdamW on the temporal parameters, side by side in one run:
 
 - ``serial+reference``: serial spatial-temporal blocks written the diffusers way (SDPA, the usual permutes);
 - ``parallel+reference``: parallel blocks with pychop's ``"torch"`` backend (the unfused reference attention);
 - ``parallel+fused``: parallel blocks with ``backend="auto"`` when a fused backend is available on the device
-  (otherwise the row says what was available and is left empty).
+  (otherwise the row says what was available and is left empty);
+- ``parallel+fused+recompute``: the same with ``recompute_projection`` (the blocks' packed q/k/v projections
+  are recomputed in the backward instead of kept). The account below cannot see the attention's row
+  statistics in this form (saved-tensor hooks do not nest), about 0.4% of a block's bytes.
 
 Per form: the median time of a whole step (forward, backward, optimizer) and the allocator's peak above the
 weights and optimizer state. Then a saved-tensor account of one forward (``saved_tensors_hooks``): the bytes
@@ -32,8 +35,9 @@ from pychop.nn import ParallelSTBlock, ResConvBlock, SerialSTBlock, TemporalConv
 
 DESCRIPTION = "Mobius: VideoUNet training step, serial vs parallel spatial-temporal blocks (temporal layers trained)"
 
-FORMS = (("serial+reference", "serial", "torch"), ("parallel+reference", "parallel", "torch"),
-         ("parallel+fused", "parallel", "auto"))
+# (label, st_mode, attention backend, recompute_projection)
+FORMS = (("serial+reference", "serial", "torch", False), ("parallel+reference", "parallel", "torch", False),
+         ("parallel+fused", "parallel", "auto", False), ("parallel+fused+recompute", "parallel", "auto", True))
 
 # Innermost match wins; the order only names the components in the table.
 COMPONENTS = ((SerialSTBlock, "st_attention"), (ParallelSTBlock, "st_attention"), (TemporalConv, "temporal_conv"),
@@ -53,10 +57,13 @@ def fused_backends(device):
     return [name for name, reason in reasons.items() if reason is None and name != "torch"], reasons
 
 
-def build(config, mode, backend, device, dtype):
+def build(config, mode, backend, device, dtype, recompute=False):
     torch.manual_seed(0)  # the same weights in every form: the parameter structure is identical
     with torch.device(device):
         model = VideoUNet(config, mode, backend=backend).to(dtype)
+    for block in model.modules():
+        if isinstance(block, ParallelSTBlock):
+            block.recompute_projection = recompute
     return model.freeze_spatial()
 
 
@@ -114,12 +121,12 @@ def run(ctx):
           + "; ".join(f"{name}: {reason}" for name, reason in reasons.items() if reason), flush=True)
 
     rows, accounts, baseline = [], {}, None
-    for label, mode, backend in ctx.progress(FORMS, "mobius forms"):
+    for label, mode, backend, recompute in ctx.progress(FORMS, "mobius forms"):
         row = {"table": "step", "form": label, "config": "SD15_VIDEO" if ctx.on_gpu else "TINY", "batch": batch}
         if backend == "auto" and not fused:
             rows.append({**row, "note": f"no fused backend on {device.type}"})
             continue
-        model = build(config, mode, backend, device, dtype)
+        model = build(config, mode, backend, device, dtype, recompute)
         torch.manual_seed(1)
         inputs = model.example_inputs(batch, device=device, dtype=dtype)
         target = torch.randn(batch, config.num_frames, config.out_channels, *config.latent_size, device=device,
@@ -183,12 +190,12 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def form_account(config_name, mode, backend, batch, device, dtype_name):
+def form_account(config_name, mode, backend, recompute, batch, device, dtype_name):
     """The saved-tensor account of one form (see account_main)."""
     from pychop.models import video_unet
 
     dtype = getattr(torch, dtype_name)
-    model = build(getattr(video_unet, config_name), mode, backend, torch.device(device), dtype)
+    model = build(getattr(video_unet, config_name), mode, backend, torch.device(device), dtype, recompute)
     torch.manual_seed(1)
     return saved_tensor_account(model, model.example_inputs(batch, device=device, dtype=dtype))[0]
 
@@ -210,10 +217,10 @@ def account_main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
     accounts = {}
-    for label, mode, backend in FORMS:
+    for label, mode, backend, recompute in FORMS:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            accounts[label] = pool.submit(form_account, args.config, mode, backend, args.batch, args.device,
-                                          args.dtype).result()
+            accounts[label] = pool.submit(form_account, args.config, mode, backend, recompute, args.batch,
+                                          args.device, args.dtype).result()
         print(f"{label}: {sum(accounts[label].values()):.1f} MiB saved", flush=True)
     rows = account_rows(accounts)
     serial = rows[-1]["serial+reference MiB"]

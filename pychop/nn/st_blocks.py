@@ -34,12 +34,17 @@ frozen on one side and trained on the other.
 Saved for backward by the parallel block with a fused backend: the input x and its LayerNorm statistics, the
 packed projection (B, T, S, 6C) and the stacked attention output (B, T, S, 2C; the attention and the output
 projections save the same storage) with the row statistics: 9 (B, T, S, C) activations, and no weight copies.
+With ``recompute_projection=True`` the packed projection is not kept: the attention's saved views of it
+become recipes (size, strides, offset), and the backward recomputes the projection from x once, when it
+first needs them (one more C -> 6C GEMM): 3 activations.
 The serial block with the spatial side frozen keeps about 12 (its input, spatial q, k, v and output, the
 permuted copy, the temporal LayerNorm output, temporal q, k, v and output, and the output's transposed copy
 for the temporal output projection).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -108,13 +113,17 @@ class ParallelSTBlock(nn.Module):
     """Spatial and temporal self-attention side by side on one input (Mobius): (B, T, S, C) -> (B, T, S, C).
 
     ``backend`` selects the attention backend (``"auto"``: the fastest available, ``"torch"``: the unfused
-    reference); the temporal options are those of ``pychop.parallel_st_attention``.
+    reference); the temporal options are those of ``pychop.parallel_st_attention``. ``recompute_projection``
+    trades one more C -> 6C GEMM in the backward for not keeping the (B, T, S, 6C) projection (see the module
+    docstring); it can be switched on an existing block.
     """
 
     def __init__(self, dim: int, heads: int, *, qkv_bias: bool = False, eps: float = 1e-5, backend: str = "auto",
-                 temporal_causal: bool = False, temporal_window=None, temporal_grad_window=None):
+                 temporal_causal: bool = False, temporal_window=None, temporal_grad_window=None,
+                 recompute_projection: bool = False):
         super().__init__()
         self.dim, self.heads, self.eps, self.backend = dim, heads, eps, backend
+        self.recompute_projection = recompute_projection
         self.temporal_options = dict(temporal_causal=temporal_causal, temporal_window=temporal_window,
                                      temporal_grad_window=temporal_grad_window)
         self.spatial = AttentionBranch(dim, heads, qkv_bias=qkv_bias, eps=eps)
@@ -123,15 +132,50 @@ class ParallelSTBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tokens(x, self.dim)
         B, T, S, C = x.shape
-        packed = layer_norm_packed_linear(x, self.spatial.qkv_blocks() + self.temporal.qkv_blocks(), self.eps)
+        packed = self.project(x)
         q_s, k_s, v_s, q_t, k_t, v_t = packed.view(B, T, S, 6, self.heads, C // self.heads).unbind(3)
-        branches = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, combine="stack", backend=self.backend,
-                                                **self.temporal_options)
+        saving = RecomputedViews(self.project, x, packed) if self.recompute_projection else contextlib.nullcontext()
+        with saving:
+            branches = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, combine="stack",
+                                                    backend=self.backend, **self.temporal_options)
         o_s, o_t = (branch.reshape(-1, C) for branch in branches.unbind(3))  # (N, C) views, row stride 2C
         out = torch.addmm(x.reshape(-1, C), o_s, self.spatial.to_out.weight.t())
         out = torch.addmm(out, o_t, self.temporal.to_out.weight.t())
         out.add_(self.spatial.to_out.bias + self.temporal.to_out.bias)  # addmm keeps no output: in place is safe
         return out.view(B, T, S, C)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The packed (B, T, S, 6C) projection q_s, k_s, v_s, q_t, k_t, v_t of LayerNorm(x)."""
+        return layer_norm_packed_linear(x, self.spatial.qkv_blocks() + self.temporal.qkv_blocks(), self.eps)
+
+
+class RecomputedViews(torch.autograd.graph.saved_tensors_hooks):
+    """Within it, tensors saved for backward that are views of ``packed`` are kept as (size, stride, offset)
+    only; on the first unpack, ``packed`` is recomputed as ``project(x)`` (without grad) and shared by every
+    view until the last of them is released. ``x`` must be kept alive by the graph anyway (it is, as the
+    input of the projection's LayerNorm), so nothing is held that would not be."""
+
+    def __init__(self, project, x: torch.Tensor, packed: torch.Tensor):
+        if packed.storage_offset() != 0 or not packed.is_contiguous():
+            raise ValueError("RecomputedViews: packed must be a contiguous tensor at offset 0")
+        storage = packed.untyped_storage().data_ptr()
+        recipe = {"project": project, "x": x, "packed": None}
+
+        def pack(tensor):
+            if tensor.untyped_storage().data_ptr() != storage:
+                return tensor
+            return recipe, tensor.size(), tensor.stride(), tensor.storage_offset()
+
+        def unpack(saved):
+            if isinstance(saved, torch.Tensor):
+                return saved
+            state, size, stride, offset = saved
+            if state["packed"] is None:
+                with torch.no_grad():
+                    state["packed"] = state["project"](state["x"])
+            return state["packed"].as_strided(size, stride, offset)
+
+        super().__init__(pack, unpack)
 
 
 def make_st_block(mode: str, dim: int, heads: int, **options) -> nn.Module:
