@@ -211,7 +211,8 @@ def _backward_query_kernel(
 
     if HAS_SPATIAL:
         o = tl.load(_tile(Out, b, t, h, offs_m, offs_d, so_b, so_t, so_s, so_h), mask=tile_ok, other=0.0)
-        do = tl.load(do_tile, mask=tile_ok, other=0.0)
+        if not OUT_IS_SUM:  # summed, both branches share the gradient the temporal pass loaded
+            do = tl.load(do_tile, mask=tile_ok, other=0.0)
         # delta = rowsum(dO * o_s), first from the saved output (rounded to its dtype; minus delta_t when it
         # holds the sum); the exact value, sum_j p dp, is accumulated on the way and goes to the key kernel.
         # With both branches summed the rounding of the saved *sum* would dominate dq's error, so dq is
