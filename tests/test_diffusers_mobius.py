@@ -4,7 +4,7 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import UNetMotionModel  # noqa: E402
+from diffusers import UNet3DConditionModel, UNetMotionModel  # noqa: E402
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D  # noqa: E402
 from diffusers.models.transformers.transformer_temporal import (  # noqa: E402
     TransformerSpatioTemporalModel, TransformerTemporalModel)
@@ -23,6 +23,14 @@ def tiny_motion_unet(seed):
                            down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
                            up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"), cross_attention_dim=TEXT_DIM,
                            num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=8)
+
+
+def tiny_unet_3d(seed):
+    torch.manual_seed(seed)
+    return UNet3DConditionModel(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
+                                down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=TEXT_DIM,
+                                attention_head_dim=8)
 
 
 def unet_inputs():
@@ -149,6 +157,50 @@ def test_converter_rewires_pairs_in_parallel_and_reverts_exactly(seed):
         assert torch.equal(unet(*inputs).sample, original)
 
 
+def test_converter_rewires_unet_3d_temporal_transformers_and_reverts_exactly(seed):
+    unet = tiny_unet_3d(seed)
+    sample, timesteps, _ = unet_inputs()
+    text = torch.randn(BATCH, 5, TEXT_DIM)  # UNet3DConditionModel repeats it per frame itself
+    inputs = (sample, timesteps, text)
+    with torch.no_grad():
+        original = unet(*inputs).sample
+
+        # One rewired layer of a CrossAttnDownBlock3D (resnet, temporal conv, then the pair), composed by hand.
+        block = unet.down_blocks[0]
+        h = torch.randn(BATCH * FRAMES, 16, 8, 8)
+        temb = torch.randn(BATCH * FRAMES, unet.time_embedding.linear_2.out_features)
+        frame_text = text.repeat_interleave(FRAMES, dim=0)
+        r = block.temp_convs[0](block.resnets[0](h, temb), num_frames=FRAMES)
+        expected = block.attentions[0](r, encoder_hidden_states=frame_text, return_dict=False)[0] \
+            + block.temp_attentions[0](r, num_frames=FRAMES, return_dict=False)[0] - r
+        stage = lambda: block(h, temb, encoder_hidden_states=frame_text, num_frames=FRAMES)[1][0]
+        serial_stage = stage()
+
+        conversion = convert_to_parallel(unet)
+        assert conversion.pair_names == ["down_blocks.0[0]", "up_blocks.1[0]", "up_blocks.1[1]", "mid_block[0]"]
+        parallel_stage = stage()
+        assert relative_error(parallel_stage.double(), expected.double()) < 1e-6
+        assert relative_error(parallel_stage.double(), serial_stage.double()) > 1e-3  # a different function
+        # The output object of a return_dict=True call keeps its type.
+        spatial_out = block.attentions[0](r, encoder_hidden_states=frame_text, return_dict=False)[0]
+        sample_out = block.temp_attentions[0](spatial_out, num_frames=FRAMES)
+        assert relative_error(sample_out.sample.double(), expected.double()) < 1e-6
+        converted = unet(*inputs).sample
+        assert torch.isfinite(converted).all()
+        assert relative_error(converted.double(), original.double()) > 1e-4
+
+    for name, p in unet.named_parameters():  # the Mobius setup: only the paired temporal transformers train
+        p.requires_grad_(".temp_attentions." in name)
+    unet(*inputs).sample.square().mean().backward()
+    for name, p in unet.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+    assert sum(p.grad.abs().sum() for p in unet.parameters() if p.grad is not None) > 0
+
+    conversion.revert()
+    with torch.no_grad():
+        assert torch.equal(unet(*inputs).sample, original)
+
+
 def test_converter_composes_with_the_processors_and_refuses_bad_models(seed):
     unet = tiny_motion_unet(seed)
     inputs = unet_inputs()
@@ -161,5 +213,5 @@ def test_converter_composes_with_the_processors_and_refuses_bad_models(seed):
     unet.enable_gradient_checkpointing()
     with pytest.raises(ValueError, match="disable gradient checkpointing"):
         convert_to_parallel(unet)
-    with pytest.raises(ValueError, match="no spatial transformer \\+ motion module pairs"):
+    with pytest.raises(ValueError, match="no spatial transformer \\+ temporal transformer pairs"):
         convert_to_parallel(torch.nn.Linear(4, 4))
