@@ -38,6 +38,15 @@ def test_odd_shapes(op, shape, dtype, seed):
     check_against_reference(op, "cpp", shape, dtype, "cpu", seed, **options)
 
 
+@pytest.mark.parametrize("options", [{}, {"causal": True, "grad_window": 3}, {"window": 5, "grad_window": 2}],
+                         ids=options_id)
+@pytest.mark.parametrize("op", ["parallel", "temporal"])
+def test_temporal_tiles_with_padding(op, options, seed):
+    """The temporal pass pads frames and head dim to multiples of 8: T = 19 spans three blocks of query frames,
+    with masks across their boundaries; D = 20 ends in a partial vector."""
+    check_against_reference(op, "cpp", (1, 19, 3, 2, 20), torch.float32, "cpu", seed, **options)
+
+
 @pytest.mark.parametrize("op", ["parallel", "temporal", "spatial"])
 def test_float16(op, seed):
     options = {} if op == "spatial" else dict(window=2, grad_window=1)
