@@ -75,6 +75,19 @@ def _row_offsets(b, t, h, offs_s, T, H, S):
 
 
 @triton.jit
+def _program_block(S, H, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (t, b, h), its block of BLOCK tokens of (b, t, h) and the head dimension's columns:
+    (t, b, h, token offsets, column offsets, token mask, token x column mask). Grid (T, blocks of S, B * H)."""
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.program_id(2) // H
+    h = tl.program_id(2) % H
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = offs < S
+    return t, b, h, offs, offs_d, ok, ok[:, None] & (offs_d[None, :] < D)
+
+
+@triton.jit
 def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """tl.dot accumulating in float32; UPCAST feeds it float32 (the interpreter cannot multiply bfloat16)."""
     if UPCAST:
@@ -93,13 +106,7 @@ def _forward_kernel(
         HAS_SPATIAL: tl.constexpr, HAS_TEMPORAL: tl.constexpr, CAUSAL: tl.constexpr, STACKED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    t = tl.program_id(0)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = tl.program_id(2) // H
-    h = tl.program_id(2) % H
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < S
-    tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
+    t, b, h, offs_m, offs_d, row_ok, tile_ok = _program_block(S, H, D, BLOCK_M, BLOCK_D)
     qk_scale = scale * LOG2E
     out_tile = _tile(Out, b, t, h, offs_m, offs_d, so_b, so_t, so_s, so_h)
     # o_s is held rounded to the output dtype (as the unfused path rounds it) while the temporal branch runs.
@@ -173,13 +180,7 @@ def _backward_query_kernel(
         HAS_SPATIAL: tl.constexpr, HAS_TEMPORAL: tl.constexpr, CAUSAL: tl.constexpr, OUT_IS_SUM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    t = tl.program_id(0)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = tl.program_id(2) // H
-    h = tl.program_id(2) % H
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < S
-    tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
+    t, b, h, offs_m, offs_d, row_ok, tile_ok = _program_block(S, H, D, BLOCK_M, BLOCK_D)
     qk_scale = scale * LOG2E
     stats = _row_offsets(b, t, h, offs_m, T, H, S)
     do_tile = _tile(DOut, b, t, h, offs_m, offs_d, sdo_b, sdo_t, sdo_s, sdo_h)
@@ -257,13 +258,7 @@ def _backward_key_kernel(
         HAS_SPATIAL: tl.constexpr, HAS_TEMPORAL: tl.constexpr, CAUSAL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    t = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    b = tl.program_id(2) // H
-    h = tl.program_id(2) % H
-    offs_d = tl.arange(0, BLOCK_D)
-    key_ok = offs_n < S
-    tile_ok = key_ok[:, None] & (offs_d[None, :] < D)
+    t, b, h, offs_n, offs_d, key_ok, tile_ok = _program_block(S, H, D, BLOCK_N, BLOCK_D)
     qk_scale = scale * LOG2E
 
     if HAS_SPATIAL:
