@@ -4,7 +4,7 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import UNet3DConditionModel, UNetMotionModel  # noqa: E402
+from diffusers import UNet3DConditionModel, UNetMotionModel, UNetSpatioTemporalConditionModel  # noqa: E402
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D  # noqa: E402
 from diffusers.models.transformers.transformer_temporal import (  # noqa: E402
     TransformerSpatioTemporalModel, TransformerTemporalModel)
@@ -177,7 +177,8 @@ def test_converter_rewires_unet_3d_temporal_transformers_and_reverts_exactly(see
         serial_stage = stage()
 
         conversion = convert_to_parallel(unet)
-        assert conversion.pair_names == ["down_blocks.0[0]", "up_blocks.1[0]", "up_blocks.1[1]", "mid_block[0]"]
+        assert conversion.pair_names == ["down_blocks.0.attentions[0]", "up_blocks.1.attentions[0]",
+                                         "up_blocks.1.attentions[1]", "mid_block.attentions[0]"]
         parallel_stage = stage()
         assert relative_error(parallel_stage.double(), expected.double()) < 1e-6
         assert relative_error(parallel_stage.double(), serial_stage.double()) > 1e-3  # a different function
@@ -201,6 +202,51 @@ def test_converter_rewires_unet_3d_temporal_transformers_and_reverts_exactly(see
         assert torch.equal(unet(*inputs).sample, original)
 
 
+def test_converter_rewires_stable_video_diffusion_blocks_and_reverts_exactly(seed):
+    torch.manual_seed(seed)
+    unet = UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), num_attention_heads=(2, 4),
+        cross_attention_dim=TEXT_DIM, addition_time_embed_dim=8, projection_class_embeddings_input_dim=24,
+        num_frames=FRAMES)
+    inputs = (torch.randn(BATCH, FRAMES, 8, 8, 8), torch.tensor([10, 700]), torch.randn(BATCH, 1, TEXT_DIM),
+              torch.randn(BATCH, 3))  # sample (B, T, C, H, W), timesteps, image embedding, added time ids
+    with torch.no_grad():
+        original = unet(*inputs).sample
+
+        # One pair, composed by hand: the temporal block reads h + e (not s + e) and adds its update to s + e.
+        transformer = unet.down_blocks[0].attentions[0]
+        spatial, temporal = transformer.transformer_blocks[0], transformer.temporal_transformer_blocks[0]
+        h = torch.randn(BATCH * FRAMES, 16, 32)
+        embedding = torch.randn(BATCH * FRAMES, 1, 32)
+        context, time_context = torch.randn(BATCH * FRAMES, 1, TEXT_DIM), torch.randn(BATCH * 16, 1, TEXT_DIM)
+        call_temporal = lambda x: temporal(x, num_frames=FRAMES, encoder_hidden_states=time_context)
+        s = spatial(h, encoder_hidden_states=context)
+        expected = s + embedding + (call_temporal(h + embedding) - (h + embedding))
+        serial = call_temporal(s + embedding)
+
+        conversion = convert_to_parallel(unet)
+        assert conversion.pair_names == [f"{stage}.transformer_blocks[0]" for stage in (
+            "down_blocks.0.attentions.0", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1",
+            "mid_block.attentions.0")]
+        parallel = call_temporal(spatial(h, encoder_hidden_states=context) + embedding)
+        assert relative_error(parallel.double(), expected.double()) < 1e-6
+        assert relative_error(parallel.double(), serial.double()) > 1e-3
+        converted = unet(*inputs).sample
+        assert torch.isfinite(converted).all()
+        assert relative_error(converted.double(), original.double()) > 1e-4
+
+    for name, p in unet.named_parameters():  # only the paired temporal blocks train
+        p.requires_grad_(".temporal_transformer_blocks." in name)
+    unet(*inputs).sample.square().mean().backward()
+    for name, p in unet.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+    conversion.revert()
+    with torch.no_grad():
+        assert torch.equal(unet(*inputs).sample, original)
+
+
 def test_converter_composes_with_the_processors_and_refuses_bad_models(seed):
     unet = tiny_motion_unet(seed)
     inputs = unet_inputs()
@@ -213,5 +259,9 @@ def test_converter_composes_with_the_processors_and_refuses_bad_models(seed):
     unet.enable_gradient_checkpointing()
     with pytest.raises(ValueError, match="disable gradient checkpointing"):
         convert_to_parallel(unet)
+    svd_transformer = TransformerSpatioTemporalModel(num_attention_heads=2, attention_head_dim=16, in_channels=32)
+    svd_transformer.temporal_transformer_blocks[0].is_res = False  # as when its inner width differs
+    with pytest.raises(ValueError, match="has no residual connection"):
+        convert_to_parallel(svd_transformer)
     with pytest.raises(ValueError, match="no spatial transformer \\+ temporal transformer pairs"):
         convert_to_parallel(torch.nn.Linear(4, 4))

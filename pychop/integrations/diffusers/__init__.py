@@ -3,8 +3,8 @@
 - ``patch_temporal_attention(model)`` (``motion``): runs the temporal self-attention of motion modules and
   temporal transformers through ``pychop.temporal_attention``; ``.remove()`` undoes it.
 - ``convert_to_parallel(unet)`` (``mobius``): rewires the spatial transformer + temporal transformer pairs of
-  a ``UNetMotionModel`` or ``UNet3DConditionModel`` into the parallel Mobius form for fine-tuning;
-  ``.revert()`` undoes it.
+  a ``UNetMotionModel``, ``UNet3DConditionModel`` or ``UNetSpatioTemporalConditionModel`` into the parallel
+  Mobius form for fine-tuning; ``.revert()`` undoes it.
 - ``WanDecoderRecurrence(vae)`` (``wan``): ``AutoencoderKLWan``'s decoder as a ChopGrad recurrence, its
   feature cache as the state.
 """

@@ -1,29 +1,35 @@
 """Rewire a diffusers video UNet into the parallel (Mobius) spatial-temporal form, and back.
 
-Two diffusers video UNets run, per layer of every cross-attention stage, a spatial transformer
-``attentions[i]`` (a ``Transformer2DModel``: self-attention, text cross-attention, feed-forward, with its own
-residual) and then a temporal transformer, also residual, in series:
+Diffusers' video UNets run a spatial transformer and then a temporal one, both residual, in series:
 
-- ``UNetMotionModel`` (AnimateDiff): the motion module ``motion_modules[i]`` (``AnimateDiffTransformer3D``) in
-  ``CrossAttnDownBlockMotion``, ``CrossAttnUpBlockMotion`` and ``UNetMidBlockCrossAttnMotion``;
-- ``UNet3DConditionModel`` (ModelScope text-to-video): ``temp_attentions[i]`` (``TransformerTemporalModel``) in
-  ``CrossAttnDownBlock3D``, ``CrossAttnUpBlock3D`` and ``UNetMidBlock3DCrossAttn``.
+- ``UNetMotionModel`` (AnimateDiff): in ``CrossAttnDownBlockMotion``, ``CrossAttnUpBlockMotion`` and
+  ``UNetMidBlockCrossAttnMotion``, ``attentions[i]`` (``Transformer2DModel``: self-attention, text
+  cross-attention, feed-forward) then the motion module ``motion_modules[i]`` (``AnimateDiffTransformer3D``);
+- ``UNet3DConditionModel`` (ModelScope text-to-video): in ``CrossAttnDownBlock3D``, ``CrossAttnUpBlock3D`` and
+  ``UNetMidBlock3DCrossAttn``, ``attentions[i]`` then ``temp_attentions[i]`` (``TransformerTemporalModel``);
+- ``UNetSpatioTemporalConditionModel`` (Stable Video Diffusion): in every ``TransformerSpatioTemporalModel``,
+  ``transformer_blocks[i]`` (``BasicTransformerBlock``) then ``temporal_transformer_blocks[i]``
+  (``TemporalBasicTransformerBlock``), which reads the spatial output plus a frame embedding ``e`` and whose
+  output the model's ``time_mixer`` then blends with the spatial output.
 
-    serial:    s = spatial(h);  out = temporal(s)        = h + d_s(h) + d_t(h + d_s(h))
-    parallel:  out = spatial(h) + temporal(h) - h        = h + d_s(h) + d_t(h)
+With ``d_s``, ``d_t`` the two updates and ``e`` the embedding added between them (zero in the first two):
 
-``convert_to_parallel(unet)`` rewires every such pair into the parallel form: both modules read the same
-input ``h`` and their updates are summed into the residual. Temporal modules without a spatial transformer
-beside them (``DownBlockMotion``, ``UpBlockMotion``, ``UNet3DConditionModel.transformer_in``) stay in series,
-and so do the temporal convolutions of ``UNet3DConditionModel``. The converted model is a different function
-from the original (as in the Mobius paper): it is meant for fine-tuning the temporal modules in the parallel
-form, typically with the spatial weights frozen (``unet.freeze_unet2d_params()`` on a ``UNetMotionModel``).
+    serial:    s = spatial(h);  out = temporal(s + e)    = s + e + d_t(s + e)
+    parallel:                   out = s + e + d_t(h + e)
+
+``convert_to_parallel(unet)`` rewires every such pair into the parallel form: the temporal module reads the
+spatial module's input ``h`` (plus ``e``) instead of its output, and its update is added to the spatial output.
+Temporal modules without a spatial transformer beside them (``DownBlockMotion``, ``UpBlockMotion``,
+``UNet3DConditionModel.transformer_in``) stay in series, and so do the temporal convolutions and temporal
+ResNet blocks. The converted model is a different function from the original (as in the Mobius paper): it is
+meant for fine-tuning the temporal modules in the parallel form, typically with the spatial weights frozen
+(``unet.freeze_unet2d_params()`` on a ``UNetMotionModel``).
 
 The rewiring replaces the ``forward`` of the paired module instances (parameters, names and state dict are
 untouched, so optimizers and checkpoints keep working); ``conversion.revert()`` restores the original
-``forward`` methods and with them the exact original function. Not compatible with gradient checkpointing of
-the temporal modules (the parallel temporal module reads an input its checkpointed call would not carry):
-conversion refuses a model with gradient checkpointing enabled.
+``forward`` methods and with them the exact original function. Not compatible with gradient checkpointing
+(a checkpointed spatial call would run again in the backward without its temporal partner): conversion
+refuses a model with gradient checkpointing enabled.
 """
 
 from __future__ import annotations
@@ -36,15 +42,16 @@ import torch.nn as nn
 _MISSING = object()
 
 
-# The attribute holding the temporal transformers beside ``attentions`` in a stage of each supported UNet.
-TEMPORAL_MODULE_LISTS = ("motion_modules", "temp_attentions")
+# (spatial, temporal) module lists side by side in a stage of each supported UNet, paired index by index.
+PAIRED_MODULE_LISTS = (("attentions", "motion_modules"), ("attentions", "temp_attentions"),
+                       ("transformer_blocks", "temporal_transformer_blocks"))
 
 
 class _SharedInput:
-    """Carries a pair's input from the spatial module's call to the temporal module's call."""
+    """Carries a pair's spatial input and output from the spatial module's call to the temporal module's."""
 
     def __init__(self):
-        self.hidden_states = None
+        self.hidden_states = self.spatial_out = None
 
 
 def _split_hidden_states(args, kwargs):
@@ -55,13 +62,6 @@ def _split_hidden_states(args, kwargs):
     if not args:
         raise TypeError("expected the hidden states as the first argument or as hidden_states=")
     return args[0], lambda h: ((h, *args[1:]), kwargs)
-
-
-def _spatial_forward(original, shared: _SharedInput):
-    def forward(*args, **kwargs):
-        shared.hidden_states, _ = _split_hidden_states(args, kwargs)
-        return original(*args, **kwargs)
-    return forward
 
 
 def _hidden_states_of(result):
@@ -80,15 +80,26 @@ def _with_hidden_states(result, hidden_states):
     return hidden_states
 
 
+def _spatial_forward(original, shared: _SharedInput):
+    def forward(*args, **kwargs):
+        hidden_states, _ = _split_hidden_states(args, kwargs)
+        result = original(*args, **kwargs)
+        shared.hidden_states, shared.spatial_out = hidden_states, _hidden_states_of(result)
+        return result
+    return forward
+
+
 def _temporal_forward(original, shared: _SharedInput):
     def forward(*args, **kwargs):
-        spatial_out, rebuild = _split_hidden_states(args, kwargs)
-        block_input, shared.hidden_states = shared.hidden_states, None
+        serial_input, rebuild = _split_hidden_states(args, kwargs)  # s + e
+        block_input, spatial_out = shared.hidden_states, shared.spatial_out
+        shared.hidden_states = shared.spatial_out = None
         if block_input is None:
             raise RuntimeError("parallel temporal module called without its spatial transformer having run first")
-        args, kwargs = rebuild(block_input)
+        parallel_input = block_input if serial_input is spatial_out else serial_input - spatial_out + block_input
+        args, kwargs = rebuild(parallel_input)
         result = original(*args, **kwargs)
-        return _with_hidden_states(result, spatial_out + (_hidden_states_of(result) - block_input))
+        return _with_hidden_states(result, serial_input + (_hidden_states_of(result) - parallel_input))
     return forward
 
 
@@ -96,15 +107,18 @@ def parallel_pairs(unet: nn.Module) -> List[Tuple[str, nn.Module, nn.Module]]:
     """(stage name and layer, spatial transformer, temporal module) of every pair that the conversion rewires."""
     pairs = []
     for name, block in unet.named_modules():
-        attentions = getattr(block, "attentions", None)
-        for attribute in TEMPORAL_MODULE_LISTS:
-            temporal = getattr(block, attribute, None)
-            if not (isinstance(attentions, nn.ModuleList) and isinstance(temporal, nn.ModuleList)):
+        for spatial_list, temporal_list in PAIRED_MODULE_LISTS:
+            spatial, temporal = getattr(block, spatial_list, None), getattr(block, temporal_list, None)
+            if not (isinstance(spatial, nn.ModuleList) and isinstance(temporal, nn.ModuleList)):
                 continue
-            if len(attentions) != len(temporal):
-                raise ValueError(f"{name}: {len(attentions)} spatial transformers but {len(temporal)} {attribute}; "
+            if len(spatial) != len(temporal):
+                raise ValueError(f"{name}: {len(spatial)} {spatial_list} but {len(temporal)} {temporal_list}; "
                                  "cannot pair them")
-            pairs += [(f"{name}[{i}]", a, m) for i, (a, m) in enumerate(zip(attentions, temporal))]
+            for i, module in enumerate(temporal):
+                if not getattr(module, "is_res", True):
+                    raise ValueError(f"{name}.{temporal_list}[{i}] has no residual connection: its update "
+                                     "cannot be added beside the spatial module's")
+            pairs += [(f"{name}.{spatial_list}[{i}]", a, m) for i, (a, m) in enumerate(zip(spatial, temporal))]
     return pairs
 
 
@@ -132,8 +146,8 @@ def convert_to_parallel(unet: nn.Module) -> MobiusConversion:
     pairs = parallel_pairs(unet)
     if not pairs:
         raise ValueError(f"{type(unet).__name__} has no spatial transformer + temporal transformer pairs to "
-                         "rewire (expected a diffusers UNetMotionModel or UNet3DConditionModel with "
-                         "cross-attention stages)")
+                         "rewire (expected a diffusers UNetMotionModel, UNet3DConditionModel or "
+                         "UNetSpatioTemporalConditionModel with cross-attention stages)")
     patched = []
     for _, spatial, temporal in pairs:
         if "forward" in spatial.__dict__ or "forward" in temporal.__dict__:
