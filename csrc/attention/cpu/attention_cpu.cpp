@@ -29,7 +29,8 @@
 //
 // Threads are torch's (at::parallel_for), taking runs of tasks from a shared counter (run_tasks). The row kernels
 // (softmax, its gradient, transpose, the temporal tiles) are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2,
-// FMA) and baseline x86-64, the best picked at load time; the rest is compiled once.
+// FMA) and baseline x86-64 (GCC 12 and later; older GCC: AVX-512F, AVX2 and baseline), the best picked at load
+// time; the rest is compiled once.
 #include "attention/kernels.h"
 
 #include <ATen/Parallel.h>
@@ -51,8 +52,11 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define PYCHOP_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// ISA levels as clones came in GCC 12; before it, single features (the AVX2 clone then lacks FMA).
+#define PYCHOP_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define PYCHOP_CPU_CLONES
 #endif
