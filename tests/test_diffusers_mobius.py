@@ -157,6 +157,24 @@ def test_converter_rewires_pairs_in_parallel_and_reverts_exactly(seed):
         assert torch.equal(unet(*inputs).sample, original)
 
 
+def check_training_and_revert(unet, inputs, original, conversion, trains):
+    """The converted `unet` is finite and a different function from `original`; with only the parameters whose
+    names satisfy `trains` trainable, exactly those get gradients; `conversion.revert()` restores it exactly."""
+    with torch.no_grad():
+        converted = unet(*inputs).sample
+    assert torch.isfinite(converted).all()
+    assert relative_error(converted.double(), original.double()) > 1e-4
+    for name, p in unet.named_parameters():
+        p.requires_grad_(trains(name))
+    unet(*inputs).sample.square().mean().backward()
+    for name, p in unet.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+    assert sum(p.grad.abs().sum() for p in unet.parameters() if p.grad is not None) > 0
+    conversion.revert()
+    with torch.no_grad():
+        assert torch.equal(unet(*inputs).sample, original)
+
+
 def test_converter_rewires_unet_3d_temporal_transformers_and_reverts_exactly(seed):
     unet = tiny_unet_3d(seed)
     sample, timesteps, _ = unet_inputs()
@@ -186,20 +204,8 @@ def test_converter_rewires_unet_3d_temporal_transformers_and_reverts_exactly(see
         spatial_out = block.attentions[0](r, encoder_hidden_states=frame_text, return_dict=False)[0]
         sample_out = block.temp_attentions[0](spatial_out, num_frames=FRAMES)
         assert relative_error(sample_out.sample.double(), expected.double()) < 1e-6
-        converted = unet(*inputs).sample
-        assert torch.isfinite(converted).all()
-        assert relative_error(converted.double(), original.double()) > 1e-4
-
-    for name, p in unet.named_parameters():  # the Mobius setup: only the paired temporal transformers train
-        p.requires_grad_(".temp_attentions." in name)
-    unet(*inputs).sample.square().mean().backward()
-    for name, p in unet.named_parameters():
-        assert (p.grad is not None) == p.requires_grad, name
-    assert sum(p.grad.abs().sum() for p in unet.parameters() if p.grad is not None) > 0
-
-    conversion.revert()
-    with torch.no_grad():
-        assert torch.equal(unet(*inputs).sample, original)
+    # The Mobius setup: only the paired temporal transformers train.
+    check_training_and_revert(unet, inputs, original, conversion, lambda name: ".temp_attentions." in name)
 
 
 def test_converter_rewires_stable_video_diffusion_blocks_and_reverts_exactly(seed):
@@ -233,18 +239,8 @@ def test_converter_rewires_stable_video_diffusion_blocks_and_reverts_exactly(see
         parallel = call_temporal(spatial(h, encoder_hidden_states=context) + embedding)
         assert relative_error(parallel.double(), expected.double()) < 1e-6
         assert relative_error(parallel.double(), serial.double()) > 1e-3
-        converted = unet(*inputs).sample
-        assert torch.isfinite(converted).all()
-        assert relative_error(converted.double(), original.double()) > 1e-4
-
-    for name, p in unet.named_parameters():  # only the paired temporal blocks train
-        p.requires_grad_(".temporal_transformer_blocks." in name)
-    unet(*inputs).sample.square().mean().backward()
-    for name, p in unet.named_parameters():
-        assert (p.grad is not None) == p.requires_grad, name
-    conversion.revert()
-    with torch.no_grad():
-        assert torch.equal(unet(*inputs).sample, original)
+    check_training_and_revert(unet, inputs, original, conversion,
+                              lambda name: ".temporal_transformer_blocks." in name)
 
 
 def test_converter_composes_with_the_processors_and_refuses_bad_models(seed):
