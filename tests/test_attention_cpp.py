@@ -67,5 +67,12 @@ def test_matches_torch_backend_at_a_spatial_block_boundary(seed):
                                pychop.parallel_st_attention(*x, backend="torch"), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("op", ["parallel", "spatial"])
+def test_gradients_across_backward_query_blocks(op, dtype, seed):
+    """S = 260: two whole 128-row backward query blocks and a partial one, whose dK, dV add up across blocks."""
+    check_against_reference(op, "cpp", (1, 2, 260, 1, 16), dtype, "cpu", seed)
+
+
 def test_auto_picks_cpp_on_cpu():
     assert backends.resolve("auto", torch.device("cpu"))[0] == "cpp"
