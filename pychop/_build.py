@@ -55,10 +55,26 @@ def cuda_missing_reason() -> Optional[str]:
         return f"this torch build ({torch.__version__}) has no CUDA"
     if cpp_extension.CUDA_HOME is None:
         return "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
-    nvcc = Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc"
-    if not nvcc.exists():
-        return f"nvcc was not found at {nvcc} (set CUDA_HOME to the CUDA toolkit)"
+    home = Path(cpp_extension.CUDA_HOME)
+    if not (home / "bin" / "nvcc").exists():
+        return f"nvcc was not found at {home / 'bin' / 'nvcc'} (set CUDA_HOME to the CUDA toolkit)"
+    if not any((home / lib / "libcudart.so").exists() for lib in ("lib64", "lib")):
+        # torch takes the toolkit to be two levels above the nvcc on PATH, which may be a wrapper script
+        return (f"the CUDA runtime library was not found in {home / 'lib64'} or {home / 'lib'} "
+                f"(set CUDA_HOME to the CUDA toolkit, the folder holding bin/nvcc and lib64/libcudart.so)")
     return None
+
+
+def cuda_arch_flags() -> List[str]:
+    """nvcc's target flags: none (torch's own choice) when TORCH_CUDA_ARCH_LIST is set or a GPU is visible,
+    else sm_80 (the first with bf16 tensor-core fragments) and sm_90 with its PTX, so that a machine without
+    a GPU (a container build, a login node) builds too."""
+    import torch
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.device_count() > 0:
+        return []
+    return ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+            "-gencode=arch=compute_90,code=compute_90"]
 
 
 def extension_kwargs(with_cuda: bool) -> Dict[str, object]:
@@ -68,10 +84,10 @@ def extension_kwargs(with_cuda: bool) -> Dict[str, object]:
         "sources": cpp_sources() + (cuda_sources() if with_cuda else []),
         "extra_include_paths": [str(CSRC)],
         "extra_cflags": CXX_FLAGS + defines,
-        "extra_ldflags": LD_FLAGS,
+        "extra_ldflags": list(LD_FLAGS),  # torch appends its libraries to the list it is given
     }
     if with_cuda:
-        kwargs["extra_cuda_cflags"] = NVCC_FLAGS + defines
+        kwargs["extra_cuda_cflags"] = NVCC_FLAGS + defines + cuda_arch_flags()
     return kwargs
 
 

@@ -15,6 +15,9 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA GPU visible to torch')" || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
+# torch takes the CUDA toolkit to be two folders above the nvcc on PATH, which may be a wrapper script
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+
 echo "== install (no downloads)"
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
 

@@ -22,6 +22,35 @@ def test_cuda_missing_is_reported_by_name():
         extension_attention.ensure_available("cuda")
 
 
+def test_cuda_toolkit_without_runtime_library_is_reported(monkeypatch, tmp_path):
+    """torch takes the toolkit to be two folders above the nvcc on PATH, a wrapper script on some machines."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").touch()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.utils.cpp_extension, "CUDA_HOME", str(tmp_path))
+    assert "the CUDA runtime library was not found" in _build.cuda_missing_reason()
+    (tmp_path / "lib64").mkdir()
+    (tmp_path / "lib64" / "libcudart.so").touch()
+    assert _build.cuda_missing_reason() is None
+
+
+def test_cuda_targets_without_a_visible_gpu(monkeypatch):
+    """torch picks nvcc's targets from the visible GPUs and fails with none; pychop then names its own."""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    flags = _build.extension_kwargs(with_cuda=True)["extra_cuda_cflags"]
+    assert "-gencode=arch=compute_90,code=sm_90" in flags and "-gencode=arch=compute_90,code=compute_90" in flags
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert not any("arch" in flag for flag in _build.extension_kwargs(with_cuda=True)["extra_cuda_cflags"])
+
+
+def test_build_arguments_are_fresh_lists():
+    """torch appends its libraries to the link flags it is given: a CPU-only build after a failed CUDA build
+    must not inherit the CUDA libraries."""
+    _build.extension_kwargs(with_cuda=True)["extra_ldflags"].append("-lcudart")
+    assert "-lcudart" not in _build.extension_kwargs(with_cuda=False)["extra_ldflags"]
+
+
 def test_sources_exist():
     for path in _build.cpp_sources() + _build.cuda_sources():
         assert torch.utils.cpp_extension._is_cuda_file(path) == path.endswith(".cu")
