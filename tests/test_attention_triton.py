@@ -243,6 +243,9 @@ def compile_for_hopper(kernel, dtype, head_dim, config, stacked):
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
+HOPPER_SHARED_MEMORY_PER_BLOCK = 227 * 1024  # the most one program may ask for on sm_90 (opt-in limit)
+
+
 def compile_all_for_hopper(dtype_name, head_dim, stacked):
     """Compiles the three kernels with the launch table's settings; prints one line per kernel."""
     from pychop.kernels import parallel_st_attention as attention
@@ -255,14 +258,18 @@ def compile_all_for_hopper(dtype_name, head_dim, stacked):
         compiled = compile_for_hopper(kernel, dtype, head_dim, config, stacked)
         if dtype != torch.float32:  # float32 stays exact ("ieee"): CUDA-core FMAs, no tensor cores
             assert "mma" in compiled.asm["ptx"], f"{kernel.fn.__name__}: no tensor-core instructions"
+        assert compiled.metadata.shared <= HOPPER_SHARED_MEMORY_PER_BLOCK, (
+            f"{kernel.fn.__name__} {config}: {compiled.metadata.shared} bytes of shared memory would not launch")
         print(kernel.fn.__name__, config, "shared memory", compiled.metadata.shared)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests run the kernels themselves")
-@pytest.mark.parametrize("dtype_name, head_dim, stacked", [("bfloat16", 64, False), ("float32", 80, False),
-                                                           ("bfloat16", 128, True)])
+@pytest.mark.parametrize("dtype_name, head_dim, stacked", [  # one per row of the launch table
+    ("bfloat16", 64, False), ("float32", 40, True), ("bfloat16", 128, True), ("float32", 80, False),
+    ("float16", 160, False), ("float32", 256, True)])
 def test_kernels_compile_for_hopper(dtype_name, head_dim, stacked):
-    """The interpreter accepts code the GPU compiler may not: compile for sm_90 in a process without it."""
+    """The interpreter accepts code the GPU compiler may not, and ignores shared memory: compile for sm_90 in
+    a process without it, every launch-table setting within the shared memory a program may have."""
     import os
     import pathlib
     import subprocess
