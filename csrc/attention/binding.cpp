@@ -2,9 +2,11 @@
 //
 // Validates what the kernels assume (dtype, device, shape, unit D stride, head dim), fills AttentionParams,
 // allocates float32 scratch, and calls the CPU kernels or enqueues the CUDA launchers on the stream passed
-// from Python (an int, torch.cuda.current_stream().cuda_stream; the caller makes the tensors' device
-// current). Outputs are allocated by the caller (pychop/ops/extension_attention.py) and written here.
+// from Python (an int: the current stream of the tensors' device, torch.cuda.current_stream().cuda_stream,
+// which the scratch is allocated for; that device is made current here). Outputs are allocated by the caller
+// (pychop/ops/extension_attention.py) and written here.
 // Needs no CUDA or ATen-CUDA headers: the CUDA part is linked in when built with PYCHOP_WITH_CUDA.
+#include <c10/core/DeviceGuard.h>
 #include <torch/extension.h>
 
 #include "attention/kernels.h"
@@ -120,6 +122,7 @@ void forward(const OptTensor& q_s, const OptTensor& k_s, const OptTensor& v_s, c
              const OptTensor& k_t, const OptTensor& v_t, const at::Tensor& out, const OptTensor& out_t,
              const OptTensor& lse_s, const OptTensor& lse_t, double scale, bool causal, int64_t window,
              int64_t stream) {
+  const c10::DeviceGuard device(out.device());
   Group group;
   AttentionParams p = make_params(group, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, scale, causal, window,
                                   out_t.has_value());
@@ -143,6 +146,7 @@ void backward(const at::Tensor& dout, const OptTensor& dout_t, const OptTensor& 
               const OptTensor& dk_s, const OptTensor& dv_s, const OptTensor& dq_t, const OptTensor& dk_t,
               const OptTensor& dv_t, double scale, bool causal, int64_t window, int64_t grad_window,
               int64_t stream) {
+  const c10::DeviceGuard device(out.device());
   Group group;
   AttentionParams p = make_params(group, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, scale, causal, window,
                                   dout_t.has_value());

@@ -130,7 +130,10 @@ __global__ void __launch_bounds__(SPATIAL_THREADS) spatial_bwd_kernel(const Atte
 template <typename T, int BLOCK>
 const char* launch(const AttentionParams& p, size_t smem, cudaStream_t stream) {
   auto kernel = spatial_bwd_kernel<T, BLOCK, BLOCK>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (const cudaError_t error =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      error != cudaSuccess)
+    return cudaGetErrorString(error);
   const dim3 grid(static_cast<unsigned>(p.batch) * p.frames * p.heads, (p.tokens + BLOCK - 1) / BLOCK);
   kernel<<<grid, SPATIAL_THREADS, smem, stream>>>(p);
   return launch_error();

@@ -139,7 +139,9 @@ __global__ void __launch_bounds__(THREADS) temporal_bwd_kernel(const AttentionPa
       load_part(qr, q.at(th.b, t, th.s, th.h), d0, D, p.scale);
       load_part(dor, dout.at(th.b, t, th.s, th.h), d0, D);
       const float prob = __expf(group_sum(dot_part(qr, kr), G) - p.lse_t[row]);
-      const float ds = prob * (group_sum(dot_part(dor, vr), G) - p.delta_t[row]);
+      // a clamped group (past the last token-head) reads no delta_t: another block may be writing that row
+      const float delta_r = th.active ? p.delta_t[row] : 0.f;
+      const float ds = prob * (group_sum(dot_part(dor, vr), G) - delta_r);
 #pragma unroll
       for (int e = 0; e < E; ++e) {
         grad[e] += ds * qr[e];
