@@ -29,7 +29,12 @@ for name, reason in pychop.available_backends(torch.device("cuda")).items():
 PY
 
 echo "== gpu tests"
-"$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" "$@"
+# Compiling Triton's kernel variants (one per dtype, head dim and option set) dominates: 4 pytest-xdist workers
+# compile side by side where it is installed (the largest test, shape C against float32 torch, holds an
+# estimated 8 GB of GPU memory: four fit on one card).
+workers=()
+if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n 4); fi
+"$PY" -m pytest -m gpu -q -p no:cacheprovider "${workers[@]}" --junitxml="$OUT/gpu_tests.xml" "$@"
 
 echo "== benchmarks"
 "$PY" -m benchmarks --device cuda --out "$OUT"
