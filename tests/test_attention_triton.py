@@ -138,6 +138,18 @@ def test_kernel_interface_statistics(seed):
     assert none_t is None and only_s.shape == (B, T, H, S)
 
 
+@pytest.mark.parametrize("block_m, block_n", [(32, 16), (16, 32)])
+def test_unequal_tiles(block_m, block_n, monkeypatch, seed):
+    """The interpreter runs every kernel with 16 x 16 tiles, where BLOCK_M and BLOCK_N (and so a loop or a grid
+    taken over the wrong one) are interchangeable; the GPU launch table's tiles are not (the key kernel's are
+    32 x 128 at D <= 64 in 16 bits). Unequal tiles here too, S = 33 across several of each."""
+    from pychop.kernels import parallel_st_attention as attention
+
+    monkeypatch.setattr(attention, "_INTERPRETER_CONFIG", attention.LaunchConfig(block_m, block_n, 1, 1))
+    check_against_reference("stacked", "triton", (1, 2, 33, 1, 16), torch.float32, triton_device(), seed,
+                            causal=True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: DESIGN.md's sizes, and odd sizes against the float64 loop reference.
 # ----------------------------------------------------------------------------------------------------------
