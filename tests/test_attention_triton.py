@@ -150,6 +150,24 @@ def test_unequal_tiles(block_m, block_n, monkeypatch, seed):
                             causal=True)
 
 
+@pytest.mark.parametrize("op", ["spatial", "temporal"])
+def test_scores_falling_by_more_than_the_exponent_range(op, seed):
+    """The online softmax must keep a running maximum. Every query's first key (token 0 of its frame, or frame
+    0) scores about 200 above all the others, which come in later key blocks or frames: a maximum taken per
+    block or per frame would rescale by exp(200), past float32's range."""
+    B, T, S, H, D = shape = (1, 3, 33, 1, 16)
+    direction = torch.zeros(D)
+    direction[0] = 20.0
+    q = torch.randn(shape) + direction
+    k = torch.randn(shape) - direction
+    if op == "spatial":
+        k[:, :, 0] += 2 * direction
+    else:
+        k[:, 0] += 2 * direction
+    inputs = [x.to(triton_device()).requires_grad_() for x in (q, k, torch.randn(shape))]
+    check_against_reference(op, "triton", shape, torch.float32, triton_device(), seed, inputs=inputs)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: DESIGN.md's sizes, and odd sizes against the float64 loop reference.
 # ----------------------------------------------------------------------------------------------------------
