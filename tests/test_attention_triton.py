@@ -168,6 +168,18 @@ def test_scores_falling_by_more_than_the_exponent_range(op, seed):
     check_against_reference(op, "triton", shape, torch.float32, triton_device(), seed, inputs=inputs)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_temporal_branch_dominating_the_saved_sum(dtype, seed):
+    """Summed, the backward reads only out = o_s + o_t, rounded to 16 bits, and takes the spatial branch's
+    delta_s = rowsum(dO * o_s) from it; with o_t 64 times larger the rounding of the sum is as large as o_s. The
+    spatial gradients must not inherit it: the query kernel corrects dq_s with the exact delta_s and hands that,
+    not the rounded one, to the key kernel (the torch path, branch by branch, never rounds the sum)."""
+    inputs = make_inputs((1, 3, 19, 1, 16), dtype, triton_device())
+    with torch.no_grad():
+        inputs[5].mul_(64)  # v_t
+    check_against_reference("parallel", "triton", (1, 3, 19, 1, 16), dtype, triton_device(), seed, inputs=inputs)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: DESIGN.md's sizes, and odd sizes against the float64 loop reference.
 # ----------------------------------------------------------------------------------------------------------
