@@ -180,6 +180,27 @@ def test_temporal_branch_dominating_the_saved_sum(dtype, seed):
     check_against_reference("parallel", "triton", (1, 3, 19, 1, 16), dtype, triton_device(), seed, inputs=inputs)
 
 
+def nan_padded_inputs(shape, dtype, device, count, width):
+    """`count` standard-normal (B, T, S, H, D) inputs, each the view [..., :D] of a (B, T, S, H, width) tensor
+    whose other columns hold NaN: a kernel that reads past column D of a row gets NaN."""
+    inputs = []
+    for _ in range(count):
+        base = torch.full(shape[:-1] + (width,), float("nan"), dtype=dtype, device=device)
+        base[..., :shape[-1]] = torch.randn(shape, dtype=dtype, device=device)
+        inputs.append(base[..., :shape[-1]].requires_grad_())
+    return inputs
+
+
+@pytest.mark.parametrize("op, options", [("parallel", {"causal": True, "grad_window": 1}),
+                                         ("stacked", {"window": 2})], ids=["parallel-causal-grad1", "stacked-window2"])
+def test_nothing_read_past_the_head_dim(op, options, seed):
+    """D = 40 runs in 64-column tiles: every load masks columns D..63. Inputs whose rows continue with NaN up to
+    the padded width (views of wider tensors, last stride 1) show a load that does not."""
+    shape = (1, 3, 7, 2, 40)
+    inputs = nan_padded_inputs(shape, torch.float32, triton_device(), input_count(op), width=64)
+    check_against_reference(op, "triton", shape, torch.float32, triton_device(), seed, inputs=inputs, **options)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: DESIGN.md's sizes, and odd sizes against the float64 loop reference.
 # ----------------------------------------------------------------------------------------------------------
