@@ -201,6 +201,32 @@ def test_nothing_read_past_the_head_dim(op, options, seed):
     check_against_reference(op, "triton", shape, torch.float32, triton_device(), seed, inputs=inputs, **options)
 
 
+def test_float32_dots_launched_in_full_precision(monkeypatch, seed):
+    """float32 stays float32: every tl.dot of a float32 launch is "ieee", never TF32. The interpreter multiplies
+    in full precision whatever input_precision says, so the launches' constants are checked here (the gpu
+    tests see TF32 as error)."""
+    from pychop.kernels import parallel_st_attention as attention
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.name, kwargs["DOT_PRECISION"]))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    names = ("_forward_kernel", "_backward_query_kernel", "_backward_key_kernel")
+    for name in names:
+        monkeypatch.setattr(attention, name, Recorder(name, getattr(attention, name)))
+    inputs = make_inputs((1, 2, 3, 1, 16), torch.float32, triton_device())
+    forward_backward(lambda *x: op_call("parallel", x, backend="triton", causal=True), inputs)
+    assert len(launches) == 3 and all(precision == "ieee" for _, precision in launches), launches
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: DESIGN.md's sizes, and odd sizes against the float64 loop reference.
 # ----------------------------------------------------------------------------------------------------------
