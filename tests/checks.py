@@ -121,10 +121,12 @@ def assert_finite(tensor, what):
     assert bad == 0, f"{what}: {bad} non-finite elements (outputs are NaN-poisoned: unwritten elements show)"
 
 
-def check_against_reference(op, backend, shape, dtype, device, seed, *, packed=False, **options):
-    """Forward and every input gradient of `backend` against float64, within the rule of this module."""
+def check_against_reference(op, backend, shape, dtype, device, seed, *, packed=False, inputs=None, **options):
+    """Forward and every input gradient of `backend` against float64, within the rule of this module.
+    `inputs` (leaf tensors of `shape`, `dtype`, requiring grad) replaces make_inputs' fresh ones."""
     count = input_count(op)
-    inputs = make_inputs(shape, dtype, device, count, packed=packed)
+    if inputs is None:
+        inputs = make_inputs(shape, dtype, device, count, packed=packed)
     out, dout, grads = forward_backward(lambda *x: op_call(op, x, backend=backend, **options), inputs)
     base_out, _, base_grads = forward_backward(lambda *x: op_call(op, x, backend="torch", **options),
                                                inputs, dout)

@@ -138,6 +138,95 @@ def test_kernel_interface_statistics(seed):
     assert none_t is None and only_s.shape == (B, T, H, S)
 
 
+@pytest.mark.parametrize("block_m, block_n", [(32, 16), (16, 32)])
+def test_unequal_tiles(block_m, block_n, monkeypatch, seed):
+    """The interpreter runs every kernel with 16 x 16 tiles, where BLOCK_M and BLOCK_N (and so a loop or a grid
+    taken over the wrong one) are interchangeable; the GPU launch table's tiles are not (the key kernel's are
+    32 x 128 at D <= 64 in 16 bits). Unequal tiles here too, S = 33 across several of each."""
+    from pychop.kernels import parallel_st_attention as attention
+
+    monkeypatch.setattr(attention, "_INTERPRETER_CONFIG", attention.LaunchConfig(block_m, block_n, 1, 1))
+    check_against_reference("stacked", "triton", (1, 2, 33, 1, 16), torch.float32, triton_device(), seed,
+                            causal=True)
+
+
+@pytest.mark.parametrize("op", ["spatial", "temporal"])
+def test_scores_falling_by_more_than_the_exponent_range(op, seed):
+    """The online softmax must keep a running maximum. Every query's first key (token 0 of its frame, or frame
+    0) scores about 200 above all the others, which come in later key blocks or frames: a maximum taken per
+    block or per frame would rescale by exp(200), past float32's range."""
+    B, T, S, H, D = shape = (1, 3, 33, 1, 16)
+    direction = torch.zeros(D)
+    direction[0] = 20.0
+    q = torch.randn(shape) + direction
+    k = torch.randn(shape) - direction
+    if op == "spatial":
+        k[:, :, 0] += 2 * direction
+    else:
+        k[:, 0] += 2 * direction
+    inputs = [x.to(triton_device()).requires_grad_() for x in (q, k, torch.randn(shape))]
+    check_against_reference(op, "triton", shape, torch.float32, triton_device(), seed, inputs=inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_temporal_branch_dominating_the_saved_sum(dtype, seed):
+    """Summed, the backward reads only out = o_s + o_t, rounded to 16 bits, and takes the spatial branch's
+    delta_s = rowsum(dO * o_s) from it; with o_t 64 times larger the rounding of the sum is as large as o_s. The
+    spatial gradients must not inherit it: the query kernel corrects dq_s with the exact delta_s and hands that,
+    not the rounded one, to the key kernel (the torch path, branch by branch, never rounds the sum)."""
+    inputs = make_inputs((1, 3, 19, 1, 16), dtype, triton_device())
+    with torch.no_grad():
+        inputs[5].mul_(64)  # v_t
+    check_against_reference("parallel", "triton", (1, 3, 19, 1, 16), dtype, triton_device(), seed, inputs=inputs)
+
+
+def nan_padded_inputs(shape, dtype, device, count, width):
+    """`count` standard-normal (B, T, S, H, D) inputs, each the view [..., :D] of a (B, T, S, H, width) tensor
+    whose other columns hold NaN: a kernel that reads past column D of a row gets NaN."""
+    inputs = []
+    for _ in range(count):
+        base = torch.full(shape[:-1] + (width,), float("nan"), dtype=dtype, device=device)
+        base[..., :shape[-1]] = torch.randn(shape, dtype=dtype, device=device)
+        inputs.append(base[..., :shape[-1]].requires_grad_())
+    return inputs
+
+
+@pytest.mark.parametrize("op, options", [("parallel", {"causal": True, "grad_window": 1}),
+                                         ("stacked", {"window": 2})], ids=["parallel-causal-grad1", "stacked-window2"])
+def test_nothing_read_past_the_head_dim(op, options, seed):
+    """D = 40 runs in 64-column tiles: every load masks columns D..63. Inputs whose rows continue with NaN up to
+    the padded width (views of wider tensors, last stride 1) show a load that does not."""
+    shape = (1, 3, 7, 2, 40)
+    inputs = nan_padded_inputs(shape, torch.float32, triton_device(), input_count(op), width=64)
+    check_against_reference(op, "triton", shape, torch.float32, triton_device(), seed, inputs=inputs, **options)
+
+
+def test_float32_dots_launched_in_full_precision(monkeypatch, seed):
+    """float32 stays float32: every tl.dot of a float32 launch is "ieee", never TF32. The interpreter multiplies
+    in full precision whatever input_precision says, so the launches' constants are checked here (the gpu
+    tests see TF32 as error)."""
+    from pychop.kernels import parallel_st_attention as attention
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.name, kwargs["DOT_PRECISION"]))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    names = ("_forward_kernel", "_backward_query_kernel", "_backward_key_kernel")
+    for name in names:
+        monkeypatch.setattr(attention, name, Recorder(name, getattr(attention, name)))
+    inputs = make_inputs((1, 2, 3, 1, 16), torch.float32, triton_device())
+    forward_backward(lambda *x: op_call("parallel", x, backend="triton", causal=True), inputs)
+    assert len(launches) == 3 and all(precision == "ieee" for _, precision in launches), launches
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: DESIGN.md's sizes, and odd sizes against the float64 loop reference.
 # ----------------------------------------------------------------------------------------------------------
