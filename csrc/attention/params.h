@@ -39,7 +39,7 @@ struct AttentionParams {
   // gradients (written, never accumulated into) and scratch.
   TensorRef dout, dout_t;
   TensorRef dq_s, dk_s, dv_s, dq_t, dk_t, dv_t;
-  float* delta_t = nullptr;   // scratch (B, T, H, S): rowsum(dout_t * o_t), o_t recomputed
+  float* delta_t = nullptr;   // scratch (B, T, H, S), CUDA only: rowsum(dout_t * o_t), o_t recomputed
   float* delta_s = nullptr;   // scratch (B, T, H, S), CUDA only: rowsum(dout * o_s)
   float* dq_accum = nullptr;  // scratch (B, T, S, H, D) contiguous float32, CUDA only: spatial dq partial sums
 };

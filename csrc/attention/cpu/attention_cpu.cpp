@@ -4,9 +4,9 @@
 // out itself when out is float32); then the spatial pass (one task per frame-head and block of BLOCK_Q
 // tokens) writes lse_s and out = o_s + o_t, rounded once from float32. With the branches stacked each pass
 // writes its own output instead (o_t to out_t, o_s to out). Backward: the temporal pass writes dq_t, dk_t,
-// dv_t and delta_t = rowsum(dout_t * o_t); the spatial pass (one task per frame-head) uses delta_s =
-// rowsum(dout * o_s), which is rowsum(dout * out) - delta_t when out holds the sum, and writes dq_s, dk_s,
-// dv_s.
+// dv_t; the spatial pass (one task per frame-head) writes dq_s, dk_s, dv_s. Each takes its branch's delta =
+// rowsum(dout * o) as rowsum(P * dP) over whole rows of its own P and dP, never from out: a summed 16-bit out
+// holds o_s + o_t rounded, whose rounding would pass into the spatial gradients when o_t outweighs o_s.
 //
 // All arithmetic is float32. The spatial pass works on S x S blocks: float32 rows are read and written in place
 // where a gemm can take them (rows at least D apart), other dtypes and strides go through float32 row copies;
@@ -351,16 +351,16 @@ PYCHOP_CPU_CLONES void softmax_rows(float* x, int64_t ld, int rows, int n, float
   for (int i = 0; i < rows; ++i) lse[i] = softmax(x + i * ld, n);
 }
 
-// From the unscaled scores s and dP = dO V^T of rows [0, rows) (row stride ld, n columns), the probabilities
-// p = exp(scale s - lse[i]) (in place of s) and dS' = scale p (dP - delta[i]) (in place of dP).
+// From the unscaled scores s and dP = dO V^T of whole rows [0, rows) (row stride ld, n columns), the
+// probabilities p = exp(scale s - lse[i]) (in place of s) and dS' = scale p (dP - delta) (in place of dP), where
+// delta = rowsum(p dP) = dO . o_s.
 PYCHOP_CPU_CLONES void softmax_grad_rows(float* p, float* dp, int64_t ld, int rows, int n, float scale,
-                                         const float* lse, const float* delta) {
+                                         const float* lse) {
   for (int i = 0; i < rows; ++i) {
     float *pr = p + i * ld, *dr = dp + i * ld;
-    for (int j = 0; j < n; ++j) {
-      pr[j] = exp_nonpositive(scale * pr[j] - lse[i]);
-      dr[j] = scale * pr[j] * (dr[j] - delta[i]);
-    }
+    for (int j = 0; j < n; ++j) pr[j] = exp_nonpositive(scale * pr[j] - lse[i]);
+    const float delta = dot(pr, dr, n);
+    for (int j = 0; j < n; ++j) dr[j] = scale * pr[j] * (dr[j] - delta);
   }
 }
 
@@ -484,7 +484,7 @@ PYCHOP_CPU_CLONES void temporal_forward_tile(const AttentionParams& p, const Tem
 }
 
 // Whether out holds o_s + o_t (both branches, not stacked): the temporal pass then leaves o_t in float32 for
-// the spatial pass to add, and the spatial backward takes delta_s from the sum.
+// the spatial pass to add.
 inline bool sums_branches(const AttentionParams& p) { return p.spatial && p.temporal && !p.stacked; }
 
 // One thread's working memory for the temporal forward: the bands, tiles q, k, v, o, the transposed scores
@@ -663,8 +663,7 @@ struct TemporalBackwardBuffers {
   }
 };
 
-// One token-head (b, s, h): the temporal backward over its frames. Writes dq_t, dk_t, dv_t, and delta_t =
-// rowsum(dout_t * o_t) = sum_u P[t, u] dP[t, u] when the spatial pass needs it.
+// One token-head (b, s, h): the temporal backward over its frames. Writes dq_t, dk_t, dv_t.
 template <typename T>
 void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& buf, int64_t task) {
   const int T_ = p.frames, D = p.head_dim, Dp = buf.tiles.Dp;
@@ -681,8 +680,6 @@ void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& b
   for (int t = 0; t < T_; ++t) buf.lse[t] = p.lse_t[stat + t * stat_stride];
   temporal_backward_tile(p, buf.bands, tile[0], tile[1], tile[2], tile[3], tile[4], tile[5], tile[6], Dp,
                          buf.prob.get(), buf.dscore.get(), buf.tiles.Tp, buf.lse.get(), buf.delta.get());
-  if (p.spatial)
-    for (int t = 0; t < T_; ++t) p.delta_t[stat + t * stat_stride] = buf.delta[t];
   stream_rows(dq.at(b, 0, s, h), dq.st, tile[4], Dp, T_, D);
   stream_rows(dk.at(b, 0, s, h), dk.st, tile[5], Dp, T_, D);
   stream_rows(dv.at(b, 0, s, h), dv.st, tile[6], Dp, T_, D);
@@ -694,7 +691,7 @@ void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& b
 // gradients for a non-float32 output.
 struct SpatialBackwardBuffers {
   int Dp, Sp;
-  FloatArray keys, values, rows, keys_t, values_t, dk_t, dv_t, q, q_t, dout, dout_t, dq, prob, dprob, lse, delta;
+  FloatArray keys, values, rows, keys_t, values_t, dk_t, dv_t, q, q_t, dout, dout_t, dq, prob, dprob, lse;
   explicit SpatialBackwardBuffers(const AttentionParams& p)
       : Dp(padded(p.head_dim)), Sp(padded(p.tokens)), keys(floats(static_cast<int64_t>(p.tokens) * Dp)),
         values(floats(static_cast<int64_t>(p.tokens) * Dp)), rows(floats(static_cast<int64_t>(p.tokens) * Dp)),
@@ -704,7 +701,7 @@ struct SpatialBackwardBuffers {
         dout(floats(static_cast<int64_t>(BLOCK_Q_BWD) * Dp)),
         dout_t(floats(static_cast<int64_t>(Dp) * BLOCK_Q_BWD)), dq(floats(static_cast<int64_t>(BLOCK_Q_BWD) * Dp)),
         prob(floats(static_cast<int64_t>(BLOCK_Q_BWD) * Sp)), dprob(floats(static_cast<int64_t>(BLOCK_Q_BWD) * Sp)),
-        lse(floats(BLOCK_Q_BWD)), delta(floats(BLOCK_Q_BWD)) {}
+        lse(floats(BLOCK_Q_BWD)) {}
 };
 
 // One frame-head (b, t, h): dq_s, dk_s, dv_s, query block by query block. The scale is applied to the scores
@@ -717,8 +714,8 @@ void spatial_backward_task(const AttentionParams& p, SpatialBackwardBuffers& buf
   const int h = static_cast<int>(task % p.heads);
   const int t = static_cast<int>(task / p.heads % p.frames);
   const int b = static_cast<int>(task / p.heads / p.frames);
-  const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s), out(p.out), dout(p.dout), dq(p.dq_s), dk(p.dk_s), dv(p.dv_s);
-  float *prob = buf.prob.get(), *dprob = buf.dprob.get(), *lse = buf.lse.get(), *delta = buf.delta.get();
+  const Rows<T> q(p.q_s), k(p.k_s), v(p.v_s), dout(p.dout), dq(p.dq_s), dk(p.dk_s), dv(p.dv_s);
+  float *prob = buf.prob.get(), *dprob = buf.dprob.get(), *lse = buf.lse.get();
   int64_t ld_k, ld_v;
   const float* keys = float_rows(k.at(b, t, 0, h), k.ss, S, D, buf.keys.get(), Dp, ld_k);
   const float* values = float_rows(v.at(b, t, 0, h), v.ss, S, D, buf.values.get(), Dp, ld_v);
@@ -731,14 +728,10 @@ void spatial_backward_task(const AttentionParams& p, SpatialBackwardBuffers& buf
     const float* douts = float_rows(dout.at(b, t, s0, h), dout.ss, rows, D, buf.dout.get(), Dp, ld_o);
     transpose(buf.q_t.get(), BLOCK_Q_BWD, qs, ld_q, rows, D);
     transpose(buf.dout_t.get(), BLOCK_Q_BWD, douts, ld_o, rows, D);
-    for (int i = 0; i < rows; ++i) {
-      const int64_t stat = stat_index(p, b, t, h, s0 + i);
-      lse[i] = p.lse_s[stat];
-      delta[i] = dot(douts + i * ld_o, out.at(b, t, s0 + i, h), D) - (sums_branches(p) ? p.delta_t[stat] : 0.f);
-    }
+    for (int i = 0; i < rows; ++i) lse[i] = p.lse_s[stat_index(p, b, t, h, s0 + i)];
     matmul(rows, S, D, qs, ld_q, buf.keys_t.get(), Sp, prob, Sp);         // Q K^T
     matmul(rows, S, D, douts, ld_o, buf.values_t.get(), Sp, dprob, Sp);  // dP = dO V^T
-    softmax_grad_rows(prob, dprob, Sp, rows, S, p.scale, lse, delta);    // P, dS' = scale dS
+    softmax_grad_rows(prob, dprob, Sp, rows, S, p.scale, lse);           // P, dS' = scale dS
     if constexpr (in_place) {
       matmul(rows, D, S, dprob, Sp, keys, ld_k, dq.at(b, t, s0, h), dq.ss);  // dQ = dS' K
     } else {
@@ -762,7 +755,7 @@ void spatial_backward_task(const AttentionParams& p, SpatialBackwardBuffers& buf
 template <typename T>
 void backward(const AttentionParams& p) {
   const int64_t T_ = p.frames, S = p.tokens, D = p.head_dim;
-  if (p.temporal) {  // first: the spatial pass reads delta_t
+  if (p.temporal) {
     const int64_t tasks = static_cast<int64_t>(p.batch) * S * p.heads;
     run_tasks<TemporalBackwardBuffers>(p, tasks, 10 * T_ * T_ * D, 1, [&](TemporalBackwardBuffers& buf, int64_t task) {
       temporal_backward_task<T>(p, buf, task);
