@@ -618,7 +618,7 @@ void forward(const AttentionParams& p) {
 PYCHOP_CPU_CLONES void temporal_backward_tile(const AttentionParams& p, const TemporalBands& bands,
                                               const float* q, const float* k, const float* v, const float* dout,
                                               float* dq, float* dk, float* dv, int64_t ld, float* prob,
-                                              float* dscore, int64_t ld_s, const float* lse, float* delta) {
+                                              float* dscore, int64_t ld_s, const float* lse) {
   const int T_ = p.frames, Dv = ceil8(p.head_dim);
   temporal_scores(bands, q, k, ld, Dv, p.scale, prob, ld_s);
   temporal_scores(bands, dout, v, ld, Dv, 1.f, dscore, ld_s);
@@ -632,7 +632,6 @@ PYCHOP_CPU_CLONES void temporal_backward_tile(const AttentionParams& p, const Te
         dsum[j] += pr[j] * ds[j];
       }
     }
-    for (int j = 0; j < 8; ++j) delta[t0 + j] = dsum[j];
     for (int u = 0; u < T_; ++u) {
       const float* pr = prob + u * ld_s + t0;
       float* ds = dscore + u * ld_s + t0;
@@ -651,14 +650,14 @@ PYCHOP_CPU_CLONES void temporal_backward_tile(const AttentionParams& p, const Te
 }
 
 // One thread's working memory for the temporal backward: the bands, tiles q, k, v, dout, dq, dk, dv, the
-// transposed probabilities and score gradients (T x Tp), the logsumexps and deltas.
+// transposed probabilities and score gradients (T x Tp) and the logsumexps.
 struct TemporalBackwardBuffers {
   TemporalBands bands;
   TemporalTiles tiles;
-  FloatArray prob, dscore, lse, delta;
+  FloatArray prob, dscore, lse;
   explicit TemporalBackwardBuffers(const AttentionParams& p)
       : bands(p), tiles(p, 7), prob(floats(static_cast<int64_t>(p.frames) * tiles.Tp)),
-        dscore(floats(static_cast<int64_t>(p.frames) * tiles.Tp)), lse(floats(tiles.Tp)), delta(floats(tiles.Tp)) {
+        dscore(floats(static_cast<int64_t>(p.frames) * tiles.Tp)), lse(floats(tiles.Tp)) {
     std::fill(lse.get(), lse.get() + tiles.Tp, 0.f);
   }
 };
@@ -679,7 +678,7 @@ void temporal_backward_task(const AttentionParams& p, TemporalBackwardBuffers& b
   const int64_t stat = stat_index(p, b, 0, h, s), stat_stride = static_cast<int64_t>(p.heads) * p.tokens;
   for (int t = 0; t < T_; ++t) buf.lse[t] = p.lse_t[stat + t * stat_stride];
   temporal_backward_tile(p, buf.bands, tile[0], tile[1], tile[2], tile[3], tile[4], tile[5], tile[6], Dp,
-                         buf.prob.get(), buf.dscore.get(), buf.tiles.Tp, buf.lse.get(), buf.delta.get());
+                         buf.prob.get(), buf.dscore.get(), buf.tiles.Tp, buf.lse.get());
   stream_rows(dq.at(b, 0, s, h), dq.st, tile[4], Dp, T_, D);
   stream_rows(dk.at(b, 0, s, h), dk.st, tile[5], Dp, T_, D);
   stream_rows(dv.at(b, 0, s, h), dv.st, tile[6], Dp, T_, D);
