@@ -6,7 +6,7 @@ import torch
 
 import pychop
 from pychop.ops import backends
-from tests.checks import TEMPORAL_OPTIONS, check_against_reference, options_id
+from tests.checks import TEMPORAL_OPTIONS, check_against_reference, dominating_key_inputs, options_id
 
 
 # (B, T, S, H, D): S off every block size, T in {1, 3, 17}, D in {40, 64, 80, 128}.
@@ -72,6 +72,15 @@ def test_matches_torch_backend_at_a_spatial_block_boundary(seed):
 def test_gradients_across_backward_query_blocks(op, dtype, seed):
     """S = 260: two whole 128-row backward query blocks and a partial one, whose dK, dV add up across blocks."""
     check_against_reference(op, "cpp", (1, 2, 260, 1, 16), dtype, "cpu", seed)
+
+
+@pytest.mark.parametrize("op", ["spatial", "temporal"])
+def test_scores_falling_by_more_than_the_exponent_range(op, seed):
+    """Each query's one dominating key scores about 200 above its others, at a different token or frame per
+    query: a softmax maximum taken over part of a row (some lanes, some frames) lets exp overflow."""
+    shape = (1, 3, 33, 1, 16)
+    inputs = dominating_key_inputs(op, shape, torch.float32, "cpu")
+    check_against_reference(op, "cpp", shape, torch.float32, "cpu", seed, inputs=inputs)
 
 
 def test_auto_picks_cpp_on_cpu():
