@@ -6,7 +6,8 @@ import torch
 
 import pychop
 from pychop.ops import backends
-from tests.checks import TEMPORAL_OPTIONS, check_against_reference, dominating_key_inputs, options_id
+from tests.checks import (TEMPORAL_OPTIONS, check_against_reference, dominating_key_inputs, input_count,
+                          mixed_layout_inputs, options_id)
 
 
 # (B, T, S, H, D): S off every block size, T in {1, 3, 17}, D in {40, 64, 80, 128}.
@@ -81,6 +82,17 @@ def test_scores_falling_by_more_than_the_exponent_range(op, seed):
     shape = (1, 3, 33, 1, 16)
     inputs = dominating_key_inputs(op, shape, torch.float32, "cpu")
     check_against_reference(op, "cpp", shape, torch.float32, "cpu", seed, inputs=inputs)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("op, options", [("parallel", {"causal": True, "grad_window": 2}), ("stacked", {}),
+                                         ("spatial", {})], ids=["parallel-causal-grad2", "stacked", "spatial"])
+def test_inputs_of_different_layouts(op, options, dtype, seed):
+    """Every input with its own strides (contiguous, packed, permuted views; the output gradient of the stacked
+    op is a view too): each tensor must be read with its own strides, never another input's."""
+    shape = (2, 3, 11, 2, 24)
+    inputs = mixed_layout_inputs(shape, dtype, "cpu", input_count(op))
+    check_against_reference(op, "cpp", shape, dtype, "cpu", seed, inputs=inputs, **options)
 
 
 def test_auto_picks_cpp_on_cpu():
