@@ -7,7 +7,7 @@ import torch
 import pychop
 from pychop.ops import backends
 from tests.checks import (TEMPORAL_OPTIONS, check_against_reference, dominating_key_inputs, input_count,
-                          make_inputs, mixed_layout_inputs, options_id)
+                          make_inputs, mixed_layout_inputs, nan_padded_inputs, options_id)
 
 
 # (B, T, S, H, D): S off every block size, T in {1, 3, 17}, D in {40, 64, 80, 128}.
@@ -84,6 +84,17 @@ def test_scores_falling_by_more_than_the_exponent_range(op, seed):
     check_against_reference(op, "cpp", shape, torch.float32, "cpu", seed, inputs=inputs)
 
 
+@pytest.mark.parametrize("op, options", [("parallel", {"causal": True, "grad_window": 1}),
+                                         ("stacked", {"window": 2})], ids=["parallel-causal-grad1", "stacked-window2"])
+@pytest.mark.parametrize("head_dim", [20, 40])
+def test_nothing_read_past_the_head_dim(op, options, head_dim, seed):
+    """Rows continue with NaN past D up to 64 columns (views of wider tensors, last stride 1): the temporal tiles
+    run over D padded to 8 (20 -> 24) and float32 rows are read in place by the spatial gemms."""
+    shape = (1, 3, 7, 2, head_dim)
+    inputs = nan_padded_inputs(shape, torch.float32, "cpu", input_count(op), width=64)
+    check_against_reference(op, "cpp", shape, torch.float32, "cpu", seed, inputs=inputs, **options)
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("op, options", [("parallel", {"causal": True, "grad_window": 2}), ("stacked", {}),
                                          ("spatial", {})], ids=["parallel-causal-grad2", "stacked", "spatial"])
@@ -93,6 +104,15 @@ def test_inputs_of_different_layouts(op, options, dtype, seed):
     shape = (2, 3, 11, 2, 24)
     inputs = mixed_layout_inputs(shape, dtype, "cpu", input_count(op))
     check_against_reference(op, "cpp", shape, dtype, "cpu", seed, inputs=inputs, **options)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 1, 10), (1, 8, 4000, 1, 10)], ids=str)
+def test_head_dim_not_a_multiple_of_4(shape, seed):
+    """D = 10 (every other test's D is a multiple of 4): float32 rows written by 4-wide streaming stores would run
+    2 columns into the next token's row. Within one thread that row is written after and the overrun undone;
+    with S = 4000 the temporal backward runs on two threads, and the row after the last of one thread's run of
+    tokens belongs to the other thread, which has written it already."""
+    check_against_reference("temporal", "cpp", shape, torch.float32, "cpu", seed, causal=True)
 
 
 def test_kernel_interface_statistics(seed):
