@@ -84,6 +84,18 @@ def test_scores_falling_by_more_than_the_exponent_range(op, seed):
     check_against_reference(op, "cpp", shape, torch.float32, "cpu", seed, inputs=inputs)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_temporal_branch_dominating_the_saved_sum(dtype, seed):
+    """Summed, out = o_s + o_t is rounded to 16 bits; with o_t 64 times larger its rounding is as large as o_s,
+    and a delta_s = rowsum(dO * o_s) taken from it would carry that error into dq_s and dk_s (the torch path,
+    branch by branch, never rounds the sum)."""
+    shape = (1, 3, 19, 1, 16)
+    inputs = make_inputs(shape, dtype, "cpu")
+    with torch.no_grad():
+        inputs[5].mul_(64)  # v_t
+    check_against_reference("parallel", "cpp", shape, dtype, "cpu", seed, inputs=inputs)
+
+
 @pytest.mark.parametrize("op, options", [("parallel", {"causal": True, "grad_window": 1}),
                                          ("stacked", {"window": 2})], ids=["parallel-causal-grad1", "stacked-window2"])
 @pytest.mark.parametrize("head_dim", [20, 40])
