@@ -100,6 +100,59 @@ def make_inputs(shape, dtype, device, count=6, *, packed=False):
     return [torch.randn(shape, dtype=dtype, device=device, requires_grad=True) for _ in range(count)]
 
 
+def nan_padded_inputs(shape, dtype, device, count, width):
+    """`count` standard-normal (B, T, S, H, D) inputs, each the view [..., :D] of a (B, T, S, H, width) tensor
+    whose other columns hold NaN: a kernel that reads past column D of a row gets NaN."""
+    inputs = []
+    for _ in range(count):
+        base = torch.full(shape[:-1] + (width,), float("nan"), dtype=dtype, device=device)
+        base[..., :shape[-1]] = torch.randn(shape, dtype=dtype, device=device)
+        inputs.append(base[..., :shape[-1]].requires_grad_())
+    return inputs
+
+
+def mixed_layout_inputs(shape, dtype, device, count):
+    """`count` standard-normal (B, T, S, H, D) inputs (last stride 1), no two with the same strides: contiguous,
+    a view of a packed (B, T, S, 2, H, D) projection, and views of (B, T, H, S, D), (B, S, H, T, D),
+    (T, B, S, H, D) and (B, H, T, S, D) tensors. A kernel that reads one tensor with another's strides (all
+    inputs of a fused projection share theirs) gets the wrong rows."""
+    B, T, S, H, D = shape
+
+    def fresh(*size):
+        return torch.randn(*size, dtype=dtype, device=device)
+
+    layouts = [
+        lambda: fresh(B, T, S, H, D),
+        lambda: fresh(B, T, S, 2, H, D)[:, :, :, 1],
+        lambda: fresh(B, T, H, S, D).transpose(2, 3),
+        lambda: fresh(B, S, H, T, D).permute(0, 3, 1, 2, 4),
+        lambda: fresh(T, B, S, H, D).transpose(0, 1),
+        lambda: fresh(B, H, T, S, D).permute(0, 2, 3, 1, 4),
+    ]
+    inputs = [layouts[i % len(layouts)]().requires_grad_() for i in range(count)]
+    assert len({x.stride() for x in inputs}) == count and all(x.shape == shape for x in inputs)
+    return inputs
+
+
+def dominating_key_inputs(op, shape, dtype, device):
+    """(q, k, v) for `op` "spatial" or "temporal" whose scores fall by about 200 (past float32's exponent range
+    for exp) from each query's one dominating key to all its others: the softmax must subtract the maximum
+    over all keys, not a per-block or partial one. The dominating key sits at token 0, 13 and S - 1 of frames
+    0, 1, 2 (spatial; 13 is in lanes 8..15 of 16-wide reductions) or, for token s, at frame s % T (temporal)."""
+    B, T, S, H, D = shape
+    direction = torch.zeros(D)
+    direction[0] = 20.0
+    q = torch.randn(shape) + direction
+    k = torch.randn(shape) - direction
+    if op == "spatial":
+        for t in range(T):
+            k[:, t, (0, 13, S - 1)[t % 3]] += 2 * direction
+    else:
+        for s in range(S):
+            k[:, s % T, s] += 2 * direction
+    return [x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, torch.randn(shape))]
+
+
 def forward_backward(fn, inputs, dout=None):
     """Runs fn(*inputs) and its backward against `dout` (fresh random when None): (out, dout, grads)."""
     out = fn(*inputs)

@@ -6,7 +6,8 @@ import torch
 
 import pychop
 from pychop.ops import backends
-from tests.checks import TEMPORAL_OPTIONS, check_against_reference, options_id
+from tests.checks import (TEMPORAL_OPTIONS, check_against_reference, dominating_key_inputs, input_count,
+                          make_inputs, mixed_layout_inputs, nan_padded_inputs, options_id)
 
 
 # (B, T, S, H, D): S off every block size, T in {1, 3, 17}, D in {40, 64, 80, 128}.
@@ -72,6 +73,81 @@ def test_matches_torch_backend_at_a_spatial_block_boundary(seed):
 def test_gradients_across_backward_query_blocks(op, dtype, seed):
     """S = 260: two whole 128-row backward query blocks and a partial one, whose dK, dV add up across blocks."""
     check_against_reference(op, "cpp", (1, 2, 260, 1, 16), dtype, "cpu", seed)
+
+
+@pytest.mark.parametrize("op", ["spatial", "temporal"])
+def test_scores_falling_by_more_than_the_exponent_range(op, seed):
+    """Each query's one dominating key scores about 200 above its others, at a different token or frame per
+    query: a softmax maximum taken over part of a row (some lanes, some frames) lets exp overflow."""
+    shape = (1, 3, 33, 1, 16)
+    inputs = dominating_key_inputs(op, shape, torch.float32, "cpu")
+    check_against_reference(op, "cpp", shape, torch.float32, "cpu", seed, inputs=inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_temporal_branch_dominating_the_saved_sum(dtype, seed):
+    """Summed, out = o_s + o_t is rounded to 16 bits; with o_t 64 times larger its rounding is as large as o_s,
+    and a delta_s = rowsum(dO * o_s) taken from it would carry that error into dq_s and dk_s (the torch path,
+    branch by branch, never rounds the sum)."""
+    shape = (1, 3, 19, 1, 16)
+    inputs = make_inputs(shape, dtype, "cpu")
+    with torch.no_grad():
+        inputs[5].mul_(64)  # v_t
+    check_against_reference("parallel", "cpp", shape, dtype, "cpu", seed, inputs=inputs)
+
+
+@pytest.mark.parametrize("op, options", [("parallel", {"causal": True, "grad_window": 1}),
+                                         ("stacked", {"window": 2})], ids=["parallel-causal-grad1", "stacked-window2"])
+@pytest.mark.parametrize("head_dim", [20, 40])
+def test_nothing_read_past_the_head_dim(op, options, head_dim, seed):
+    """Rows continue with NaN past D up to 64 columns (views of wider tensors, last stride 1): the temporal tiles
+    run over D padded to 8 (20 -> 24) and float32 rows are read in place by the spatial gemms."""
+    shape = (1, 3, 7, 2, head_dim)
+    inputs = nan_padded_inputs(shape, torch.float32, "cpu", input_count(op), width=64)
+    check_against_reference(op, "cpp", shape, torch.float32, "cpu", seed, inputs=inputs, **options)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("op, options", [("parallel", {"causal": True, "grad_window": 2}), ("stacked", {}),
+                                         ("spatial", {})], ids=["parallel-causal-grad2", "stacked", "spatial"])
+def test_inputs_of_different_layouts(op, options, dtype, seed):
+    """Every input with its own strides (contiguous, packed, permuted views; the output gradient of the stacked
+    op is a view too): each tensor must be read with its own strides, never another input's."""
+    shape = (2, 3, 11, 2, 24)
+    inputs = mixed_layout_inputs(shape, dtype, "cpu", input_count(op))
+    check_against_reference(op, "cpp", shape, dtype, "cpu", seed, inputs=inputs, **options)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 1, 10), (1, 8, 4000, 1, 10)], ids=str)
+def test_head_dim_not_a_multiple_of_4(shape, seed):
+    """D = 10 (every other test's D is a multiple of 4): float32 rows written by 4-wide streaming stores would run
+    2 columns into the next token's row. Within one thread that row is written after and the overrun undone;
+    with S = 4000 the temporal backward runs on two threads, and the row after the last of one thread's run of
+    tokens belongs to the other thread, which has written it already."""
+    check_against_reference("temporal", "cpp", shape, torch.float32, "cpu", seed, causal=True)
+
+
+def test_kernel_interface_statistics(seed):
+    """forward() returns each branch's natural-log logsumexp of the scaled scores, (B, T, H, S) float32: the
+    contract of the kernel interface, which the backward's own reading of them cannot check."""
+    kernels = backends.load("cpp", torch.device("cpu"))
+    B, T, S, H, D = 2, 4, 9, 2, 16
+    q_s, k_s, v_s, q_t, k_t, v_t = make_inputs((B, T, S, H, D), torch.float32, "cpu")
+    scale = 0.3
+    with torch.no_grad():
+        out, lse_s, lse_t = kernels.forward(q_s, k_s, v_s, q_t, k_t, v_t, scale=scale, temporal_causal=True,
+                                            temporal_window=2, stacked=False)
+        spatial_scores = torch.einsum("btshd,btzhd->bthsz", q_s.double(), k_s.double()) * scale
+        temporal_scores = torch.einsum("btshd,bushd->bthsu", q_t.double(), k_t.double()) * scale
+        lag = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+        allowed = (lag >= 0) & (lag < 2)
+        temporal_scores = temporal_scores.masked_fill(~allowed[None, :, None, None, :], float("-inf"))
+    assert lse_s.shape == lse_t.shape == (B, T, H, S) and lse_s.dtype == lse_t.dtype == torch.float32
+    torch.testing.assert_close(lse_s.double(), spatial_scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_t.double(), temporal_scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    expected = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, scale=scale, temporal_window=2,
+                                            backend="torch")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_auto_picks_cpp_on_cpu():

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.checks import TEMPORAL_OPTIONS, check_against_reference, options_id
+from tests.checks import (TEMPORAL_OPTIONS, check_against_reference, dominating_key_inputs, input_count,
+                          make_inputs, mixed_layout_inputs, nan_padded_inputs, options_id)
 from tests.test_attention_cpp import LOW_PRECISION, ODD_SHAPES, SMALL_SHAPE
 
 pytestmark = pytest.mark.gpu
@@ -38,6 +39,55 @@ def test_odd_shapes(op, shape, dtype, seed):
 def test_packed_views_and_scale(op, dtype, seed):
     check_against_reference(op, "cuda", (2, 4, 23, 3, 40), dtype, "cuda", seed, packed=True, scale=0.3,
                             causal=True, grad_window=2)
+
+
+@pytest.mark.parametrize("op", ["spatial", "temporal"])
+def test_scores_falling_by_more_than_the_exponent_range(op, seed):
+    """Each query's one dominating key scores about 200 above its others, at a different token or frame per
+    query: an online softmax without a running maximum over all key blocks lets exp overflow."""
+    shape = (1, 3, 200, 1, 64)
+    inputs = dominating_key_inputs(op, shape, torch.float32, "cuda")
+    check_against_reference(op, "cuda", shape, torch.float32, "cuda", seed, inputs=inputs)
+
+
+@pytest.mark.xfail(strict=True, reason="known defect, as in the cpp backend before 1fef59a (spatial_bwd.cu: delta_s = "
+                   "rowsum(dout * out) - delta_t from the 16-bit rounded sum out = o_s + o_t); not yet run on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_temporal_branch_dominating_the_saved_sum(dtype, seed):
+    """Summed, the backward reads only out = o_s + o_t, rounded to 16 bits; with o_t 64 times larger its
+    rounding is as large as o_s, and a delta_s taken from it carries that error into dq_s and dk_s."""
+    shape = (1, 3, 19, 1, 64)
+    inputs = make_inputs(shape, dtype, "cuda")
+    with torch.no_grad():
+        inputs[5].mul_(64)  # v_t
+    check_against_reference("parallel", "cuda", shape, dtype, "cuda", seed, inputs=inputs)
+
+
+@pytest.mark.parametrize("op, options", [("parallel", {"causal": True, "grad_window": 1}),
+                                         ("stacked", {"window": 2})], ids=["parallel-causal-grad1", "stacked-window2"])
+@pytest.mark.parametrize("head_dim", [20, 40, 80])
+def test_nothing_read_past_the_head_dim(op, options, head_dim, seed):
+    """Rows continue with NaN past D up to 128 columns (views of wider tensors, last stride 1): loads of
+    tiles padded past D must not read them."""
+    shape = (1, 3, 7, 2, head_dim)
+    inputs = nan_padded_inputs(shape, torch.float32, "cuda", input_count(op), width=128)
+    check_against_reference(op, "cuda", shape, torch.float32, "cuda", seed, inputs=inputs, **options)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("op, options", [("parallel", {"causal": True, "grad_window": 2}), ("stacked", {}),
+                                         ("spatial", {})], ids=["parallel-causal-grad2", "stacked", "spatial"])
+def test_inputs_of_different_layouts(op, options, dtype, seed):
+    """Every input with its own strides: each tensor must be read with its own strides."""
+    shape = (2, 3, 11, 2, 24)
+    inputs = mixed_layout_inputs(shape, dtype, "cuda", input_count(op))
+    check_against_reference(op, "cuda", shape, dtype, "cuda", seed, inputs=inputs, **options)
+
+
+@pytest.mark.parametrize("op", ["parallel", "stacked"])
+def test_head_dim_not_a_multiple_of_4(op, seed):
+    """D = 10: every other test's D is a multiple of 4 (vector loads and stores of 4 or 8 columns would pass)."""
+    check_against_reference(op, "cuda", (1, 3, 70, 2, 10), torch.float32, "cuda", seed, causal=True)
 
 
 # DESIGN.md shapes D and F (the float64 reference of the larger ones needs more memory than most GPUs have).

@@ -12,8 +12,8 @@ import torch
 import pychop
 from pychop.ops import backends
 from tests.checks import (DTYPES, ERROR_FACTOR, FLOOR, GRAD_NAMES, TEMPORAL_OPTIONS, assert_finite,
-                          check_against_reference, dtype_id, forward_backward, input_count, make_inputs, op_call,
-                          options_id, reference_call, relative_error)
+                          check_against_reference, dtype_id, forward_backward, input_count, make_inputs,
+                          nan_padded_inputs, op_call, options_id, reference_call, relative_error)
 
 
 
@@ -178,17 +178,6 @@ def test_temporal_branch_dominating_the_saved_sum(dtype, seed):
     with torch.no_grad():
         inputs[5].mul_(64)  # v_t
     check_against_reference("parallel", "triton", (1, 3, 19, 1, 16), dtype, triton_device(), seed, inputs=inputs)
-
-
-def nan_padded_inputs(shape, dtype, device, count, width):
-    """`count` standard-normal (B, T, S, H, D) inputs, each the view [..., :D] of a (B, T, S, H, width) tensor
-    whose other columns hold NaN: a kernel that reads past column D of a row gets NaN."""
-    inputs = []
-    for _ in range(count):
-        base = torch.full(shape[:-1] + (width,), float("nan"), dtype=dtype, device=device)
-        base[..., :shape[-1]] = torch.randn(shape, dtype=dtype, device=device)
-        inputs.append(base[..., :shape[-1]].requires_grad_())
-    return inputs
 
 
 @pytest.mark.parametrize("op, options", [("parallel", {"causal": True, "grad_window": 1}),
