@@ -153,6 +153,17 @@ def dominating_key_inputs(op, shape, dtype, device):
     return [x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, torch.randn(shape))]
 
 
+def temporal_dominated_inputs(shape, dtype, device):
+    """The six inputs of the parallel op with v_t 64 times larger than the others: o_t outweighs o_s so much
+    that rounding a summed 16-bit output o_s + o_t errs by about as much as o_s itself. A backward that takes
+    delta_s = rowsum(dO * o_s) from that output passes the error into dq_s and dk_s (the torch path, branch by
+    branch, never rounds the sum)."""
+    inputs = make_inputs(shape, dtype, device)
+    with torch.no_grad():
+        inputs[5].mul_(64)
+    return inputs
+
+
 def forward_backward(fn, inputs, dout=None):
     """Runs fn(*inputs) and its backward against `dout` (fresh random when None): (out, dout, grads)."""
     out = fn(*inputs)

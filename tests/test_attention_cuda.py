@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tests.checks import (TEMPORAL_OPTIONS, check_against_reference, dominating_key_inputs, input_count,
-                          make_inputs, mixed_layout_inputs, nan_padded_inputs, options_id)
+                          mixed_layout_inputs, nan_padded_inputs, options_id,
+                          temporal_dominated_inputs)
 from tests.test_attention_cpp import LOW_PRECISION, ODD_SHAPES, SMALL_SHAPE
 
 pytestmark = pytest.mark.gpu
@@ -50,16 +51,13 @@ def test_scores_falling_by_more_than_the_exponent_range(op, seed):
     check_against_reference(op, "cuda", shape, torch.float32, "cuda", seed, inputs=inputs)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect, as in the cpp backend before 1fef59a (spatial_bwd.cu: delta_s = "
-                   "rowsum(dout * out) - delta_t from the 16-bit rounded sum out = o_s + o_t); not yet run on a GPU")
+@pytest.mark.xfail(strict=True, reason="known defect: spatial_bwd.cu takes delta_s = rowsum(dout * out) - delta_t "
+                   "from the 16-bit rounded sum out = o_s + o_t (cpp and triton take it from P dP); not run on a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_temporal_branch_dominating_the_saved_sum(dtype, seed):
-    """Summed, the backward reads only out = o_s + o_t, rounded to 16 bits; with o_t 64 times larger its
-    rounding is as large as o_s, and a delta_s taken from it carries that error into dq_s and dk_s."""
+    """The spatial backward must not take delta_s from the rounded 16-bit sum (see temporal_dominated_inputs)."""
     shape = (1, 3, 19, 1, 64)
-    inputs = make_inputs(shape, dtype, "cuda")
-    with torch.no_grad():
-        inputs[5].mul_(64)  # v_t
+    inputs = temporal_dominated_inputs(shape, dtype, "cuda")
     check_against_reference("parallel", "cuda", shape, dtype, "cuda", seed, inputs=inputs)
 
 

@@ -12,8 +12,9 @@ import torch
 import pychop
 from pychop.ops import backends
 from tests.checks import (DTYPES, ERROR_FACTOR, FLOOR, GRAD_NAMES, TEMPORAL_OPTIONS, assert_finite,
-                          check_against_reference, dtype_id, forward_backward, input_count, make_inputs,
-                          nan_padded_inputs, op_call, options_id, reference_call, relative_error)
+                          check_against_reference, dominating_key_inputs, dtype_id, forward_backward, input_count,
+                          make_inputs, nan_padded_inputs, op_call, options_id, reference_call, relative_error,
+                          temporal_dominated_inputs)
 
 
 
@@ -152,32 +153,21 @@ def test_unequal_tiles(block_m, block_n, monkeypatch, seed):
 
 @pytest.mark.parametrize("op", ["spatial", "temporal"])
 def test_scores_falling_by_more_than_the_exponent_range(op, seed):
-    """The online softmax must keep a running maximum. Every query's first key (token 0 of its frame, or frame
-    0) scores about 200 above all the others, which come in later key blocks or frames: a maximum taken per
-    block or per frame would rescale by exp(200), past float32's range."""
-    B, T, S, H, D = shape = (1, 3, 33, 1, 16)
-    direction = torch.zeros(D)
-    direction[0] = 20.0
-    q = torch.randn(shape) + direction
-    k = torch.randn(shape) - direction
-    if op == "spatial":
-        k[:, :, 0] += 2 * direction
-    else:
-        k[:, 0] += 2 * direction
-    inputs = [x.to(triton_device()).requires_grad_() for x in (q, k, torch.randn(shape))]
+    """The online softmax must keep a running maximum over all key blocks and frames: each query's one key
+    scoring about 200 above the others (frame 0's at token 0, before all later blocks) would otherwise be
+    rescaled by exp(200), past float32's range."""
+    shape = (1, 3, 33, 1, 16)
+    inputs = dominating_key_inputs(op, shape, torch.float32, triton_device())
     check_against_reference(op, "triton", shape, torch.float32, triton_device(), seed, inputs=inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 def test_temporal_branch_dominating_the_saved_sum(dtype, seed):
-    """Summed, the backward reads only out = o_s + o_t, rounded to 16 bits, and takes the spatial branch's
-    delta_s = rowsum(dO * o_s) from it; with o_t 64 times larger the rounding of the sum is as large as o_s. The
-    spatial gradients must not inherit it: the query kernel corrects dq_s with the exact delta_s and hands that,
-    not the rounded one, to the key kernel (the torch path, branch by branch, never rounds the sum)."""
-    inputs = make_inputs((1, 3, 19, 1, 16), dtype, triton_device())
-    with torch.no_grad():
-        inputs[5].mul_(64)  # v_t
-    check_against_reference("parallel", "triton", (1, 3, 19, 1, 16), dtype, triton_device(), seed, inputs=inputs)
+    """Summed, the backward reads only out = o_s + o_t rounded to 16 bits: the query kernel corrects dq_s with
+    the exact delta_s = rowsum(P dP) and hands that, not the rounded one, to the key kernel."""
+    shape = (1, 3, 19, 1, 16)
+    inputs = temporal_dominated_inputs(shape, dtype, triton_device())
+    check_against_reference("parallel", "triton", shape, dtype, triton_device(), seed, inputs=inputs)
 
 
 @pytest.mark.parametrize("op, options", [("parallel", {"causal": True, "grad_window": 1}),
