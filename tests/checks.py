@@ -185,9 +185,11 @@ def assert_finite(tensor, what):
     assert bad == 0, f"{what}: {bad} non-finite elements (outputs are NaN-poisoned: unwritten elements show)"
 
 
-def check_against_reference(op, backend, shape, dtype, device, seed, *, packed=False, inputs=None, **options):
+def check_against_reference(op, backend, shape, dtype, device, seed, *, packed=False, inputs=None, floor=None,
+                            **options):
     """Forward and every input gradient of `backend` against float64, within the rule of this module.
-    `inputs` (leaf tensors of `shape`, `dtype`, requiring grad) replaces make_inputs' fresh ones."""
+    `inputs` (leaf tensors of `shape`, `dtype`, requiring grad) replaces make_inputs' fresh ones; `floor`
+    replaces FLOOR[dtype]."""
     count = input_count(op)
     if inputs is None:
         inputs = make_inputs(shape, dtype, device, count, packed=packed)
@@ -207,6 +209,6 @@ def check_against_reference(op, backend, shape, dtype, device, seed, *, packed=F
         assert_finite(actual, f"{name} of {context}")
         error = relative_error(actual, reference)
         base_error = relative_error(baseline, reference) if baseline is not None else 0.0
-        bound = ERROR_FACTOR * base_error + FLOOR[dtype]
+        bound = ERROR_FACTOR * base_error + (FLOOR[dtype] if floor is None else floor)
         assert error <= bound, (f"{name}: relative error {error:.3g} > {bound:.3g} = {ERROR_FACTOR} x torch-path "
-                                f"error {base_error:.3g} + {FLOOR[dtype]:g}; {context}")
+                                f"error {base_error:.3g} + {FLOOR[dtype] if floor is None else floor:g}; {context}")
