@@ -167,7 +167,7 @@ void backward(const at::Tensor& dout, const OptTensor& dout_t, const OptTensor& 
   const auto stats = out.options().dtype(at::kFloat);
   const auto B = p.batch, T = p.frames, S = p.tokens, H = p.heads;
   at::Tensor delta_t, delta_s, dq_accum;  // scratch, alive until the kernels are enqueued (stream-ordered)
-  if (p.temporal && out.is_cuda()) {  // the CUDA temporal backward keeps delta_t there, for the spatial branch
+  if (p.temporal && out.is_cuda()) {  // the CUDA temporal backward keeps delta_t there
     delta_t = at::empty({B, T, H, S}, stats);
     p.delta_t = delta_t.data_ptr<float>();
   }
