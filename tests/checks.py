@@ -164,6 +164,32 @@ def temporal_dominated_inputs(shape, dtype, device):
     return inputs
 
 
+def check_kernel_statistics(kernels, device):
+    """The kernel interface's forward(): out, and each branch's natural-log logsumexp of the scaled scores,
+    (B, T, H, S) float32, against float64 (causal, window 2); an absent branch gets None."""
+    B, T, S, H, D = 2, 4, 9, 2, 16
+    q_s, k_s, v_s, q_t, k_t, v_t = make_inputs((B, T, S, H, D), torch.float32, device)
+    scale = 0.3
+    with torch.no_grad():
+        out, lse_s, lse_t = kernels.forward(q_s, k_s, v_s, q_t, k_t, v_t, scale=scale, temporal_causal=True,
+                                            temporal_window=2, stacked=False)
+        spatial_scores = torch.einsum("btshd,btzhd->bthsz", q_s.double(), k_s.double()) * scale
+        temporal_scores = torch.einsum("btshd,bushd->bthsu", q_t.double(), k_t.double()) * scale
+        lag = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+        allowed = ((lag >= 0) & (lag < 2)).to(temporal_scores.device)
+        temporal_scores = temporal_scores.masked_fill(~allowed[None, :, None, None, :], float("-inf"))
+    assert lse_s.shape == lse_t.shape == (B, T, H, S) and lse_s.dtype == lse_t.dtype == torch.float32
+    torch.testing.assert_close(lse_s.double(), spatial_scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_t.double(), temporal_scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    expected = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, scale=scale, temporal_window=2,
+                                            backend="torch")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        _, only_s, none_t = kernels.forward(q_s, k_s, v_s, None, None, None, scale=scale, temporal_causal=False,
+                                            temporal_window=None, stacked=False)
+    assert none_t is None and only_s.shape == (B, T, H, S)
+
+
 def forward_backward(fn, inputs, dout=None):
     """Runs fn(*inputs) and its backward against `dout` (fresh random when None): (out, dout, grads)."""
     out = fn(*inputs)

@@ -6,8 +6,8 @@ import torch
 
 import pychop
 from pychop.ops import backends
-from tests.checks import (TEMPORAL_OPTIONS, check_against_reference, dominating_key_inputs, input_count,
-                          make_inputs, mixed_layout_inputs, nan_padded_inputs, options_id,
+from tests.checks import (TEMPORAL_OPTIONS, check_against_reference, check_kernel_statistics,
+                          dominating_key_inputs, input_count, mixed_layout_inputs, nan_padded_inputs, options_id,
                           temporal_dominated_inputs)
 
 
@@ -127,24 +127,7 @@ def test_head_dim_not_a_multiple_of_4(shape, seed):
 def test_kernel_interface_statistics(seed):
     """forward() returns each branch's natural-log logsumexp of the scaled scores, (B, T, H, S) float32: the
     contract of the kernel interface, which the backward's own reading of them cannot check."""
-    kernels = backends.load("cpp", torch.device("cpu"))
-    B, T, S, H, D = 2, 4, 9, 2, 16
-    q_s, k_s, v_s, q_t, k_t, v_t = make_inputs((B, T, S, H, D), torch.float32, "cpu")
-    scale = 0.3
-    with torch.no_grad():
-        out, lse_s, lse_t = kernels.forward(q_s, k_s, v_s, q_t, k_t, v_t, scale=scale, temporal_causal=True,
-                                            temporal_window=2, stacked=False)
-        spatial_scores = torch.einsum("btshd,btzhd->bthsz", q_s.double(), k_s.double()) * scale
-        temporal_scores = torch.einsum("btshd,bushd->bthsu", q_t.double(), k_t.double()) * scale
-        lag = torch.arange(T)[:, None] - torch.arange(T)[None, :]
-        allowed = (lag >= 0) & (lag < 2)
-        temporal_scores = temporal_scores.masked_fill(~allowed[None, :, None, None, :], float("-inf"))
-    assert lse_s.shape == lse_t.shape == (B, T, H, S) and lse_s.dtype == lse_t.dtype == torch.float32
-    torch.testing.assert_close(lse_s.double(), spatial_scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse_t.double(), temporal_scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
-    expected = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, scale=scale, temporal_window=2,
-                                            backend="torch")
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    check_kernel_statistics(backends.load("cpp", torch.device("cpu")), "cpu")
 
 
 @pytest.mark.parametrize("op, options", [("parallel", {"causal": True}), ("stacked", {"window": 2, "grad_window": 1})],

@@ -9,12 +9,11 @@ Outputs are NaN-poisoned (PYCHOP_POISON_OUTPUTS=1), so an element a kernel leave
 import pytest
 import torch
 
-import pychop
 from pychop.ops import backends
 from tests.checks import (DTYPES, ERROR_FACTOR, FLOOR, GRAD_NAMES, TEMPORAL_OPTIONS, assert_finite,
-                          check_against_reference, dominating_key_inputs, dtype_id, forward_backward, input_count,
-                          make_inputs, nan_padded_inputs, op_call, options_id, reference_call, relative_error,
-                          temporal_dominated_inputs)
+                          check_against_reference, check_kernel_statistics, dominating_key_inputs, dtype_id,
+                          forward_backward, input_count, make_inputs, nan_padded_inputs, op_call, options_id,
+                          reference_call, relative_error, temporal_dominated_inputs)
 
 
 
@@ -116,27 +115,7 @@ def test_strided_output_gradient(seed):
 
 def test_kernel_interface_statistics(seed):
     """forward() returns each branch's natural-log logsumexp of the scaled scores, (B, T, H, S) float32."""
-    kernels = backends.load("triton", torch.device(triton_device()))
-    B, T, S, H, D = 2, 4, 9, 2, 16
-    q_s, k_s, v_s, q_t, k_t, v_t = make_inputs((B, T, S, H, D), torch.float32, triton_device())
-    scale = 0.3
-    with torch.no_grad():
-        out, lse_s, lse_t = kernels.forward(q_s, k_s, v_s, q_t, k_t, v_t, scale=scale, temporal_causal=True,
-                                            temporal_window=2, stacked=False)
-        spatial_scores = torch.einsum("btshd,btzhd->bthsz", q_s.double(), k_s.double()) * scale
-        temporal_scores = torch.einsum("btshd,bushd->bthsu", q_t.double(), k_t.double()) * scale
-        lag = torch.arange(T)[:, None] - torch.arange(T)[None, :]
-        allowed = ((lag >= 0) & (lag < 2)).to(temporal_scores.device)
-        temporal_scores = temporal_scores.masked_fill(~allowed[None, :, None, None, :], float("-inf"))
-    assert lse_s.shape == lse_t.shape == (B, T, H, S) and lse_s.dtype == lse_t.dtype == torch.float32
-    torch.testing.assert_close(lse_s.double(), spatial_scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse_t.double(), temporal_scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
-    expected = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, scale=scale, temporal_window=2,
-                                            backend="torch")
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    _, only_s, none_t = kernels.forward(q_s, k_s, v_s, None, None, None, scale=scale, temporal_causal=False,
-                                        temporal_window=None, stacked=False)
-    assert none_t is None and only_s.shape == (B, T, H, S)
+    check_kernel_statistics(backends.load("triton", torch.device(triton_device())), triton_device())
 
 
 @pytest.mark.parametrize("block_m, block_n", [(32, 16), (16, 32)])
