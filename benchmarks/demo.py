@@ -18,7 +18,7 @@ from pychop.models import SD15_VIDEO, TINY, CausalDecoderConfig, CausalVideoDeco
 def fused_attention(device, dtype):
     B, T, S, H, D = (1, 16, 32 * 32, 8, 64) if device.type == "cuda" else (1, 4, 64, 2, 32)
     q_s, k_s, v_s, q_t, k_t, v_t = torch.randn(B, T, S, 6, H, D, device=device, dtype=dtype).unbind(3)
-    backend, _ = pychop.ops.backends.resolve("auto", device)
+    backend = pychop.ops.backends.resolve("auto", device)
     out = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, temporal_causal=True)
     ref = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, temporal_causal=True, backend="torch")
     print(f"[attention] (B,T,S,H,D)={B, T, S, H, D} {dtype}: backend '{backend}' vs torch reference, "

@@ -261,3 +261,21 @@ def test_converter_composes_with_the_processors_and_refuses_bad_models(seed):
         convert_to_parallel(svd_transformer)
     with pytest.raises(ValueError, match="no spatial transformer \\+ temporal transformer pairs"):
         convert_to_parallel(torch.nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("backend", [name for name in runnable_backends(interpreted=False) if name != "torch"])
+def test_converted_and_patched_unet_compiles_whole(backend, seed):
+    """torch.compile(fullgraph=True) of a motion UNet in Mobius form with pychop's temporal attention: no graph
+    break, and eager's output and gradients."""
+    unet = tiny_motion_unet(seed)
+    inputs = unet_inputs()
+    conversion = convert_to_parallel(unet)
+    with patch_temporal_attention(unet, backend=backend):
+        compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")
+        out, grads = forward_backward(unet, inputs, call=lambda _, args: compiled(*args).sample)
+        expected, expected_grads = forward_backward(unet, inputs)
+    conversion.revert()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0, msg=name)

@@ -25,7 +25,7 @@ def test_cuda_backend_on_cpu_tensors_says_why():
 
 
 def test_auto_on_cpu_picks_an_available_backend_and_matches_torch():
-    name, _ = backends.resolve("auto", torch.device("cpu"))
+    name = backends.resolve("auto", torch.device("cpu"))
     assert name in backends.AUTO_ORDER["cpu"]
     x = inputs()
     torch.testing.assert_close(pychop.parallel_st_attention(*x), pychop.parallel_st_attention(*x, backend="torch"))
@@ -33,11 +33,11 @@ def test_auto_on_cpu_picks_an_available_backend_and_matches_torch():
 
 def test_environment_variable_replaces_auto(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "torch")
-    assert backends.resolve("auto", torch.device("cpu"))[0] == "torch"
+    assert backends.resolve("auto", torch.device("cpu")) == "torch"
     monkeypatch.setenv(backends.ENV_VAR, "cuda")
     with pytest.raises(pychop.BackendUnavailable, match="cuda"):
         backends.resolve("auto", torch.device("cpu"))
-    assert backends.resolve("torch", torch.device("cpu"))[0] == "torch", "an explicit backend wins"
+    assert backends.resolve("torch", torch.device("cpu")) == "torch", "an explicit backend wins"
     monkeypatch.setenv(backends.ENV_VAR, "bogus")
     with pytest.raises(ValueError, match=r"PYCHOP_BACKEND must be one of"):
         backends.resolve("auto", torch.device("cpu"))

@@ -133,7 +133,7 @@ def run(ctx):
                              dtype=dtype)
         step = training_step(model, inputs, target)
         step()  # allocates the optimizer state before anything is measured
-        row["attention"] = "sdpa" if mode == "serial" else pychop.ops.backends.resolve(backend, device)[0]
+        row["attention"] = "sdpa" if mode == "serial" else pychop.ops.backends.resolve(backend, device)
         row["trainable_M"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
         row["peak_mb"] = ctx.peak_memory_mb(step)
         row["step_ms"] = ctx.time_ms(step)

@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 Block = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # gamma, beta, W, b
-PER_BLOCK = 4
+PER_BLOCK = 4  # tensors in a block
 
 
 def _folded(blocks) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -29,39 +29,50 @@ def _folded(blocks) -> Tuple[torch.Tensor, torch.Tensor]:
     return weight, bias
 
 
+def _blocks(layout, params):
+    """The (gamma, beta, W, b) blocks from their indices into the distinct parameters (-1: no bias)."""
+    return [(params[g], params[c], params[w], params[b] if b >= 0 else None) for g, c, w, b in layout]
+
+
 class LayerNormPackedLinear(torch.autograd.Function):
+    """Each distinct parameter is one input (``layout`` indexes them per block): blocks that share an affine
+    get its gradient summed here, and torch.compile, which refuses one tensor passed as two inputs, can trace
+    it."""
+
     @staticmethod
-    def forward(ctx, x, eps: float, *flat_blocks):
-        blocks = [flat_blocks[i:i + PER_BLOCK] for i in range(0, len(flat_blocks), PER_BLOCK)]
+    def forward(ctx, x, eps: float, layout, *params):
         features = x.shape[-1]
         rows = x.reshape(-1, features)
         normed, mean, rstd = torch.native_layer_norm(rows, (features,), None, None, eps)
-        weight, bias = _folded(blocks)
+        weight, bias = _folded(_blocks(layout, params))
         out = torch.addmm(bias, normed, weight.t())
-        ctx.save_for_backward(rows, mean, rstd, *(t for t in flat_blocks if t is not None))
-        ctx.has_bias = [b is not None for _, _, _, b in blocks]
-        ctx.eps, ctx.input_shape = eps, x.shape
+        ctx.save_for_backward(rows, mean, rstd, *params)
+        ctx.eps, ctx.layout, ctx.input_shape = eps, layout, x.shape
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         rows, mean, rstd, *params = ctx.saved_tensors
-        params = iter(params)
-        blocks = [(next(params), next(params), next(params), next(params) if has_bias else None)
-                  for has_bias in ctx.has_bias]
+        blocks = _blocks(ctx.layout, params)
         features = rows.shape[-1]
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-        need_x, need = ctx.needs_input_grad[0], ctx.needs_input_grad[2:]
+        need_x, need = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
         grad_x = None
         if need_x:
             grad_normed = grad_rows @ _folded(blocks)[0]
             grad_x = torch.ops.aten.native_layer_norm_backward(
                 grad_normed, rows, (features,), mean, rstd, None, None, [True, False, False])[0]
             grad_x = grad_x.view(ctx.input_shape)
+        grads = [None] * len(params)
+
+        def accumulate(index, grad):
+            grads[index] = grad if grads[index] is None else grads[index] + grad
+
         normed = None
-        grads, start = [], 0
-        for index, (gamma, beta, w, b) in enumerate(blocks):
-            need_gamma, need_beta, need_w, need_b = need[PER_BLOCK * index:PER_BLOCK * (index + 1)]
+        start = 0
+        for (i_gamma, i_beta, i_w, i_b), (gamma, beta, w, b) in zip(ctx.layout, blocks):
+            need_gamma, need_beta, need_w = need[i_gamma], need[i_beta], need[i_w]
+            need_b = i_b >= 0 and need[i_b]
             block = grad_rows[:, start:start + w.shape[0]]
             start += w.shape[0]
             grad_bias = block.sum(0) if need_w or need_beta or need_b else None  # of W beta + b
@@ -70,11 +81,15 @@ class LayerNormPackedLinear(torch.autograd.Function):
                 if normed is None:
                     normed = torch.native_layer_norm(rows, (features,), None, None, ctx.eps)[0]
                 grad_weight = block.t() @ normed
-            grads += [(grad_weight * w).sum(0) if need_gamma else None,
-                      grad_bias @ w if need_beta else None,
-                      torch.addr(grad_weight * gamma, grad_bias, beta) if need_w else None,
-                      grad_bias if need_b else None]
-        return (grad_x, None, *grads)
+            if need_gamma:
+                accumulate(i_gamma, (grad_weight * w).sum(0))
+            if need_beta:
+                accumulate(i_beta, grad_bias @ w)
+            if need_w:
+                accumulate(i_w, torch.addr(grad_weight * gamma, grad_bias, beta))
+            if need_b:
+                accumulate(i_b, grad_bias)
+        return (grad_x, None, None, *grads)
 
 
 def layer_norm_packed_linear(x: torch.Tensor, blocks: Sequence[Block], eps: float = 1e-5) -> torch.Tensor:
@@ -83,7 +98,17 @@ def layer_norm_packed_linear(x: torch.Tensor, blocks: Sequence[Block], eps: floa
     if not blocks:
         raise ValueError("blocks must hold at least one (gamma, beta, weight, bias) block")
     features = x.shape[-1]
-    flat = []
+    params, layout = [], []
+
+    def index(tensor):  # of `tensor` among the distinct parameters, added when new; -1 for None
+        if tensor is None:
+            return -1
+        for i, seen in enumerate(params):
+            if seen is tensor:
+                return i
+        params.append(tensor)
+        return len(params) - 1
+
     for i, block in enumerate(blocks):
         if len(block) != PER_BLOCK:
             raise ValueError(f"blocks[{i}] must be (gamma, beta, weight, bias), got {len(block)} items")
@@ -95,5 +120,5 @@ def layer_norm_packed_linear(x: torch.Tensor, blocks: Sequence[Block], eps: floa
                              f"and {tuple(beta.shape)}")
         if b is not None and b.shape != (w.shape[0],):
             raise ValueError(f"blocks[{i}] bias must have shape ({w.shape[0]},) or be None, got {tuple(b.shape)}")
-        flat += [gamma, beta, w, b]
-    return LayerNormPackedLinear.apply(x, float(eps), *flat)
+        layout.append(tuple(index(t) for t in block))
+    return LayerNormPackedLinear.apply(x, float(eps), tuple(layout), *params)

@@ -88,8 +88,11 @@ def load(backend: str, device: torch.device) -> Optional[ModuleType]:
     return found
 
 
-def resolve(backend: str, device: torch.device) -> Tuple[str, Optional[ModuleType]]:
-    """Maps a ``backend=`` argument to (backend name, kernel module) for tensors on ``device``."""
+@torch.compiler.assume_constant_result
+def resolve(backend: str, device: torch.device) -> str:
+    """Maps a ``backend=`` argument to the name of the backend that runs tensors on ``device``, its kernels
+    loaded (``load`` then returns them at once). Under torch.compile it runs once, while tracing, and its
+    answer is a constant of the graph."""
     if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -97,10 +100,12 @@ def resolve(backend: str, device: torch.device) -> Tuple[str, Optional[ModuleTyp
         if backend not in BACKENDS + ("auto",):
             raise ValueError(f"{ENV_VAR} must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend != "auto":
-        return backend, load(backend, device)
+        load(backend, device)
+        return backend
     for candidate in AUTO_ORDER.get(device.type, ("torch",)):
         try:
-            return candidate, load(candidate, device)
+            load(candidate, device)
+            return candidate
         except BackendUnavailable:
             continue
     raise AssertionError("unreachable: the torch backend is always available")
