@@ -124,10 +124,14 @@ BACKEND_CASES = [pytest.param("cpu", name, id=f"cpu-{name}") for name in runnabl
 
 
 @pytest.mark.parametrize("device, backend", BACKEND_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast"], ids=str)
 @pytest.mark.parametrize("freeze_spatial", [False, True])
 def test_parallel_block_gradients_every_backend(device, backend, dtype, freeze_spatial, seed):
-    """Each available backend against float64, within 3x the torch backend's error in the same dtype."""
+    """Each available backend against float64, within 3x the torch backend's error in the same dtype
+    ("autocast": a float32 block and input under bfloat16 autocast, as mixed-precision training runs it)."""
+    autocast = dtype == "autocast"
+    if autocast:
+        dtype = torch.float32
     shape, heads = GEOMETRY[device]
     block = ParallelSTBlock(shape[-1], heads, backend=backend).to(device, dtype)
     baseline = ParallelSTBlock(shape[-1], heads, backend="torch").to(device, dtype)
@@ -136,9 +140,12 @@ def test_parallel_block_gradients_every_backend(device, backend, dtype, freeze_s
         block.spatial.requires_grad_(False)
         baseline.spatial.requires_grad_(False)
     x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
-    dout = torch.randn(shape, dtype=dtype, device=device)
-    actual, base = module_run(block, x, dout), module_run(baseline, x, dout)
+    dout = torch.randn(shape, dtype=torch.bfloat16 if autocast else dtype, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        actual, base = module_run(block, x, dout), module_run(baseline, x, dout)
+        assert actual[0].dtype == SerialSTBlock(shape[-1], heads).to(device, dtype)(x).dtype  # as nn.Linear gives
     reference = reference_run(block, "parallel", x, dout)
+    floor = FLOOR[torch.bfloat16 if autocast else dtype]
     names = ["out", "x", *(name for name, p in block.named_parameters())]
     trainable = ["out", "x", *(name for name, p in block.named_parameters() if p.requires_grad)]
     for name, a, b, r in zip(names, actual, base, reference):
@@ -146,7 +153,8 @@ def test_parallel_block_gradients_every_backend(device, backend, dtype, freeze_s
             assert a is None, f"{name} is frozen but got a gradient"
             continue
         assert a is not None and torch.isfinite(a).all(), f"{name}: missing or non-finite ({backend}, seed {seed})"
-        bound = 3 * relative_error(b, r) + FLOOR[dtype]
+        assert a.dtype == b.dtype, f"{name}: {a.dtype}, the torch backend's is {b.dtype}"
+        bound = 3 * relative_error(b, r) + floor
         assert relative_error(a, r) <= bound, f"{name}: error above {bound:.3g} ({backend}, {dtype}, seed {seed})"
 
 
@@ -240,6 +248,35 @@ def test_layer_norm_packed_linear_matches_plain_and_skips_frozen_blocks(seed):
         assert relative_error(g, e) < 1e-10, name
     out.backward(dout)
     assert all(p.grad is None for p in (gamma2, beta2, w3, b3))
+
+
+def test_layer_norm_packed_linear_under_autocast_computes_as_layer_norm_and_linear(seed):
+    """Under bfloat16 autocast: a bfloat16 output and float32 gradients, as F.layer_norm + F.linear give, each
+    within 3x their error against float64 (plus a floor)."""
+    C = 16
+    x = torch.randn(4, 5, C, requires_grad=True)
+    param = lambda *shape: torch.randn(*shape, requires_grad=True)
+    gamma, beta = torch.empty(C).uniform_(0.5, 1.5).requires_grad_(), param(C)
+    blocks = [(gamma, beta, param(24, C), param(24)), (gamma, beta, param(8, C), None)]
+    leaves = [x, gamma, beta, blocks[0][2], blocks[0][3], blocks[1][2]]
+
+    def plain(x, blocks):
+        return torch.cat([F.linear(F.layer_norm(x, (C,), g, b, eps=1e-5), w, bias) for g, b, w, bias in blocks], -1)
+
+    dout = torch.randn(4, 5, 32, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_out, base_out = layer_norm_packed_linear(x, blocks), plain(x, blocks)
+        fused_grads = torch.autograd.grad(fused_out, leaves, dout)
+        base_grads = torch.autograd.grad(base_out, leaves, dout)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, g64, b64, w0, c0, w1 = leaves64
+    ref_out = plain(x64, [(g64, b64, w0, c0), (g64, b64, w1, None)])
+    ref_grads = torch.autograd.grad(ref_out, leaves64, dout.double())
+    names = ("out", "x", "gamma", "beta", "w0", "b0", "w1")
+    for name, a, b, r in zip(names, (fused_out, *fused_grads), (base_out, *base_grads), (ref_out, *ref_grads)):
+        assert a.dtype == b.dtype, f"{name}: {a.dtype}, layer_norm + linear give {b.dtype}"
+        bound = 3 * relative_error(b, r) + 1e-3
+        assert relative_error(a, r) <= bound, f"{name}: error above {bound:.3g} (seed {seed})"
 
 
 def test_layer_norm_packed_linear_saves_no_weight_copies():

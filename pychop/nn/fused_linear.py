@@ -10,6 +10,10 @@ one attention branch do). Saved for backward: ``x`` and its per-row mean and rst
 parameters are referenced, not copied: the folded weight is rebuilt in the backward instead of stored, and
 the normalised input is recomputed only when a weight gradient is needed. Every parameter gets a gradient only
 when it requires one, so a frozen block costs no weight-gradient GEMM.
+
+Under autocast it computes as LayerNorm + Linear do there: the normalisation in x's dtype, the GEMMs in the
+autocast dtype (the output too), parameter gradients in the parameters' dtype. The backward keeps the
+forward's dtypes whatever the autocast state when it runs.
 """
 
 from __future__ import annotations
@@ -43,15 +47,24 @@ class LayerNormPackedLinear(torch.autograd.Function):
     def forward(ctx, x, eps: float, layout, *params):
         features = x.shape[-1]
         rows = x.reshape(-1, features)
-        normed, mean, rstd = torch.native_layer_norm(rows, (features,), None, None, eps)
-        weight, bias = _folded(_blocks(layout, params))
-        out = torch.addmm(bias, normed, weight.t())
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            normed, mean, rstd = torch.native_layer_norm(rows, (features,), None, None, eps)
+            weight, bias = _folded(_blocks(layout, params))
+            out = torch.addmm(bias.to(dtype), normed.to(dtype), weight.to(dtype).t())
         ctx.save_for_backward(rows, mean, rstd, *params)
         ctx.eps, ctx.layout, ctx.input_shape = eps, layout, x.shape
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return LayerNormPackedLinear._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        """grad_out is in the forward's GEMM dtype; its GEMMs run in it, the rest in the inputs' dtypes."""
         rows, mean, rstd, *params = ctx.saved_tensors
         blocks = _blocks(ctx.layout, params)
         features = rows.shape[-1]
@@ -59,9 +72,9 @@ class LayerNormPackedLinear(torch.autograd.Function):
         need_x, need = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
         grad_x = None
         if need_x:
-            grad_normed = grad_rows @ _folded(blocks)[0]
+            grad_normed = grad_rows @ _folded(blocks)[0].to(grad_rows.dtype)
             grad_x = torch.ops.aten.native_layer_norm_backward(
-                grad_normed, rows, (features,), mean, rstd, None, None, [True, False, False])[0]
+                grad_normed.to(rows.dtype), rows, (features,), mean, rstd, None, None, [True, False, False])[0]
             grad_x = grad_x.view(ctx.input_shape)
         grads = [None] * len(params)
 
@@ -75,12 +88,14 @@ class LayerNormPackedLinear(torch.autograd.Function):
             need_b = i_b >= 0 and need[i_b]
             block = grad_rows[:, start:start + w.shape[0]]
             start += w.shape[0]
-            grad_bias = block.sum(0) if need_w or need_beta or need_b else None  # of W beta + b
+            grad_bias = None  # of W beta + b
+            if need_w or need_beta or need_b:
+                grad_bias = block.sum(0, dtype=w.dtype)
             grad_weight = None  # of the folded W * gamma
             if need_w or need_gamma:
                 if normed is None:
-                    normed = torch.native_layer_norm(rows, (features,), None, None, ctx.eps)[0]
-                grad_weight = block.t() @ normed
+                    normed = torch.native_layer_norm(rows, (features,), None, None, ctx.eps)[0].to(block.dtype)
+                grad_weight = (block.t() @ normed).to(w.dtype)
             if need_gamma:
                 accumulate(i_gamma, (grad_weight * w).sum(0))
             if need_beta:

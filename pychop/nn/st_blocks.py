@@ -25,7 +25,8 @@ output projections, with the residual added in it:
    (no permutes, no copies) and writes them side by side, (B, T, S, 2, H, D): a (B, T, S, 2C) view.
 3. ``out = x + [o_s, o_t] [W_out_s; W_out_t] + b_out_s + b_out_t`` on the residual, the 2C -> C GEMM taken as
    two accumulating ``addmm`` calls over its halves (K = C each, on strided views of the stacked output), so
-   that autograd holds the parameters themselves rather than a concatenated copy of them.
+   that autograd holds the parameters themselves rather than a concatenated copy of them. Under autocast
+   the GEMMs run in its dtype and x is added after them, in x's dtype, as the serial form adds it.
 
 The branches stay apart up to that GEMM because ``(o_s + o_t) W`` equals ``o_s W_s + o_t W_t`` only when
 ``W_s = W_t``: summing first would tie the two output projections into one parameter, which could not stay
@@ -139,9 +140,16 @@ class ParallelSTBlock(nn.Module):
             branches = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, combine="stack",
                                                     backend=self.backend, **self.temporal_options)
         o_s, o_t = (branch.reshape(-1, C) for branch in branches.unbind(3))  # (N, C) views, row stride 2C
-        out = torch.addmm(x.reshape(-1, C), o_s, self.spatial.to_out.weight.t())
-        out = torch.addmm(out, o_t, self.temporal.to_out.weight.t())
+        residual = x.reshape(-1, C)
+        # The residual is added in the first GEMM, except under autocast, whose GEMMs would round it to their
+        # lower precision: there it is added after them, in x's dtype, as the serial form adds it.
+        fold_residual = o_s.dtype == x.dtype
+        weight_s, weight_t = self.spatial.to_out.weight.t(), self.temporal.to_out.weight.t()
+        out = torch.addmm(residual, o_s, weight_s) if fold_residual else torch.mm(o_s, weight_s)
+        out = torch.addmm(out, o_t, weight_t)
         out.add_(self.spatial.to_out.bias + self.temporal.to_out.bias)  # addmm keeps no output: in place is safe
+        if not fold_residual:
+            out = residual + out
         return out.view(B, T, S, C)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:

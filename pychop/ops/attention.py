@@ -205,10 +205,13 @@ def _attention(spatial: Optional[dict], temporal: Optional[dict], *, scale, caus
         return torch.stack(branches, dim=3) if stacked else sum(branches[1:], branches[0])
 
     check_kernel_dtype(next(iter(tensors)), first.dtype, name)
-    q_s, k_s, v_s = spatial.values() if spatial is not None else (None, None, None)
-    q_t, k_t, v_t = temporal.values() if temporal is not None else (None, None, None)
-    return FusedAttentionFunction.apply(name, scale, causal, window, grad_window, stacked, q_s, k_s, v_s, q_t, k_t,
-                                        v_t)
+    inputs = [*(spatial.values() if spatial is not None else [None] * 3),
+              *(temporal.values() if temporal is not None else [None] * 3)]
+    device = first.device.type
+    if torch.is_autocast_enabled(device):  # computes in autocast's dtype, as scaled_dot_product_attention does
+        dtype = torch.get_autocast_dtype(device)
+        inputs = [None if x is None else x.to(dtype) for x in inputs]
+    return FusedAttentionFunction.apply(name, scale, causal, window, grad_window, stacked, *inputs)
 
 
 def parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, *, scale=None, temporal_causal=False,
@@ -220,7 +223,8 @@ def parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, *, scale=None, temporal_
     Returns, in the input dtype, ``o_s + o_t`` of shape (B, T, S, H, D) with ``combine="sum"``, or the two
     branches apart with ``combine="stack"``: (B, T, S, 2, H, D), ``[:, :, :, 0]`` spatial and ``[:, :, :, 1]``
     temporal, whose ``.flatten(3)`` is the (B, T, S, 2C) input of one GEMM for both output projections
-    (``o_s W_s + o_t W_t = [o_s, o_t] [W_s; W_t]``). See the module docstring for the exact semantics.
+    (``o_s W_s + o_t W_t = [o_s, o_t] [W_s; W_t]``). Under autocast the inputs are cast to its dtype, as
+    ``scaled_dot_product_attention`` casts them. See the module docstring for the exact semantics.
     """
     return _attention(dict(q_s=q_s, k_s=k_s, v_s=v_s), dict(q_t=q_t, k_t=k_t, v_t=v_t), scale=scale,
                       causal=temporal_causal, window=check_window("temporal_window", temporal_window),
