@@ -125,6 +125,86 @@ def mutating_step(state, x):
     return [state[0] + x], x * 2
 
 
+def dropout_step(model):
+    """The toy step on its input under dropout: the carried state depends on the random numbers drawn."""
+    return lambda state, x: model.step(state, torch.nn.functional.dropout(x, 0.5))
+
+
+def plain_run(step, state, segments, loss_fn, autocast=False):
+    """The recurrence in one plain autograd graph, losses summed, backpropagated: (outputs, total loss)."""
+    outputs = []
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for x in segments:
+            state, y = step(state, x)
+            outputs.append(y)
+    total = sum(loss_fn(y.double(), i) for i, y in enumerate(outputs))
+    total.backward()
+    return [y.detach() for y in outputs], total.detach()
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "retain"])
+@pytest.mark.parametrize("window", [2, N])
+def test_stream_recomputes_segments_with_their_first_random_numbers(seed, strategy, window):
+    """With dropout in the step, the outputs are the plain recurrence's under the same seed, the global RNG
+    ends where the plain run leaves it, and with a full window the gradients are full backpropagation's."""
+    model, segments, loss_fn = make_problem(seed)
+    step, tracked = dropout_step(model), list(model.parameters()) + segments
+    torch.manual_seed(seed)
+    expected_outputs, _ = plain_run(step, model.init_state(3), segments, loss_fn)
+    expected, after = take_grads(tracked), torch.rand(4)
+    torch.manual_seed(seed)
+    _, outputs = stream(step, model.init_state(3), segments, loss_fn, window=window, strategy=strategy,
+                        return_outputs=True)
+    assert torch.equal(torch.rand(4), after), "the global RNG state differs from the plain run's"
+    for i, (y, e) in enumerate(zip(outputs, expected_outputs)):
+        assert torch.equal(y, e), f"output {i} differs (strategy={strategy} window={window} seed={seed})"
+    if window == N:
+        assert_grads_close(take_grads(tracked), expected, f"strategy={strategy} seed={seed}")
+
+
+def test_scan_backward_recomputes_with_the_forward_random_numbers(seed):
+    """The backward recomputes later, after the RNG has moved on: it must draw the forward's masks to give
+    full backpropagation's gradients."""
+    model, segments, loss_fn = make_problem(seed)
+    step, tracked = dropout_step(model), list(model.parameters()) + segments
+    torch.manual_seed(seed)
+    plain_run(step, model.init_state(3), segments, loss_fn)
+    expected = take_grads(tracked)
+    torch.manual_seed(seed)
+    outputs = scan(step, model.init_state(3), segments, window=N)
+    torch.rand(100)  # the RNG moves on before the backward
+    before = torch.get_rng_state()
+    sum(loss_fn(y, i) for i, y in enumerate(outputs)).backward()
+    assert torch.equal(torch.get_rng_state(), before), "the backward's replays moved the global RNG"
+    assert_grads_close(take_grads(tracked), expected, f"seed={seed}")
+
+
+@pytest.mark.parametrize("window", [2, N])
+def test_scan_backward_recomputes_each_segment_as_its_forward_ran(seed, window):
+    """Forward under dropout and bfloat16 autocast, backward outside autocast: every output the backward
+    recomputes is bit for bit the forward's (same masks, same precision)."""
+    model, segments, _ = make_problem(seed)
+    model.float()
+    segments = [x.detach().float().requires_grad_() for x in segments]
+    state = {key: value.float() if isinstance(value, torch.Tensor) else value
+             for key, value in model.init_state(3).items()}
+    index = {x.data_ptr(): i for i, x in enumerate(segments)}
+    runs = {i: [] for i in range(N)}  # segment -> its outputs, in the order of the runs
+
+    def recorded_step(state, x):
+        state, y = dropout_step(model)(state, x)
+        runs[index[x.data_ptr()]].append(y.detach().clone())
+        return state, y
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = scan(recorded_step, state, segments, window=window)
+    sum((y.float() ** 2).mean() for y in outputs).backward()
+    for i, recorded in runs.items():
+        assert len(recorded) > 1, f"segment {i} was not recomputed"
+        for again in recorded[1:]:
+            assert torch.equal(again, recorded[0]), f"segment {i} recomputed differently (window={window})"
+
+
 def test_in_place_state_mutation_is_an_error_naming_the_step():
     segments = [torch.randn(2, 3) for _ in range(3)]
     with pytest.raises(RuntimeError, match=r"mutating_step.*state\[0\].*in place"):

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
+from pychop.chopgrad.replay import SegmentReplay, cuda_devices
 from pychop.chopgrad.state import (Step, call_step, check_segments, check_window, detach_state, grad_leaf_state,
                                    tensor_leaves)
 from pychop.chopgrad.window import recompute_sweep
@@ -61,7 +62,8 @@ class _Scan(torch.autograd.Function):
     """Inputs: the flat state leaves, the segments, then every leaf the step reaches (its parameters); the
     forward's outputs were computed by ``scan`` (which needed them to find those leaves) and come in ``plan``.
     Saved for backward: the initial state and the segments; when the window covers every segment, also the
-    detached state entering each segment (boundaries), for one reverse sweep. Never activations."""
+    detached state entering each segment (boundaries), for one reverse sweep. Never activations. (The RNG
+    and autocast state each segment started from are kept, outside autograd, by the plan's SegmentReplay.)"""
 
     @staticmethod
     def forward(ctx, plan, *flat):
@@ -94,8 +96,7 @@ class _Scan(torch.autograd.Function):
                 return y.new_zeros(())
             return (y * grad_outputs[i]).sum()
 
-        step = plan["step"]
-        call = lambda s, x, j: call_step(step, s, x, j)  # noqa: E731
+        call = plan["call"]
         if plan["boundaries"] is not None:
             _reverse_sweep(call, state, plan["boundaries"], segments, cotangent_loss, targets, sums)
         else:
@@ -130,6 +131,8 @@ def scan(step: Step, state: Any, segments: Sequence[torch.Tensor], *, window: in
             flat[k] = leaf
         return pytree.tree_unflatten(flat, spec)
 
+    # The backward recomputes each segment from the random-number and autocast state of its forward run.
+    call = SegmentReplay(lambda s, x, j: call_step(step, s, x, j), cuda_devices(segments + state_leaves))
     found: Dict[int, torch.Tensor] = {}
     outputs = []
     carried = detach_state(state)
@@ -138,7 +141,7 @@ def scan(step: Step, state: Any, segments: Sequence[torch.Tensor], *, window: in
     for i, seg in enumerate(segments):
         if full:
             boundaries.append(carried)
-        carried, y = call_step(step, carried, seg.detach(), i)
+        carried, y = call(carried, seg.detach(), i)
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"scan needs a step whose output y_seg is a tensor; segment {i} gave "
                             f"{type(y).__name__} (use stream for structured outputs)")
@@ -149,7 +152,7 @@ def scan(step: Step, state: Any, segments: Sequence[torch.Tensor], *, window: in
     params = list(found.values())
     if not torch.is_grad_enabled() or not (params or any(t.requires_grad for t in state_leaves + segments)):
         return outputs
-    plan = {"step": step, "window": window, "n_state": len(state_leaves),
+    plan = {"call": call, "window": window, "n_state": len(state_leaves),
             "n_inputs": len(state_leaves) + len(segments), "params": params, "rebuild_state": rebuild_state,
             "outputs": outputs, "boundaries": boundaries}
     return list(_Scan.apply(plan, *state_leaves, *segments, *params))

@@ -7,6 +7,7 @@ from typing import Any, Callable, List, Sequence, Tuple, Union
 
 import torch
 
+from pychop.chopgrad.replay import SegmentReplay, cuda_devices
 from pychop.chopgrad.state import (Step, call_step, check_segments, check_window, detach_state,
                                    tensor_leaves)
 from pychop.chopgrad.window import recompute_sweep, retain_sweep
@@ -53,10 +54,13 @@ def stream(step: Step, state: Any, segments: Sequence[torch.Tensor],
     state_proxy = detach_state(state, keep_requires_grad=True)
     ddp = _is_ddp(step)
 
-    def call(carried, x, j):
+    def synced_call(carried, x, j):
         sync = contextlib.nullcontext() if not ddp or j == n - 1 else step.no_sync()
         with sync:
             return call_step(step, carried, x, j)
+
+    # A recomputed segment draws the random numbers its first run drew (dropout masks, noise).
+    call = SegmentReplay(synced_call, cuda_devices(segments + tensor_leaves(state)), keep=window)
 
     if strategy == "recompute" or (ddp and strategy == "retain" and n > 1 and window > 1):
         # Under DDP the last loss needs one backward after the one synced forward; retain's chained backwards
