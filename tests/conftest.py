@@ -32,3 +32,11 @@ def seed():
     value = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture
+def deterministic_setting():
+    """Restores torch's deterministic-algorithms setting after the test."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

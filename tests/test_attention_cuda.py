@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pychop
 from tests.checks import (TEMPORAL_OPTIONS, check_against_reference, dominating_key_inputs, input_count,
                           mixed_layout_inputs, nan_padded_inputs, options_id,
                           temporal_dominated_inputs)
@@ -92,6 +93,16 @@ def test_head_dim_not_a_multiple_of_4(op, seed):
 @pytest.mark.parametrize("shape", [(1, 16, 1024, 8, 128), (2, 16, 1024, 8, 40)], ids=["D", "F"])
 def test_design_shapes(shape, seed):
     check_against_reference("parallel", "cuda", shape, torch.bfloat16, "cuda", seed, causal=True, grad_window=2)
+
+
+def test_refused_under_deterministic_algorithms_when_a_gradient_is_wanted(deterministic_setting):
+    q, k, v = (torch.randn(1, 2, 16, 1, 8, device="cuda", requires_grad=True) for _ in range(3))
+    torch.use_deterministic_algorithms(True)
+    with pytest.raises(RuntimeError, match="not deterministic"):
+        pychop.spatial_attention(q, k, v, backend="cuda")
+    with torch.no_grad():
+        pychop.spatial_attention(q, k, v, backend="cuda")
+    pychop.temporal_attention(q, k, v, backend="cuda").sum().backward()
 
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])

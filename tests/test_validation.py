@@ -5,6 +5,7 @@ import torch
 
 import pychop
 from pychop.ops import BACKENDS
+from pychop.ops.validation import check_deterministic
 
 SHAPE = (1, 3, 4, 2, 8)
 
@@ -65,3 +66,23 @@ def test_float64_only_on_torch_backend():
     assert pychop.parallel_st_attention(**tensors).dtype == torch.float64  # auto picks torch for float64
     with pytest.raises(TypeError, match=r"backend 'triton' supports float16, bfloat16 and float32"):
         pychop.parallel_st_attention(**tensors, backend="triton")
+
+
+def test_nondeterministic_backward_refused_under_deterministic_algorithms(deterministic_setting):
+    """The cuda backend's spatial backward (atomic dq) raises under torch.use_deterministic_algorithms (warns
+    with warn_only), only when a gradient is wanted from the spatial branch; the other backends pass."""
+    torch.use_deterministic_algorithms(True)
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' accumulates .* atomics, so its backward is not "
+                                           r"deterministic.*use backend='triton'"):
+        check_deterministic("cuda", spatial=True, needs_grad=True)
+    check_deterministic("cuda", spatial=False, needs_grad=True)  # the temporal backward has no atomics
+    check_deterministic("cuda", spatial=True, needs_grad=False)  # inference
+    for backend in ("torch", "triton", "cpp"):
+        check_deterministic(backend, spatial=True, needs_grad=True)
+    inputs = {name: x.requires_grad_() for name, x in six().items()}
+    pychop.parallel_st_attention(**inputs).sum().backward()  # the CPU default runs, deterministically
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    with pytest.warns(UserWarning, match="not deterministic"):
+        check_deterministic("cuda", spatial=True, needs_grad=True)
+    torch.use_deterministic_algorithms(False)
+    check_deterministic("cuda", spatial=True, needs_grad=True)

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from pychop.ops import backends
-from pychop.ops.validation import (check_attention_inputs, check_combine, check_kernel_dtype, check_scale,
-                                   check_window)
+from pychop.ops.validation import (check_attention_inputs, check_combine, check_deterministic, check_kernel_dtype,
+                                   check_scale, check_window)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,6 +205,8 @@ def _attention(spatial: Optional[dict], temporal: Optional[dict], *, scale, caus
         return torch.stack(branches, dim=3) if stacked else sum(branches[1:], branches[0])
 
     check_kernel_dtype(next(iter(tensors)), first.dtype, name)
+    check_deterministic(name, spatial is not None,
+                        torch.is_grad_enabled() and any(x.requires_grad for x in tensors.values()))
     inputs = [*(spatial.values() if spatial is not None else [None] * 3),
               *(temporal.values() if temporal is not None else [None] * 3)]
     device = first.device.type

@@ -7,6 +7,7 @@ any kernel runs: no backend ever sees an input it cannot handle.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Mapping, Optional
 
 import torch
@@ -98,3 +99,21 @@ def check_combine(combine: str) -> bool:
         raise ValueError(f"combine must be one of {COMBINE_MODES} ('sum': o_s + o_t as (B, T, S, H, D); 'stack': "
                          f"the branches apart as (B, T, S, 2, H, D)), got {combine!r}")
     return combine == "stack"
+
+
+NONDETERMINISTIC_BACKWARD = {"cuda": "accumulates the spatial query gradient with floating-point atomics"}
+
+
+def check_deterministic(backend: str, spatial: bool, needs_grad: bool) -> None:
+    """Under ``torch.use_deterministic_algorithms(True)``, a backend whose backward is not deterministic raises
+    (warns with ``warn_only=True``) before the forward, as torch's own nondeterministic ops do."""
+    if not (spatial and needs_grad and backend in NONDETERMINISTIC_BACKWARD
+            and torch.are_deterministic_algorithms_enabled()):
+        return
+    message = (f"backend {backend!r} {NONDETERMINISTIC_BACKWARD[backend]}, so its backward is not deterministic, "
+               f"and torch.use_deterministic_algorithms(True) is set; use backend='triton' (deterministic) or "
+               f"turn the setting off")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message)
+    else:
+        raise RuntimeError(message)
