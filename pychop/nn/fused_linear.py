@@ -48,7 +48,8 @@ class LayerNormPackedLinear(torch.autograd.Function):
         features = x.shape[-1]
         rows = x.reshape(-1, features)
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # float64 is never cast
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         with torch.autocast(device, enabled=False):
             normed, mean, rstd = torch.native_layer_norm(rows, (features,), None, None, eps)
             weight, bias = _folded(_blocks(layout, params))
