@@ -95,14 +95,14 @@ def test_design_shapes(shape, seed):
     check_against_reference("parallel", "cuda", shape, torch.bfloat16, "cuda", seed, causal=True, grad_window=2)
 
 
-def test_refused_under_deterministic_algorithms_when_a_gradient_is_wanted(deterministic_setting):
+def test_backward_refused_under_deterministic_algorithms(deterministic_setting):
     q, k, v = (torch.randn(1, 2, 16, 1, 8, device="cuda", requires_grad=True) for _ in range(3))
     torch.use_deterministic_algorithms(True)
+    out = pychop.spatial_attention(q, k, v, backend="cuda")  # the forward is deterministic
     with pytest.raises(RuntimeError, match="not deterministic"):
-        pychop.spatial_attention(q, k, v, backend="cuda")
-    with torch.no_grad():
-        pychop.spatial_attention(q, k, v, backend="cuda")
+        out.sum().backward()
     pychop.temporal_attention(q, k, v, backend="cuda").sum().backward()
+    assert pychop.ops.backends.resolve("auto", q.device) != "cuda"
 
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])

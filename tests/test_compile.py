@@ -91,3 +91,13 @@ def test_recompute_projection_compiles_with_a_graph_break(seed):
     expected_grad, = torch.autograd.grad(expected.square().sum(), x)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+def test_one_tensor_as_several_inputs_compiles_whole(backend, seed):
+    """q = k = v (self-attention on one tensor): torch.compile refuses a tensor passed twice to an autograd
+    Function, so the op passes views; the gradient is the sum over the three roles, as in eager mode."""
+    x = torch.randn(SHAPE, requires_grad=True)
+    assert_compiled_matches_eager(lambda x: op_call("spatial", (x, x, x), backend=backend), [x], "aot_eager")
+    assert_compiled_matches_eager(lambda x: op_call("parallel", (x,) * 6, backend=backend, causal=True), [x],
+                                  "aot_eager")

@@ -183,9 +183,11 @@ def test_parallel_block_feeds_one_fused_call_views_of_one_packed_projection(monk
 
 
 @pytest.mark.parametrize("backend", runnable_backends("cpu", interpreted=False))
-def test_recomputed_projection_gives_the_same_gradients_and_keeps_no_projection(backend, seed):
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
+def test_recomputed_projection_gives_the_same_gradients_and_keeps_no_projection(backend, autocast, seed):
     """recompute_projection: bit-identical output and gradients, and the (B, T, S, 6C) projection made in the
-    forward is freed once the forward returns (kept alive by the graph without the option)."""
+    forward is freed once the forward returns (kept alive by the graph without the option). Under autocast
+    the backward runs outside it, as training loops do: the recomputation must use the forward's precision."""
     block = ParallelSTBlock(DIM, HEADS, backend=backend)
     block.spatial.requires_grad_(False)  # the Mobius setup: only the temporal side trains
     project, projections = block.project, []
@@ -203,7 +205,8 @@ def test_recomputed_projection_gives_the_same_gradients_and_keeps_no_projection(
     for recompute in (False, True):
         block.recompute_projection = recompute
         projections.clear()
-        out = block(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = block(x)
         gc.collect()
         assert (projections[0]() is None) == recompute, f"recompute_projection={recompute}"
         results.append([out.detach(), *torch.autograd.grad(out, [x, *params], dout)])

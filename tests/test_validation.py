@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pychop
-from pychop.ops import BACKENDS
+from pychop.ops import BACKENDS, backends, validation
 from pychop.ops.validation import check_deterministic
 
 SHAPE = (1, 3, 4, 2, 8)
@@ -68,21 +68,40 @@ def test_float64_only_on_torch_backend():
         pychop.parallel_st_attention(**tensors, backend="triton")
 
 
-def test_nondeterministic_backward_refused_under_deterministic_algorithms(deterministic_setting):
-    """The cuda backend's spatial backward (atomic dq) raises under torch.use_deterministic_algorithms (warns
-    with warn_only), only when a gradient is wanted from the spatial branch; the other backends pass."""
+def test_nondeterministic_backward_refused_under_deterministic_algorithms(deterministic_setting, monkeypatch):
+    """The cuda backend's spatial backward (atomic dq) raises as it starts under
+    torch.use_deterministic_algorithms (warns with warn_only); the other backends pass, and "auto" skips a
+    nondeterministic backend. On the CPU, cpp stands in for a nondeterministic backend to reach that path."""
     torch.use_deterministic_algorithms(True)
     with pytest.raises(RuntimeError, match=r"backend 'cuda' accumulates .* atomics, so its backward is not "
                                            r"deterministic.*use backend='triton'"):
-        check_deterministic("cuda", spatial=True, needs_grad=True)
-    check_deterministic("cuda", spatial=False, needs_grad=True)  # the temporal backward has no atomics
-    check_deterministic("cuda", spatial=True, needs_grad=False)  # inference
+        check_deterministic("cuda", spatial=True)
+    check_deterministic("cuda", spatial=False)  # the temporal backward has no atomics
     for backend in ("torch", "triton", "cpp"):
-        check_deterministic(backend, spatial=True, needs_grad=True)
-    inputs = {name: x.requires_grad_() for name, x in six().items()}
-    pychop.parallel_st_attention(**inputs).sum().backward()  # the CPU default runs, deterministically
+        check_deterministic(backend, spatial=True)
     torch.use_deterministic_algorithms(True, warn_only=True)
     with pytest.warns(UserWarning, match="not deterministic"):
-        check_deterministic("cuda", spatial=True, needs_grad=True)
+        check_deterministic("cuda", spatial=True)
     torch.use_deterministic_algorithms(False)
-    check_deterministic("cuda", spatial=True, needs_grad=True)
+    check_deterministic("cuda", spatial=True)
+
+    if pychop.available_backends(torch.device("cpu"))["cpp"] is not None:
+        pytest.skip("the rest needs the cpp backend")
+    monkeypatch.setitem(validation.NONDETERMINISTIC_BACKWARD, "cpp", "adds up floats in any order (pretend)")
+    torch.use_deterministic_algorithms(True)
+    assert backends.resolve("auto", torch.device("cpu")) == "torch"
+    inputs = {name: x.requires_grad_() for name, x in six().items()}
+    out = pychop.parallel_st_attention(**inputs, backend="cpp")  # the forward is deterministic
+    with pytest.raises(RuntimeError, match="backend 'cpp' adds up floats"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "torch"])
+def test_double_backward_through_a_fused_backend_is_refused(backend):
+    """The kernels' gradients carry no graph: create_graph=True would silently drop second-order terms."""
+    if pychop.available_backends(torch.device("cpu"))[backend] is not None:
+        pytest.skip(f"backend {backend!r} does not run here")
+    q, k, v = (torch.randn(SHAPE, requires_grad=True) for _ in range(3))
+    out = pychop.spatial_attention(q, k, v, backend=backend)
+    with pytest.raises(RuntimeError, match=rf"backend '{backend}' is differentiable once.*backend='torch'"):
+        torch.autograd.grad(out.square().sum(), q, create_graph=True)

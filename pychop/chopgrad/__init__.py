@@ -18,7 +18,9 @@ Semantics, for a window ``k >= 1``:
   the step's graph during the forward), so ``torch.autograd.grad`` works on parameters too.
 - A recomputed segment runs as its first run did: from the random-number state it started from (dropout
   masks and noise are drawn again identically; the global RNG is left where the plain run leaves it) and,
-  in ``scan``'s backward, under the forward's autocast state (``replay.SegmentReplay``).
+  in ``scan``'s backward, under the forward's autocast state (``replay.SegmentReplay``). As in
+  ``torch.utils.checkpoint``, that covers the default generators of the CPU and of the CUDA devices the
+  segments and the initial state are on, not a ``torch.Generator`` the step draws from explicitly.
 - The step must be pure: it may build new containers and tensors, never write into a state tensor or its
   input in place (checked with version counters; the error names the step and the state entry). It receives
   fresh containers, so assigning into the state list (as diffusers' caches do) is harmless.

@@ -5,22 +5,17 @@ runs segment j once per loss whose window holds it, and ``scan``'s backward runs
 perhaps outside the forward's autocast. ``SegmentReplay`` records, on a segment's first run, the RNG state of
 the CPU and of the given CUDA devices and the autocast state, and runs every later call of that segment
 from them (the global RNG state is restored afterwards), as ``torch.utils.checkpoint`` does for its
-recomputation: every recomputed value is then the forward's.
+recomputation: every recomputed value is then the forward's. Like it, it replays the default generators
+only: a ``torch.Generator`` the step passes explicitly draws anew.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-AUTOCAST_DEVICES = ("cpu", "cuda")
-
-
-def _autocast_state():
-    return tuple((device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-                 for device in AUTOCAST_DEVICES)
+from pychop import autocast_state
 
 
 class SegmentReplay:
@@ -35,17 +30,15 @@ class SegmentReplay:
     def __call__(self, state: Any, x: torch.Tensor, j: int) -> Tuple[Any, Any]:
         if j not in self.first_runs:
             cuda_states = [torch.cuda.get_rng_state(device) for device in self.devices]
-            self.first_runs[j] = (torch.get_rng_state(), cuda_states, _autocast_state())
+            self.first_runs[j] = (torch.get_rng_state(), cuda_states, autocast_state.current())
             if self.keep is not None:
                 self.first_runs.pop(j - self.keep, None)
             return self.call(state, x, j)
         cpu_state, cuda_states, autocast = self.first_runs[j]
-        with torch.random.fork_rng(devices=self.devices), contextlib.ExitStack() as contexts:
+        with torch.random.fork_rng(devices=self.devices), autocast_state.restored(autocast):
             torch.set_rng_state(cpu_state)
             for device, cuda_state in zip(self.devices, cuda_states):
                 torch.cuda.set_rng_state(cuda_state, device)
-            for device, enabled, dtype in autocast:
-                contexts.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
             return self.call(state, x, j)
 
 

@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pychop
+from pychop import autocast_state
 from pychop.nn.fused_linear import layer_norm_packed_linear
 
 ST_MODES = ("serial", "parallel")
@@ -159,15 +160,16 @@ class ParallelSTBlock(nn.Module):
 
 class RecomputedViews(torch.autograd.graph.saved_tensors_hooks):
     """Within it, tensors saved for backward that are views of ``packed`` are kept as (size, stride, offset)
-    only; on the first unpack, ``packed`` is recomputed as ``project(x)`` (without grad) and shared by every
-    view until the last of them is released. ``x`` must be kept alive by the graph anyway (it is, as the
-    input of the projection's LayerNorm), so nothing is held that would not be."""
+    only; on the first unpack, ``packed`` is recomputed as ``project(x)`` (without grad, under the autocast
+    state of the forward) and shared by every view until the last of them is released. ``x`` must be kept
+    alive by the graph anyway (it is, as the input of the projection's LayerNorm), so nothing is held that
+    would not be."""
 
     def __init__(self, project, x: torch.Tensor, packed: torch.Tensor):
         if packed.storage_offset() != 0 or not packed.is_contiguous():
             raise ValueError("RecomputedViews: packed must be a contiguous tensor at offset 0")
         storage = packed.untyped_storage().data_ptr()
-        recipe = {"project": project, "x": x, "packed": None}
+        recipe = {"project": project, "x": x, "packed": None, "autocast": autocast_state.current()}
 
         def pack(tensor):
             if tensor.untyped_storage().data_ptr() != storage:
@@ -179,7 +181,7 @@ class RecomputedViews(torch.autograd.graph.saved_tensors_hooks):
                 return saved
             state, size, stride, offset = saved
             if state["packed"] is None:
-                with torch.no_grad():
+                with torch.no_grad(), autocast_state.restored(state["autocast"]):
                     state["packed"] = state["project"](state["x"])
             return state["packed"].as_strided(size, stride, offset)
 

@@ -123,6 +123,7 @@ def fused_attention_backward(backend: str, dout: Tensor, q_s: Optional[Tensor], 
                              temporal_grad_window: Optional[int], stacked: bool) -> List[Tensor]:
     """The backward kernels of a fused backend: [dq_s, dk_s, dv_s, dq_t, dk_t, dv_t], contiguous, empty for a
     branch not computed. ``dout`` has a last-dimension stride of 1."""
+    check_deterministic(backend, spatial=q_s is not None)
     grads = backends.load(backend, out.device).backward(
         dout, q_s, k_s, v_s, q_t, k_t, v_t, out, None if q_s is None else lse_s, None if q_t is None else lse_t,
         scale=scale, temporal_causal=temporal_causal, temporal_window=temporal_window,
@@ -167,6 +168,11 @@ class FusedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        if torch.is_grad_enabled():  # the kernels' gradients carry no graph of their own
+            raise RuntimeError(
+                f"backend {ctx.backend!r} is differentiable once: a backward with create_graph=True (double "
+                f"backward, e.g. a gradient penalty) through it would miss the second-order terms; use "
+                f"backend='torch' there")
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
         saved = ctx.saved_tensors
@@ -205,14 +211,15 @@ def _attention(spatial: Optional[dict], temporal: Optional[dict], *, scale, caus
         return torch.stack(branches, dim=3) if stacked else sum(branches[1:], branches[0])
 
     check_kernel_dtype(next(iter(tensors)), first.dtype, name)
-    check_deterministic(name, spatial is not None,
-                        torch.is_grad_enabled() and any(x.requires_grad for x in tensors.values()))
     inputs = [*(spatial.values() if spatial is not None else [None] * 3),
               *(temporal.values() if temporal is not None else [None] * 3)]
     device = first.device.type
     if torch.is_autocast_enabled(device):  # computes in autocast's dtype, as scaled_dot_product_attention does
         dtype = torch.get_autocast_dtype(device)
         inputs = [None if x is None else x.to(dtype) for x in inputs]
+    # One tensor given as several inputs (q = k = v) goes in as views of it: torch.compile refuses a tensor
+    # passed twice to an autograd Function; autograd sums the views' gradients into it.
+    inputs = [x if x is None or not any(x is y for y in inputs[:i]) else x.view_as(x) for i, x in enumerate(inputs)]
     return FusedAttentionFunction.apply(name, scale, causal, window, grad_window, stacked, *inputs)
 
 

@@ -3,7 +3,8 @@
 Backends: ``"torch"`` (pure PyTorch, the reference semantics, always available), ``"triton"`` (the Triton
 kernels in ``pychop.kernels``), ``"cuda"`` and ``"cpp"`` (the GPU and CPU kernels of the extension
 ``pychop._C``), and ``"auto"``, which takes the first available backend of the preference list for the
-tensors' device type. The environment variable ``PYCHOP_BACKEND`` replaces ``"auto"`` (an explicit
+tensors' device type (skipping those whose backward is not deterministic while
+``torch.use_deterministic_algorithms(True)`` is set). The environment variable ``PYCHOP_BACKEND`` replaces ``"auto"`` (an explicit
 ``backend=`` argument always wins). Asking for a backend that cannot run raises ``BackendUnavailable`` with
 the reason.
 
@@ -20,6 +21,8 @@ from types import ModuleType
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+
+from pychop.ops.validation import NONDETERMINISTIC_BACKWARD
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
 ENV_VAR = "PYCHOP_BACKEND"
@@ -103,6 +106,8 @@ def resolve(backend: str, device: torch.device) -> str:
         load(backend, device)
         return backend
     for candidate in AUTO_ORDER.get(device.type, ("torch",)):
+        if candidate in NONDETERMINISTIC_BACKWARD and torch.are_deterministic_algorithms_enabled():
+            continue
         try:
             load(candidate, device)
             return candidate

@@ -104,15 +104,15 @@ def check_combine(combine: str) -> bool:
 NONDETERMINISTIC_BACKWARD = {"cuda": "accumulates the spatial query gradient with floating-point atomics"}
 
 
-def check_deterministic(backend: str, spatial: bool, needs_grad: bool) -> None:
-    """Under ``torch.use_deterministic_algorithms(True)``, a backend whose backward is not deterministic raises
-    (warns with ``warn_only=True``) before the forward, as torch's own nondeterministic ops do."""
-    if not (spatial and needs_grad and backend in NONDETERMINISTIC_BACKWARD
-            and torch.are_deterministic_algorithms_enabled()):
+def check_deterministic(backend: str, spatial: bool) -> None:
+    """Called as a backward starts: under ``torch.use_deterministic_algorithms(True)``, a backend whose spatial
+    backward is not deterministic raises (warns with ``warn_only=True``), as torch's own nondeterministic
+    ops do when they run."""
+    if not (spatial and backend in NONDETERMINISTIC_BACKWARD and torch.are_deterministic_algorithms_enabled()):
         return
     message = (f"backend {backend!r} {NONDETERMINISTIC_BACKWARD[backend]}, so its backward is not deterministic, "
-               f"and torch.use_deterministic_algorithms(True) is set; use backend='triton' (deterministic) or "
-               f"turn the setting off")
+               f"and torch.use_deterministic_algorithms(True) is set; use backend='triton' (deterministic), or "
+               f"backend='auto', which then skips {backend!r}, or turn the setting off")
     if torch.is_deterministic_algorithms_warn_only_enabled():
         warnings.warn(message)
     else:
