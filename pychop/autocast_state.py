@@ -1,5 +1,6 @@
-"""Capturing the autocast state and running code under it again, for computations redone later (in a
-backward) that must compute what the forward computed, as ``torch.utils.checkpoint`` does."""
+"""Autocast for pychop's own functions: the dtype it computes a tensor's matrix products in, and capturing its
+state to run code under it again, for computations redone later (in a backward) that must compute what the
+forward computed, as ``torch.utils.checkpoint`` does."""
 
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ import torch
 DEVICE_TYPES = ("cpu", "cuda")
 
 AutocastState = Tuple[Tuple[str, bool, torch.dtype], ...]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast runs matrix products of ``x`` in: its dtype for x's device type when autocast is on
+    there (float64 is never cast), else x's own."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def current() -> AutocastState:

@@ -22,6 +22,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from pychop import autocast_state
+
 Block = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # gamma, beta, W, b
 PER_BLOCK = 4  # tensors in a block
 
@@ -47,10 +49,8 @@ class LayerNormPackedLinear(torch.autograd.Function):
     def forward(ctx, x, eps: float, layout, *params):
         features = x.shape[-1]
         rows = x.reshape(-1, features)
-        device = x.device.type
-        autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # float64 is never cast
-        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        with torch.autocast(device, enabled=False):
+        dtype = autocast_state.compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
             normed, mean, rstd = torch.native_layer_norm(rows, (features,), None, None, eps)
             weight, bias = _folded(_blocks(layout, params))
             out = torch.addmm(bias.to(dtype), normed.to(dtype), weight.to(dtype).t())

@@ -33,6 +33,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from pychop import autocast_state
 from pychop.ops import backends
 from pychop.ops.validation import (check_attention_inputs, check_combine, check_deterministic, check_kernel_dtype,
                                    check_scale, check_window)
@@ -213,9 +214,8 @@ def _attention(spatial: Optional[dict], temporal: Optional[dict], *, scale, caus
     check_kernel_dtype(next(iter(tensors)), first.dtype, name)
     inputs = [*(spatial.values() if spatial is not None else [None] * 3),
               *(temporal.values() if temporal is not None else [None] * 3)]
-    device = first.device.type
-    if torch.is_autocast_enabled(device):  # computes in autocast's dtype, as scaled_dot_product_attention does
-        dtype = torch.get_autocast_dtype(device)
+    dtype = autocast_state.compute_dtype(first)  # autocast's where it is on, as for scaled_dot_product_attention
+    if dtype != first.dtype:
         inputs = [None if x is None else x.to(dtype) for x in inputs]
     # One tensor given as several inputs (q = k = v) goes in as views of it: torch.compile refuses a tensor
     # passed twice to an autograd Function; autograd sums the views' gradients into it.

@@ -4,8 +4,8 @@ Backends: ``"torch"`` (pure PyTorch, the reference semantics, always available),
 kernels in ``pychop.kernels``), ``"cuda"`` and ``"cpp"`` (the GPU and CPU kernels of the extension
 ``pychop._C``), and ``"auto"``, which takes the first available backend of the preference list for the
 tensors' device type (skipping those whose backward is not deterministic while
-``torch.use_deterministic_algorithms(True)`` is set). The environment variable ``PYCHOP_BACKEND`` replaces ``"auto"`` (an explicit
-``backend=`` argument always wins). Asking for a backend that cannot run raises ``BackendUnavailable`` with
+``torch.use_deterministic_algorithms(True)`` is set). The environment variable ``PYCHOP_BACKEND`` replaces
+``"auto"`` (an explicit ``backend=`` argument always wins). Asking for a backend that cannot run raises ``BackendUnavailable`` with
 the reason.
 
 A fused backend is a module with the kernel interface of ``pychop.ops.attention``: ``forward(...)`` and
