@@ -1,0 +1,124 @@
+"""Floors of the Triton attention kernels: each kernel's matmul FLOPs, the fewest bytes it must move (every
+input it reads once, every output written once) and the time those take at a GPU's ceilings.
+
+    python -m benchmarks.floors [--causal] [--dtype bfloat16|float16|float32] [--gpu h200|h100]
+
+A kernel's floor is the larger of FLOPs / matmul ceiling and bytes / copy ceiling (the copy ceiling counts
+reads and writes). The op's floor is the sum over its kernels. On a GPU the attention suite divides measured
+times by these floors. The temporal FLOPs are the useful ones (each token's T x T scores); the temporal kernels
+run more on tensor cores (a program's rows hold several tokens, whose cross-token scores are masked), which
+stays far below their memory time.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+# name: (B, T, S, H, D). The shapes every GPU benchmark and GPU test uses (bf16).
+DESIGN_SHAPES: Dict[str, Tuple[int, int, int, int, int]] = {
+    "A": (1, 16, 64 * 64, 5, 64),
+    "B": (2, 16, 32 * 32, 10, 64),
+    "C": (1, 32, 64 * 64, 8, 64),
+    "D": (1, 16, 32 * 32, 8, 128),
+    "E": (4, 64, 16 * 16, 8, 64),
+    "F": (2, 16, 32 * 32, 8, 40),
+}
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    name: str
+    matmul_tflops: float  # dense bf16 / fp16 tensor-core matmul
+    copy_tbps: float  # device-to-device copy, reads plus writes
+
+
+GPUS = {
+    "h200": Ceilings("H200", 790.0, 4.3),
+    "h100": Ceilings("H100 (measured, torch 2.11)", 694.0, 3.0),
+}
+
+
+@dataclass(frozen=True)
+class KernelFloor:
+    kernel: str
+    flops: float
+    bytes: float
+    compute_ms: float
+    memory_ms: float
+
+    @property
+    def floor_ms(self) -> float:
+        return max(self.compute_ms, self.memory_ms)
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.compute_ms >= self.memory_ms else "memory"
+
+
+def temporal_pairs(T: int, causal: bool, window=None) -> int:
+    """(query frame, key frame) pairs one token attends: T^2, T(T+1)/2 causal, fewer with a window."""
+    if window is not None:
+        return sum(min(t + 1, window) for t in range(T))
+    return T * (T + 1) // 2 if causal else T * T
+
+
+def kernel_floors(shape, *, itemsize: int = 2, causal: bool = False, window=None, spatial: bool = True,
+                  temporal: bool = True, stacked: bool = False, gpu: Ceilings = GPUS["h200"]) -> List[KernelFloor]:
+    """One KernelFloor per kernel of the Triton backend, forward kernels first, as they run for `shape`."""
+    B, T, S, H, D = shape
+    rows = B * T * S * H
+    tensor = rows * D * itemsize  # one (B, T, S, H, D) tensor
+    stats = rows * 4  # one float32 (B, T, H, S) row statistic
+    spatial_mm = 2 * B * T * H * S * S * D  # one S x S x D matrix product per frame and head
+    temporal_mm = 2 * B * S * H * temporal_pairs(T, causal, window) * D
+    summed = spatial and temporal and not stacked
+
+    def floor(name, matmuls, mm, tensors, statistics):
+        flops, moved = matmuls * mm, tensors * tensor + statistics * stats
+        return KernelFloor(name, flops, moved, flops / (gpu.matmul_tflops * 1e9), moved / (gpu.copy_tbps * 1e9))
+
+    forward, backward = [], []
+    if temporal:  # reads q, k, v; writes o_t, lse_t
+        forward.append(floor("temporal_forward", 2, temporal_mm, 4, 1))
+        # query kernel: QK^T, dP, dQ; reads q, k, v, dO, lse; writes dq, delta
+        backward.append(floor("temporal_backward_query", 3, temporal_mm, 6, 2))
+        # key kernel: QK^T, dP, dV, dK; reads q, k, v, dO, lse, delta; writes dk, dv
+        backward.append(floor("temporal_backward_key", 4, temporal_mm, 6, 2))
+    if spatial:  # reads q, k, v (and o_t to add, summed); writes out, lse_s
+        forward.append(floor("spatial_forward", 2, spatial_mm, 5 if summed else 4, 1))
+        # query kernel: QK^T, dP, dQ (and P K, summed); reads q, k, v, out, dO, lse (and delta_t); writes dq, delta
+        backward.append(floor("spatial_backward_query", 4 if summed else 3, spatial_mm, 6, 3 if summed else 2))
+        # key kernel: QK^T, dP, dV, dK; reads q, k, v, dO, lse, delta; writes dk, dv
+        backward.append(floor("spatial_backward_key", 4, spatial_mm, 6, 2))
+    return forward + backward
+
+
+def op_floor_ms(floors: List[KernelFloor], *, backward: bool) -> float:
+    """The op's floor: its forward kernels' floors, plus its backward kernels' with `backward`."""
+    return sum(f.floor_ms for f in floors if backward or "backward" not in f.kernel)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.floors", description=__doc__.splitlines()[0])
+    parser.add_argument("--causal", action="store_true", help="causal temporal attention (default: every frame)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--gpu", default="h200", choices=sorted(GPUS))
+    args = parser.parse_args(argv)
+    gpu, itemsize = GPUS[args.gpu], 4 if args.dtype == "float32" else 2
+    print(f"floors on {gpu.name}: {gpu.matmul_tflops:g} TFLOP/s matmul, {gpu.copy_tbps:g} TB/s copy; "
+          f"{args.dtype}, temporal {'causal' if args.causal else 'over every frame'}")
+    print(f"{'shape':<6}{'kernel':<26}{'GFLOP':>9}{'MB':>9}{'compute ms':>12}{'memory ms':>11}{'floor ms':>10}"
+          f"  bound")
+    for name, shape in DESIGN_SHAPES.items():
+        floors = kernel_floors(shape, itemsize=itemsize, causal=args.causal, gpu=gpu)
+        for f in floors:
+            print(f"{name:<6}{f.kernel:<26}{f.flops / 1e9:>9.1f}{f.bytes / 1e6:>9.1f}{f.compute_ms:>12.4f}"
+                  f"{f.memory_ms:>11.4f}{f.floor_ms:>10.4f}  {f.bound}")
+        print(f"{name:<6}{'op forward':<26}{'':>52}{op_floor_ms(floors, backward=False):>10.4f}")
+        print(f"{name:<6}{'op forward+backward':<26}{'':>52}{op_floor_ms(floors, backward=True):>10.4f}")
+
+
+if __name__ == "__main__":
+    main()
