@@ -1,8 +1,10 @@
-"""Runs the "cuda" backend forward and backward at small shapes, every option and dtype, both branches
-summed and stacked, for compute-sanitizer:
+"""Runs the GPU backends ("cuda" and "triton") forward and backward at small shapes, every option and dtype, both
+branches summed and stacked, for compute-sanitizer:
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_cuda.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python scripts/sanitize_cuda.py
+
+``--rehearse`` makes the same calls on the CPU with the "cpp" backend (no sanitizer): the GPU check's rehearsal.
 """
 
 import sys
@@ -21,22 +23,28 @@ OPTIONS = [{}, dict(temporal_window=2, temporal_grad_window=1), dict(temporal_ca
 
 
 def main():
-    if not torch.cuda.is_available():
-        raise SystemExit("sanitize_cuda.py needs a CUDA GPU")
-    backends.load("cuda", torch.device("cuda"))  # build outside the sanitized region's interest
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for shape in SHAPES:
-            x = [torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(6)]
-            calls = [(pychop.spatial_attention, x[:3], {})]
-            for options in OPTIONS:
-                calls += [(pychop.parallel_st_attention, x, options),
-                          (pychop.parallel_st_attention, x, dict(options, combine="stack")),
-                          (pychop.temporal_attention, x[3:], {k.replace("temporal_", ""): v for k, v in options.items()})]
-            for op, inputs, kwargs in calls:
-                out = op(*inputs, backend="cuda", **kwargs)
-                torch.autograd.grad(out, inputs, torch.randn_like(out))
-            torch.cuda.synchronize()
-    print("sanitize_cuda: ok")
+    rehearse = "--rehearse" in sys.argv[1:]
+    device, names = ("cpu", ("cpp",)) if rehearse else ("cuda", ("cuda", "triton"))
+    if not rehearse and not torch.cuda.is_available():
+        raise SystemExit("sanitize_cuda.py needs a CUDA GPU (or --rehearse)")
+    for name in names:
+        backends.load(name, torch.device(device))  # build outside the sanitized region's interest
+    for backend in names:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for shape in SHAPES:
+                x = [torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(6)]
+                calls = [(pychop.spatial_attention, x[:3], {})]
+                for options in OPTIONS:
+                    calls += [(pychop.parallel_st_attention, x, options),
+                              (pychop.parallel_st_attention, x, dict(options, combine="stack")),
+                              (pychop.temporal_attention, x[3:],
+                               {key.replace("temporal_", ""): value for key, value in options.items()})]
+                for op, inputs, kwargs in calls:
+                    out = op(*inputs, backend=backend, **kwargs)
+                    torch.autograd.grad(out, inputs, torch.randn_like(out))
+                if device == "cuda":
+                    torch.cuda.synchronize()
+        print(f"sanitize_cuda: {backend} ok")
 
 
 if __name__ == "__main__":
