@@ -37,6 +37,8 @@ def stream(step: Step, state: Any, segments: Sequence[torch.Tensor],
     averages the accumulated gradients over ranks; there ``"retain"`` with ``window > 1`` runs as
     ``"recompute"`` (its chained backwards cannot be the single backward DDP's sync needs; the gradients are
     the same), and the last segment must use every parameter (or pass ``find_unused_parameters=True``).
+    Under FSDP2, pass the ``fully_shard``-ed module whose forward is a step: each backward reduce-scatters its
+    gradient into the sharded ``.grad`` (averaged over ranks, as DDP), so no full gradient is ever held.
 
     ``stream`` is a training step: called with gradients disabled (``torch.no_grad()``,
     ``torch.inference_mode()``) it raises rather than fill ``.grad`` behind the caller's back; to decode
