@@ -38,7 +38,8 @@ def stream(step: Step, state: Any, segments: Sequence[torch.Tensor],
     ``"recompute"`` (its chained backwards cannot be the single backward DDP's sync needs; the gradients are
     the same), and the last segment must use every parameter (or pass ``find_unused_parameters=True``).
     Under FSDP2, pass the ``fully_shard``-ed module whose forward is a step: each backward reduce-scatters its
-    gradient into the sharded ``.grad`` (averaged over ranks, as DDP), so no full gradient is ever held.
+    gradient into the sharded ``.grad`` (averaged over ranks, as DDP), so only its shard persists between
+    segments.
 
     ``stream`` is a training step: called with gradients disabled (``torch.no_grad()``,
     ``torch.inference_mode()``) it raises rather than fill ``.grad`` behind the caller's back; to decode
