@@ -45,7 +45,7 @@ setup(
         "triton": ["triton>=3.2"],
         "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "triton>=3.2", "ninja"],
         "bench": ["matplotlib", "triton>=3.2"],
-        "diffusers": ["diffusers>=0.32"],
+        "diffusers": ["diffusers>=0.35"],  # AutoencoderKLQwenImage
     },
     **extension_build_args(),
 )

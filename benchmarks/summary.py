@@ -9,7 +9,8 @@ from benchmarks.runner import format_table
 
 KEY_COLUMNS = ("shape", "impl", "vs", "fwd_ms", "fwdbwd_ms", "fwd_speedup", "fwdbwd_speedup",      # attention
                "fwdbwd_of_floor", "sweep",
-               "kind", "method", "frames", "window", "ratio", "cosine",                               # chopgrad
+               "kind", "method", "frames", "window", "ratio", "cosine", "decoder", "grad", "rel_error",  # chopgrad
+               "norm_ratio",
                "table", "form", "attention", "component", "saved_mb", "saved_vs_serial", "time_vs_serial",  # mobius
                "step_ms", "peak_mb", "note")
 

@@ -232,15 +232,57 @@ def test_bad_window(window):
 
 
 def test_mismatched_segments():
-    segments = [torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4)]
-    with pytest.raises(ValueError, match=r"segments\[2\] is \(2, 4\)"):
-        stream(lambda s, x: (s, x), [], segments, lambda y, i: y.sum())
-    with pytest.raises(ValueError, match=r"segments\[2\] is \(2, 4\)"):
-        scan(lambda s, x: (s, x), [], segments)
+    for bad, found in (([torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3, 1)], r"\(2, 3, 1\)"),
+                       ([torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)], "float64")):
+        with pytest.raises(ValueError, match=rf"number of dimensions.*segments\[2\] is .*{found}"):
+            stream(lambda s, x: (s, x), [], bad, lambda y, i: y.sum())
+        with pytest.raises(ValueError, match=rf"number of dimensions.*segments\[2\] is .*{found}"):
+            scan(lambda s, x: (s, x), [], bad)
     with pytest.raises(ValueError, match="at least one"):
         stream(lambda s, x: (s, x), [], [], lambda y, i: y.sum())
     with pytest.raises(TypeError, match="not one tensor"):
         stream(lambda s, x: (s, x), [], torch.zeros(3, 2), lambda y, i: y.sum())
+
+
+class FrameRecurrence(ToyRecurrence):
+    """ToyRecurrence run frame by frame over a segment (batch, frames, width) of any length; y has its frames."""
+
+    def step(self, state, x):
+        outputs = []
+        for t in range(x.shape[1]):
+            state, y = super().step(state, x[:, t])
+            outputs.append(y)
+        return state, torch.stack(outputs, dim=1)
+
+
+LENGTHS = [3, 1, 2, 2, 1]
+
+
+@pytest.mark.parametrize("window", [1, 2, len(LENGTHS)])
+def test_segments_of_different_lengths(seed, window):
+    """A longer first chunk (CogVideoX): the window counts segments, whatever their lengths."""
+    model = FrameRecurrence()
+    segments = [torch.randn(3, n, 6, dtype=torch.float64, requires_grad=True) for n in LENGTHS]
+    targets = [torch.randn(3, n, 6, dtype=torch.float64) for n in LENGTHS]
+    loss_fn = lambda y, i: ((y - targets[i]) ** 2).mean()
+    tracked = list(model.parameters()) + segments
+    truncated_reference(model.step, model.init_state(3), segments, loss_fn, window)
+    expected = take_grads(tracked)
+    for strategy in ("recompute", "retain"):
+        stream(model.step, model.init_state(3), segments, loss_fn, window=window, strategy=strategy)
+        assert_grads_close(take_grads(tracked), expected, f"{strategy} window={window} seed={seed}")
+    outputs = scan(model.step, model.init_state(3), segments, window=window)
+    assert [y.shape[1] for y in outputs] == LENGTHS
+    sum(loss_fn(y, i) for i, y in enumerate(outputs)).backward()
+    assert_grads_close(take_grads(tracked), expected, f"scan window={window} seed={seed}")
+
+
+@pytest.mark.parametrize("disabled", [torch.no_grad, torch.inference_mode])
+def test_stream_refuses_to_run_with_gradients_disabled(disabled):
+    model, segments, loss_fn = make_problem(0)
+    with disabled(), pytest.raises(RuntimeError, match=r"gradients disabled.*fills \.grad"):
+        stream(model.step, model.init_state(3), segments, loss_fn)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_bad_strategy_step_output_and_loss():

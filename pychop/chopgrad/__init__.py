@@ -23,7 +23,10 @@ Semantics, for a window ``k >= 1``:
   segments and the initial state are on, not a ``torch.Generator`` the step draws from explicitly.
 - The step must be pure: it may build new containers and tensors, never write into a state tensor or its
   input in place (checked with version counters; the error names the step and the state entry). It receives
-  fresh containers, so assigning into the state list (as diffusers' caches do) is harmless.
+  fresh containers, so assigning into the state list (as diffusers' caches do) is harmless. Writes through
+  ``.data`` bypass version counters and so escape the check.
+- Segments may differ in shape (CogVideoX's VAE decodes a longer first chunk); the window is counted in
+  segments, whatever their lengths.
 
 Entry points: ``stream`` (loss per segment, constant memory, strategies ``"recompute"`` and ``"retain"``)
 and ``scan`` (differentiable, returns all outputs; the backward recomputes window by window).

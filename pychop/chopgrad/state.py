@@ -57,7 +57,9 @@ def grad_leaf_state(state: Any) -> Any:
 def call_step(step: Step, state: Any, x_seg: torch.Tensor, index: int) -> Tuple[Any, Any]:
     """``step(state, x_seg)``, checked: the step gets fresh containers (so reassigning list entries is harmless),
     must return a ``(new_state, y_seg)`` pair, and must not modify a tensor of ``state`` or ``x_seg`` in place
-    (detected with the tensors' version counters)."""
+    (detected with the tensors' version counters). Writes through ``.data`` (``t.data.copy_(...)``,
+    ``t.data += ...``) do not bump the version counter and escape this check: they silently change what a
+    recomputed segment sees."""
     state = pytree.tree_map(lambda leaf: leaf, state)  # fresh containers, same leaves
     watched = pytree.tree_flatten_with_path(state)[0]
     watched = [(pytree.keystr(path), leaf, leaf._version) for path, leaf in watched
@@ -87,7 +89,8 @@ def check_window(window: Any) -> int:
 
 
 def check_segments(segments: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """The segments as a list: at least one, all tensors of one shape, dtype and device."""
+    """The segments as a list: at least one, all tensors of one dtype, device and number of dimensions. Their
+    shapes may differ (a decoder may take a longer first chunk); the step decides what it accepts."""
     if isinstance(segments, torch.Tensor):
         raise TypeError("segments must be a sequence of tensors (one per step), not one tensor; "
                         "split it first, e.g. list(z.split(1, dim=2))")
@@ -98,9 +101,9 @@ def check_segments(segments: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     for index, seg in enumerate(segments):
         if not isinstance(seg, torch.Tensor):
             raise TypeError(f"segments[{index}] must be a tensor, got {type(seg).__name__}")
-        if seg.shape != first.shape or seg.dtype != first.dtype or seg.device != first.device:
+        if seg.dim() != first.dim() or seg.dtype != first.dtype or seg.device != first.device:
             raise ValueError(
-                f"segments must share one shape, dtype and device: segments[0] is "
-                f"{tuple(first.shape)} {first.dtype} on {first.device}, segments[{index}] is "
+                f"segments must share one dtype, device and number of dimensions (their lengths may differ): "
+                f"segments[0] is {tuple(first.shape)} {first.dtype} on {first.device}, segments[{index}] is "
                 f"{tuple(seg.shape)} {seg.dtype} on {seg.device}")
     return segments

@@ -37,7 +37,21 @@ def stream(step: Step, state: Any, segments: Sequence[torch.Tensor],
     averages the accumulated gradients over ranks; there ``"retain"`` with ``window > 1`` runs as
     ``"recompute"`` (its chained backwards cannot be the single backward DDP's sync needs; the gradients are
     the same), and the last segment must use every parameter (or pass ``find_unused_parameters=True``).
+    Under FSDP2, pass the ``fully_shard``-ed module whose forward is a step: each backward reduce-scatters its
+    gradient into the sharded ``.grad`` (averaged over ranks, as DDP), so only its shard persists between
+    segments.
+
+    ``stream`` is a training step: called with gradients disabled (``torch.no_grad()``,
+    ``torch.inference_mode()``) it raises rather than fill ``.grad`` behind the caller's back; to decode
+    without gradients, run the step in a loop. Segments may differ in shape; ``window`` counts segments.
+    The step must not write into the state or its input in place (checked, except for writes through
+    ``.data``, which version counters do not see).
     """
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            "stream was called with gradients disabled (inside torch.no_grad() or torch.inference_mode()); it "
+            "backpropagates every segment's loss and fills .grad, which the next optimizer.step() would use. "
+            "Call it with gradients enabled, or, to decode only, run the step in a loop under no_grad")
     window = check_window(window)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")

@@ -5,8 +5,10 @@
 - ``convert_to_parallel(unet)`` (``mobius``): rewires the spatial transformer + temporal transformer pairs of
   a ``UNetMotionModel``, ``UNet3DConditionModel`` or ``UNetSpatioTemporalConditionModel`` into the parallel
   Mobius form for fine-tuning; ``.revert()`` undoes it.
-- ``WanDecoderRecurrence(vae)`` (``wan``): ``AutoencoderKLWan``'s decoder as a ChopGrad recurrence, its
-  feature cache as the state.
+- ``decoder_recurrence(vae)`` (``vae``): the decoder of a video VAE as a ChopGrad recurrence, its causal cache
+  as the state: ``WanDecoderRecurrence`` (``AutoencoderKLWan``, ``AutoencoderKLQwenImage``),
+  ``CogVideoXDecoderRecurrence``, ``MochiDecoderRecurrence``, ``LTXVideoDecoderRecurrence`` (causal LTX
+  decoders only); the others are refused with the reason.
 """
 
 try:
@@ -14,8 +16,14 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("pychop.integrations.diffusers needs diffusers: pip install 'pychop[diffusers]'") from error
 
+from pychop.integrations.diffusers.cogvideox import CogVideoXDecoderRecurrence
+from pychop.integrations.diffusers.ltx import LTXVideoDecoderRecurrence
 from pychop.integrations.diffusers.mobius import convert_to_parallel
+from pychop.integrations.diffusers.mochi import MochiDecoderRecurrence
 from pychop.integrations.diffusers.motion import patch_temporal_attention
+from pychop.integrations.diffusers.recurrence import DecoderRecurrence
+from pychop.integrations.diffusers.vae import decoder_recurrence
 from pychop.integrations.diffusers.wan import WanDecoderRecurrence
 
-__all__ = ["convert_to_parallel", "patch_temporal_attention", "WanDecoderRecurrence"]
+__all__ = ["convert_to_parallel", "patch_temporal_attention", "decoder_recurrence", "DecoderRecurrence",
+           "WanDecoderRecurrence", "CogVideoXDecoderRecurrence", "MochiDecoderRecurrence", "LTXVideoDecoderRecurrence"]

@@ -1,5 +1,6 @@
-"""stream under DistributedDataParallel: 2 processes, gloo, CPU. Each rank decodes its own latents; the
-gradients after stream must equal the single-process gradients averaged over the ranks' data."""
+"""stream under DistributedDataParallel and FSDP2 (fully_shard): 2 processes, gloo, CPU. Each rank decodes its own
+latents; the gradients after stream must equal the single-process gradients averaged over the ranks' data
+(under FSDP2 each rank holds a shard of them; its full_tensor() is compared)."""
 
 import os
 import socket
@@ -34,7 +35,22 @@ def rank_data(rank):
     return list(z.split(1, dim=2)), (lambda y, i: ((y - targets[i]) ** 2).mean())
 
 
-CONFIGS = [(2, "recompute"), (2, "retain"), (1, "retain")]
+CONFIGS = [("ddp", 2, "recompute"), ("ddp", 2, "retain"), ("ddp", 1, "retain"),
+           ("fsdp2", 2, "recompute"), ("fsdp2", 2, "retain"), ("fsdp2", SEGMENTS, "recompute")]
+
+
+def wrapped(kind, decoder):
+    """The decoder's step as a DDP module or as an FSDP2-sharded module (fully_shard), on the CPU."""
+    if kind == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(DecoderStep(decoder))
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    return fully_shard(DecoderStep(decoder), mesh=init_device_mesh("cpu", (WORLD,)))
+
+
+def full_grad(param):
+    grad = param.grad
+    return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
 
 
 def worker(rank, port, queue):
@@ -43,20 +59,20 @@ def worker(rank, port, queue):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         errors = []
-        for window, strategy in CONFIGS:
+        for kind, window, strategy in CONFIGS:
             torch.manual_seed(0)
             decoder = CausalVideoDecoder(CausalDecoderConfig.tiny())
             reference = CausalVideoDecoder(CausalDecoderConfig.tiny())
             reference.load_state_dict(decoder.state_dict())
-            ddp = torch.nn.parallel.DistributedDataParallel(DecoderStep(decoder))
+            step = wrapped(kind, decoder)
             segments, loss_fn = rank_data(rank)
-            stream(ddp, decoder.init_state(), segments, loss_fn, window=window, strategy=strategy)
+            stream(step, decoder.init_state(), segments, loss_fn, window=window, strategy=strategy)
             for other in range(WORLD):  # the single-process gradients on every rank's data, summed
                 other_segments, other_loss = rank_data(other)
                 stream(reference.step, reference.init_state(), other_segments, other_loss, window=window,
                        strategy=strategy)
-            errors.append(max(((p.grad - r.grad / WORLD).abs().max() / r.grad.abs().max()).item()
-                              for p, r in zip(decoder.parameters(), reference.parameters())))
+            errors.append(max(((full_grad(p) - r.grad / WORLD).abs().max() / r.grad.abs().max()).item()
+                              for p, r in zip(step.parameters(), reference.parameters())))
         queue.put((rank, errors))
     except Exception as exc:  # report, so that the parent fails with the cause
         queue.put((rank, repr(exc)))
@@ -70,7 +86,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def test_stream_under_ddp_averages_gradients():
+def test_stream_under_ddp_and_fsdp2_averages_gradients():
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
@@ -84,5 +100,5 @@ def test_stream_under_ddp_averages_gradients():
             process.join(timeout=30)
     for rank, errors in results:
         assert isinstance(errors, list), f"rank {rank} failed: {errors}"
-        for (window, strategy), error in zip(CONFIGS, errors):
-            assert error < 1e-5, f"rank {rank}, window={window} {strategy}: relative error {error:.3g}"
+        for (kind, window, strategy), error in zip(CONFIGS, errors):
+            assert error < 1e-5, f"rank {rank}, {kind} window={window} {strategy}: relative error {error:.3g}"
