@@ -216,7 +216,7 @@ GPU_CONFIGS = {
     (64, True): (SpatialConfig(128, 64, 8, 3), SpatialConfig(64, 64, 4, 3), SpatialConfig(32, 128, 8, 3)),
     (128, True): (SpatialConfig(128, 64, 8, 2), SpatialConfig(64, 64, 8, 2), SpatialConfig(64, 64, 8, 2)),
     (256, True): (SpatialConfig(64, 32, 8, 2), SpatialConfig(32, 32, 8, 1), SpatialConfig(32, 32, 8, 1)),
-    (64, False): (SpatialConfig(64, 64, 8, 2), SpatialConfig(64, 32, 8, 2), SpatialConfig(32, 32, 8, 2)),
+    (64, False): (SpatialConfig(64, 32, 8, 2), SpatialConfig(64, 32, 8, 2), SpatialConfig(32, 32, 8, 2)),
     (128, False): (SpatialConfig(32, 32, 8, 2), SpatialConfig(32, 16, 8, 2), SpatialConfig(16, 32, 8, 1)),
     (256, False): (SpatialConfig(32, 16, 8, 1), SpatialConfig(16, 16, 8, 1), SpatialConfig(16, 16, 8, 1)),
 }

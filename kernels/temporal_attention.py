@@ -256,9 +256,9 @@ class TemporalConfig:
 GPU_CONFIGS = {
     (64, True): (TemporalConfig(64, 4, 2), TemporalConfig(64, 4, 2), TemporalConfig(64, 4, 2)),
     (128, True): (TemporalConfig(64, 4, 2), TemporalConfig(64, 8, 2), TemporalConfig(64, 8, 2)),
-    (256, True): (TemporalConfig(64, 8, 1), TemporalConfig(32, 8, 1), TemporalConfig(32, 8, 1)),
-    (64, False): (TemporalConfig(64, 4, 2), TemporalConfig(64, 8, 1), TemporalConfig(64, 8, 1)),
-    (128, False): (TemporalConfig(32, 4, 1), TemporalConfig(32, 8, 1), TemporalConfig(32, 8, 1)),
+    (256, True): (TemporalConfig(64, 8, 2), TemporalConfig(32, 4, 2), TemporalConfig(32, 8, 1)),
+    (64, False): (TemporalConfig(32, 8, 2), TemporalConfig(32, 4, 2), TemporalConfig(32, 8, 2)),
+    (128, False): (TemporalConfig(16, 4, 1), TemporalConfig(16, 8, 1), TemporalConfig(16, 4, 1)),
     (256, False): (TemporalConfig(16, 4, 1), TemporalConfig(16, 8, 1), TemporalConfig(16, 8, 1)),
 }
 # Triton's CPU interpreter: 16-row programs, so T = 17 spans two 16-frame blocks and T = 4 packs 4 tokens.
