@@ -1,7 +1,7 @@
 """python -m benchmarks.summary RESULTS_DIR: one short table of a results folder (tests and suites).
 
 Reads the pytest JUnit XML (gpu_tests.xml) and every suite's JSON there; prints the test counts, then each
-suite's rows with its key columns.
+suite's rows with its key columns (a ratio with its spread).
 """
 
 import json
@@ -29,9 +29,12 @@ def main(folder: Path) -> None:
               f"{counts['skipped']} skipped")
     for path in sorted(folder.glob("*.json")):
         payload = json.loads(path.read_text())
-        rows = [{key: row[key] for key in KEY_COLUMNS if key in row} for row in payload["rows"]]
+        columns = [name for key in KEY_COLUMNS for name in (key, f"{key}_p10", f"{key}_p90")]
+        rows = [{key: row[key] for key in columns if key in row} for row in payload["rows"]]
         print(f"\n{payload['suite']} ({payload['environment'].get('gpu', payload['environment']['device'])})")
         print(format_table(rows))
+        if "timing" in payload:
+            print(payload["timing"]["summary"])
 
 
 if __name__ == "__main__":

@@ -6,14 +6,12 @@ The step: decode latents with ``pychop.models.CausalVideoDecoder`` segment by se
 through the whole recurrence; "recompute k" / "retain k" are ``pychop.chopgrad.stream`` with window k.
 Memory: on a GPU the allocator's peak above the model (bf16, Wan 2.1 decoder widths, 32x32 latents ->
 256x256 video); on a CPU the peak bytes of activations saved for backward (tiny decoder, 6x6 latents,
-one thread, best of 3 runs).
+one thread). Time: at each length, the steps of all methods timed in one interleaved comparison
+(``ctx.compare``); the time ratio to full backpropagation is the median of per-round ratios, with its spread.
 Frames = 1 + 4 (segments - 1).
 """
 
 from __future__ import annotations
-
-import math
-import time
 
 import torch
 
@@ -79,19 +77,6 @@ def measure_memory_mb(ctx, fn):
     return SavedActivationMeter().measure(fn) / 2 ** 20
 
 
-def step_time_ms(ctx, fn, repeats=3):
-    """GPU: the runner's median. CPU (after the memory run warmed up): the fastest of a few runs, the
-    steadiest figure on a shared machine."""
-    if ctx.on_gpu:
-        return ctx.time_ms(fn)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
-
-
 def flat_grad(decoder):
     return torch.cat([p.grad.flatten().double() for p in decoder.parameters()])
 
@@ -110,28 +95,38 @@ def run(ctx):
 def measure_all(ctx, setup):
     torch.manual_seed(0)
     decoder = CausalVideoDecoder(setup["config"]).to(ctx.device, setup["dtype"])
-    rows = []
+    rows, time_ratios = [], {}
     for segments in ctx.progress(setup["segments"], "chopgrad lengths"):
         problem = Problem(decoder, segments, setup["latent"], ctx.device, setup["dtype"])
+        steps, length_rows = {}, []
         for name in METHODS:
             fn = problem.method(name)
             row = {"kind": "step", "method": name, "segments": segments, "frames": frames_of(segments)}
             try:
                 row["peak_mb"] = measure_memory_mb(ctx, fn)
-                row["step_ms"] = step_time_ms(ctx, fn)
+                steps[name] = fn
             except torch.cuda.OutOfMemoryError:
                 row.update(peak_mb=None, step_ms=None, note="out of memory")
                 torch.cuda.empty_cache()
             problem.zero_grad()
-            rows.append(row)
+            length_rows.append(row)
+        timed = ctx.compare(steps) if steps else None
+        for row in length_rows:
+            if row["method"] in steps:
+                row["step_ms"] = timed.ms[row["method"]]
+        if "full" in steps and "recompute 1" in steps:
+            time_ratios[segments] = timed.ratio("recompute 1", "full")
+        problem.zero_grad()
+        rows += length_rows
         del problem
-    rows += summary_rows(ctx, rows, setup)
+    rows += summary_rows(ctx, rows, setup, time_ratios)
     rows += cosine_rows(ctx, decoder, setup)
     return rows
 
 
-def summary_rows(ctx, rows, setup):
-    """Targets: flat memory (largest vs 17 frames), recompute k=1 time vs full, and on a GPU the longest
+def summary_rows(ctx, rows, setup, time_ratios):
+    """Targets: flat memory (largest vs 17 frames), recompute k=1 time vs full (time_ratios: segments -> the
+    Ratio of their paired step times), and on a GPU the longest
     video full backprop fits (linear fit of its peaks to the device's memory) against ChopGrad's."""
     out = []
     steps = [r for r in rows if r["kind"] == "step"]
@@ -143,12 +138,10 @@ def summary_rows(ctx, rows, setup):
             out.append({"kind": "flatness", "method": name, "frames": frames_of(longest),
                         "peak_mb": large["peak_mb"], "ratio": large["peak_mb"] / small["peak_mb"],
                         "note": f"peak at {frames_of(longest)} frames / peak at 17 frames"})
-    for segments in setup["segments"]:
-        full, fast = lookup[("full", segments)], lookup[("recompute 1", segments)]
-        if full.get("step_ms") and fast.get("step_ms"):
-            out.append({"kind": "time ratio", "method": "recompute 1", "frames": frames_of(segments),
-                        "step_ms": fast["step_ms"], "ratio": fast["step_ms"] / full["step_ms"],
-                        "note": "step time / full backprop's"})
+    for segments, ratio in time_ratios.items():
+        out.append({"kind": "time ratio", "method": "recompute 1", "frames": frames_of(segments),
+                    "step_ms": lookup[("recompute 1", segments)]["step_ms"], **ratio.columns("ratio"),
+                    "note": "step time / full backprop's"})
     if ctx.on_gpu:
         capacity_mb = torch.cuda.get_device_properties(ctx.device).total_memory / 2 ** 20
         fitted = [(r["frames"], r["peak_mb"]) for r in steps if r["method"] == "full" and r.get("peak_mb")]
