@@ -22,6 +22,8 @@ profiler (kernels whose name has "key" or "query" in it); the sweep is skipped o
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -97,8 +99,7 @@ def timed_rows(ctx, ops):
     steps = {}
     for label, (fn, inputs, _, _) in ops.items():
         steps[label] = fwd_bwd(fn, inputs, torch.randn_like(fn(*inputs)))
-    forward = ctx.compare({label: (lambda fn=fn, inputs=inputs: fn(*inputs)) for label, (fn, inputs, _, _)
-                           in ops.items()})
+    forward = ctx.compare({label: partial(fn, *inputs) for label, (fn, inputs, _, _) in ops.items()})
     both = ctx.compare(steps)
     rows = []
     for label, (_, _, flops_fwd, vs) in ops.items():
@@ -124,20 +125,18 @@ def shape_rows(ctx, dtype):
         inputs = [make(B, T, S, H, D) for _ in range(6)]
         spatial, temporal = [make(B * T, H, S, D) for _ in range(3)], [make(B * S, H, T, D) for _ in range(3)]
         flops, spatial_flops = attention_flops(B, T, S, H, D), attention_flops(B, T, S, H, D, temporal=False)
-        backends = fused_backends(ctx)
-        ops = {"reference": (lambda *x: pychop.parallel_st_attention(*x, backend="torch"), inputs, flops, None)}
-        for backend in backends:
-            ops[backend] = (lambda *x, backend=backend: pychop.parallel_st_attention(*x, backend=backend), inputs,
-                            flops, "reference")
-        ops["sdpa spatial"] = (F.scaled_dot_product_attention, spatial, spatial_flops, None)
-        for backend in backends:
-            ops[f"{backend} spatial"] = (lambda *x, backend=backend: pychop.spatial_attention(*x, backend=backend),
-                                         inputs[:3], spatial_flops, "sdpa spatial")
         temporal_flops = attention_flops(B, T, S, H, D, spatial=False)
-        ops["sdpa temporal"] = (F.scaled_dot_product_attention, temporal, temporal_flops, None)
+        backends = fused_backends(ctx)
+        # label: (fn, its inputs, forward FLOPs, the label it is compared with)
+        ops = {"reference": (partial(pychop.parallel_st_attention, backend="torch"), inputs, flops, None),
+               "sdpa spatial": (F.scaled_dot_product_attention, spatial, spatial_flops, None),
+               "sdpa temporal": (F.scaled_dot_product_attention, temporal, temporal_flops, None)}
         for backend in backends:
-            ops[f"{backend} temporal"] = (lambda *x, backend=backend: pychop.temporal_attention(
-                *x, backend=backend), inputs[3:], temporal_flops, "sdpa temporal")
+            ops[backend] = (partial(pychop.parallel_st_attention, backend=backend), inputs, flops, "reference")
+            ops[f"{backend} spatial"] = (partial(pychop.spatial_attention, backend=backend), inputs[:3],
+                                         spatial_flops, "sdpa spatial")
+            ops[f"{backend} temporal"] = (partial(pychop.temporal_attention, backend=backend), inputs[3:],
+                                          temporal_flops, "sdpa temporal")
         found = timed_rows(ctx, ops)
         if ctx.on_gpu:  # the op's rows against its floor (the ceilings are an H100's)
             (fwd_floor, fwd_bound), (fwdbwd_floor, fwdbwd_bound) = [
@@ -180,13 +179,13 @@ def sweep_rows(ctx, dtype):
     for T in ctx.progress(SWEEP_FRAMES, "T sweep"):
         inputs = [torch.randn(B, T, S, H, D, device=ctx.device, dtype=dtype, requires_grad=True) for _ in range(3)]
         dout = torch.randn(B, T, S, H, D, device=ctx.device, dtype=dtype)
-        ops = {(backend, k): lambda *x, k=k, backend=backend: pychop.temporal_attention(
-            *x, causal=True, grad_window=k, backend=backend) for backend in backends for k in SWEEP_WINDOWS}
+        ops = {(backend, k): partial(pychop.temporal_attention, causal=True, grad_window=k, backend=backend)
+               for backend in backends for k in SWEEP_WINDOWS}
         label = lambda backend, k: f"{backend} k={'T' if k is None else k}"
-        forward = ctx.compare({label(*key): (lambda fn=fn: fn(*inputs)) for key, fn in ops.items()})
+        forward = ctx.compare({label(*key): partial(fn, *inputs) for key, fn in ops.items()})
         steps = {label(*key): fwd_bwd(fn, inputs, dout) for key, fn in ops.items()}
         both = ctx.compare(steps)
-        for (backend, k), fn in ops.items():
+        for backend, k in ops:
             name = label(backend, k)
             row = {"sweep": "T x grad window", "impl": backend, "T": T, "k": "T" if k is None else k,
                    "fwd_ms": forward.ms[name], "bwd_ms": both.ms[name] - forward.ms[name], "fwdbwd_ms": both.ms[name],
