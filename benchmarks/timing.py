@@ -133,7 +133,8 @@ def format_ratio(median: float, p10: float, p90: float) -> str:
 
 @dataclass
 class Comparison:
-    """Timed samples of candidates measured together: samples[name][r] is milliseconds per call in round r."""
+    """Timed samples of candidates measured together: samples[name][r] is milliseconds per call in round r;
+    seconds is the wall time of the timed rounds."""
 
     samples: Dict[str, List[float]]
     baseline: Optional[str] = None
