@@ -1,4 +1,5 @@
-"""python -m benchmarks.summary RESULTS_DIR: each suite's rows in a results folder, key columns only."""
+"""python -m benchmarks.summary RESULTS_DIR: each suite's rows in a results folder, key columns only (a ratio
+with its spread), and its timing line."""
 
 import json
 import sys
@@ -8,7 +9,7 @@ from typing import List
 from benchmarks.runner import format_table
 
 KEY_COLUMNS = ("shape", "impl", "vs", "fwd_ms", "fwdbwd_ms", "fwd_speedup", "fwdbwd_speedup",      # attention
-               "fwdbwd_of_floor", "sweep",
+               "fwd_of_floor", "fwdbwd_of_floor", "kernel", "kernel_ms", "floor_ms", "of_floor", "sweep",
                "kind", "method", "frames", "window", "ratio", "cosine", "decoder", "grad", "rel_error",  # chopgrad
                "norm_ratio",
                "table", "form", "attention", "component", "saved_mb", "saved_vs_serial", "time_vs_serial",  # mobius
@@ -16,10 +17,14 @@ KEY_COLUMNS = ("shape", "impl", "vs", "fwd_ms", "fwdbwd_ms", "fwd_speedup", "fwd
 
 
 def headline(payload: dict) -> List[str]:
-    """A suite's rows, key columns only, as table lines."""
-    rows = [{key: row[key] for key in KEY_COLUMNS if key in row} for row in payload["rows"]]
-    return [f"{payload['suite']} ({payload['environment'].get('gpu', payload['environment']['device'])})",
-            *format_table(rows).splitlines()]
+    """A suite's rows, key columns only (a ratio with its spread), and its timing line, as lines."""
+    columns = [name for key in KEY_COLUMNS for name in (key, f"{key}_p10", f"{key}_p90")]
+    rows = [{key: row[key] for key in columns if key in row} for row in payload["rows"]]
+    lines = [f"{payload['suite']} ({payload['environment'].get('gpu', payload['environment']['device'])})",
+             *format_table(rows).splitlines()]
+    if "timing" in payload:
+        lines.append(payload["timing"]["summary"])
+    return lines
 
 
 def main(folder: Path) -> None:

@@ -3,72 +3,53 @@
 At each shape: forward and forward+backward time, TFLOP/s and peak memory of every available backend of
 ``pychop.parallel_st_attention`` (the ``torch`` backend is the unfused reference: two SDPA calls on permuted
 copies, then a sum), beside the spatial and the temporal SDPA call alone on contiguous inputs, and each fused
-backend's spatial branch alone (``pychop.spatial_attention``) against the spatial SDPA call. On a GPU the
-op's rows also hold its floor: the larger of its matmul FLOPs at the bf16 matmul ceiling and the fewest bytes
-it must move at the copy ceiling (DESIGN.md's H100 figures), and the share of that floor each reached.
+backend's spatial and temporal branch alone (``pychop.spatial_attention``, ``pychop.temporal_attention``)
+against the SDPA call of that branch: together the rows show where each side's time goes. On a GPU the
+op's rows also hold its floor (``benchmarks.floors``: the sum over the Triton kernels of the larger of their
+matmul FLOPs at the H200's matmul ceiling and the fewest bytes they must move at its copy ceiling) and the
+share of it each reached, and a ``kernel`` row per Triton kernel holds its time (profiler) over its floor.
+At a shape, the forwards of all these are timed in one interleaved comparison, their forward+backward steps
+in another (``ctx.compare``): each speedup is the median of per-round ratios, with its p10-p90 spread. The CPU
+shapes (float32) are large enough that the kernels, not the Python and dispatch overhead, take the time: the
+reference's forward+backward takes 10 to 100 ms on one thread.
 
 Then a sweep of the temporal branch (``pychop.temporal_attention``, causal) over T = 8 ... 256 with the
 gradient window k in {1, 4, T}: the backward splits into the query-side kernel (dq: every key frame of the
 causal range, T^2 / 2 row dot products per token, whatever k) and the key-side kernel (dk, dv: only the
-k-frame band, T * k). On a GPU the per-kernel times come from the profiler (kernels whose name has "key" or
-"query" in it); the sweep is skipped on the CPU.
+k-frame band, T * k). At each T all backends and windows are timed in one comparison; fused rows hold their
+forward+backward speedup over the torch backend at the same k. On a GPU the per-kernel times come from the
+profiler (kernels whose name has "backward_key" or "backward_query" in it); the sweep is skipped on the CPU.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 import pychop
+from benchmarks.floors import DESIGN_SHAPES, kernel_floors, op_floor_ms
 
 DESCRIPTION = "parallel spatial-temporal attention: fused backends vs the unfused reference; T sweep of grad window"
 
-# name: (B, T, h, w, H, D); S = h * w. DESIGN.md's shapes, bf16 on the GPU.
-GPU_SHAPES = {
-    "A": (1, 16, 64, 64, 5, 64),
-    "B": (2, 16, 32, 32, 10, 64),
-    "C": (1, 32, 64, 64, 8, 64),
-    "D": (1, 16, 32, 32, 8, 128),
-    "E": (4, 64, 16, 16, 8, 64),
-    "F": (2, 16, 32, 32, 8, 40),
+GPU_SHAPES = DESIGN_SHAPES  # name: (B, T, S, H, D), bf16 on the GPU
+CPU_SHAPES = {  # (B, T, S, H, D), float32, sized so that the kernels dominate the call overhead
+    "cpu-a": (1, 8, 144, 4, 40),  # the Stable Diffusion family's head dim
+    "cpu-b": (1, 32, 64, 4, 64),  # many frames of few tokens: the temporal branch's largest share
+    "cpu-c": (1, 8, 256, 4, 64),  # mid-size
+    "cpu-d": (1, 4, 1024, 2, 64),  # S = 1024: the spatial matrix products dominate
 }
-CPU_SHAPES = {
-    "cpu-a": (1, 8, 8, 8, 2, 32),
-    "cpu-b": (2, 4, 6, 6, 4, 40),
-    "cpu-c": (1, 8, 16, 16, 4, 64),  # mid-size: time goes to the matrix products, not to the call overhead
-}
+SMOKE_SHAPES = {"smoke": (1, 4, 16, 2, 16)}  # every code path, no meaningful figure (--smoke)
 # T sweep of the temporal branch with a causal grad window: (B, S, H, D), then the frame counts.
 SWEEP_SHAPE = (1, 32 * 32, 8, 64)
 SWEEP_FRAMES = (8, 16, 32, 64, 128, 256)
 SWEEP_WINDOWS = (1, 4, None)  # None: k = T, full backpropagation
 
 
-# Ceilings measured on an H100 (DESIGN.md): bf16 dense matmul and device-to-device copy.
-MATMUL_TFLOPS, COPY_TBPS = 694.0, 3.0
-
-
-def attention_flops(B, T, S, H, D, *, spatial=True, temporal=True, backward=False):
-    """Matmul FLOPs: 4 per score per head dim forward (QK^T and PV); the backward is 2.5x the forward."""
-    flops = (4 * B * T * H * S * S * D if spatial else 0) + (4 * B * S * H * T * T * D if temporal else 0)
-    return flops * (3.5 if backward else 1.0)
-
-
-def fewest_bytes(B, T, S, H, D, itemsize, *, backward=False):
-    """Bytes the fused op must move at least: forward reads 6 inputs and writes the output and two float32
-    row statistics; the backward reads the inputs, output, its gradient and the statistics and writes 6
-    gradients."""
-    tensor, stats = B * T * S * H * D * itemsize, 2 * B * T * H * S * 4
-    forward = 7 * tensor + stats
-    return forward + (14 * tensor + stats if backward else 0)
-
-
-def floor_ms(B, T, S, H, D, itemsize, *, backward=False):
-    """(milliseconds, "compute" or "memory"): the larger of the matmul FLOPs at the matmul ceiling and the
-    fewest bytes at the copy ceiling. The temporal FLOPs are counted at the matmul ceiling too, though they
-    run as row-wise dot products: a lower bound, not an estimate."""
-    compute = attention_flops(B, T, S, H, D, backward=backward) / (MATMUL_TFLOPS * 1e9)
-    memory = fewest_bytes(B, T, S, H, D, itemsize, backward=backward) / (COPY_TBPS * 1e9)
-    return (compute, "compute") if compute >= memory else (memory, "memory")
+def attention_flops(B, T, S, H, D, *, spatial=True, temporal=True):
+    """Forward matmul FLOPs: 4 per score per head dim (QK^T and PV); the backward is counted as 2.5x that."""
+    return (4 * B * T * H * S * S * D if spatial else 0) + (4 * B * S * H * T * T * D if temporal else 0)
 
 
 def fwd_bwd(fn, inputs, dout):
@@ -78,59 +59,66 @@ def fwd_bwd(fn, inputs, dout):
     return step
 
 
-def measure(ctx, label, fn, inputs, flops_fwd, reference=None):
-    out = fn(*inputs)
-    dout = torch.randn_like(out)
-    fwd_ms = ctx.time_ms(lambda: fn(*inputs))
-    both = fwd_bwd(fn, inputs, dout)
-    fwdbwd_ms = ctx.time_ms(both)
-    row = {"impl": label, "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms,
-           "fwd_tflops": flops_fwd / fwd_ms * 1e-9, "fwdbwd_tflops": 3.5 * flops_fwd / fwdbwd_ms * 1e-9,
-           "peak_mb": ctx.peak_memory_mb(both)}
-    if reference is not None:
-        row["vs"] = reference["impl"]
-        row["fwd_speedup"] = reference["fwd_ms"] / fwd_ms
-        row["fwdbwd_speedup"] = reference["fwdbwd_ms"] / fwdbwd_ms
-    return row
-
-
 def fused_backends(ctx):
     return [name for name, reason in pychop.available_backends(ctx.device).items()
             if reason is None and name != "torch"]
 
 
+def timed_rows(ctx, ops):
+    """ops: label -> (fn, inputs, forward FLOPs, the label it is compared with or None). The forwards of all
+    ops are timed in one comparison, their forward+backward steps in another; one row per op, with its
+    speedups over the op it is compared with (median and p10-p90 of the per-round ratios)."""
+    steps = {}
+    for label, (fn, inputs, _, _) in ops.items():
+        steps[label] = fwd_bwd(fn, inputs, torch.randn_like(fn(*inputs)))
+    forward = ctx.compare({label: partial(fn, *inputs) for label, (fn, inputs, _, _) in ops.items()})
+    both = ctx.compare(steps)
+    rows = []
+    for label, (_, _, flops_fwd, vs) in ops.items():
+        fwd_ms, fwdbwd_ms = forward.ms[label], both.ms[label]
+        row = {"impl": label, "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms,
+               "fwd_tflops": flops_fwd / fwd_ms * 1e-9, "fwdbwd_tflops": 3.5 * flops_fwd / fwdbwd_ms * 1e-9,
+               "peak_mb": ctx.peak_memory_mb(steps[label])}
+        if vs is not None:
+            row["vs"] = vs
+            row.update(forward.speedup(label, over=vs).columns("fwd_speedup"))
+            row.update(both.speedup(label, over=vs).columns("fwdbwd_speedup"))
+        rows.append(row)
+    return rows
+
+
 def shape_rows(ctx, dtype):
-    shapes = GPU_SHAPES if ctx.on_gpu else CPU_SHAPES
+    shapes = SMOKE_SHAPES if ctx.smoke else GPU_SHAPES if ctx.on_gpu else CPU_SHAPES
     rows = []
     for shape_name in ctx.progress(shapes, "attention shapes"):
-        B, T, h, w, H, D = shapes[shape_name]
-        S = h * w
+        B, T, S, H, D = shapes[shape_name]
         make = lambda *size: torch.randn(*size, device=ctx.device, dtype=dtype, requires_grad=True)
         inputs = [make(B, T, S, H, D) for _ in range(6)]
+        spatial, temporal = [make(B * T, H, S, D) for _ in range(3)], [make(B * S, H, T, D) for _ in range(3)]
         flops, spatial_flops = attention_flops(B, T, S, H, D), attention_flops(B, T, S, H, D, temporal=False)
-        floors = [floor_ms(B, T, S, H, D, dtype.itemsize, backward=backward) for backward in (False, True)]
-
-        def against_floor(row):
-            """The op's rows on a GPU (the ceilings are an H100's): the floor and the share of it reached."""
-            if ctx.on_gpu:
-                (fwd_floor, fwd_bound), (fwdbwd_floor, fwdbwd_bound) = floors
-                row.update(floor_fwd_ms=fwd_floor, floor_fwdbwd_ms=fwdbwd_floor, bound=f"{fwd_bound}/{fwdbwd_bound}",
-                           fwd_of_floor=fwd_floor / row["fwd_ms"], fwdbwd_of_floor=fwdbwd_floor / row["fwdbwd_ms"])
-            return row
-
-        reference = against_floor(measure(ctx, "reference", lambda *x: pychop.parallel_st_attention(
-            *x, backend="torch"), inputs, flops))
-        spatial = [make(B * T, H, S, D) for _ in range(3)]
-        sdpa_spatial = measure(ctx, "sdpa spatial", F.scaled_dot_product_attention, spatial, spatial_flops)
-        temporal = [make(B * S, H, T, D) for _ in range(3)]
-        found = [reference]
-        for backend in fused_backends(ctx):
-            fn = lambda *x, backend=backend: pychop.parallel_st_attention(*x, backend=backend)
-            found.append(against_floor(measure(ctx, backend, fn, inputs, flops, reference)))
-            fn = lambda *x, backend=backend: pychop.spatial_attention(*x, backend=backend)
-            found.append(measure(ctx, f"{backend} spatial", fn, inputs[:3], spatial_flops, sdpa_spatial))
-        found += [sdpa_spatial, measure(ctx, "sdpa temporal", F.scaled_dot_product_attention, temporal,
-                                        attention_flops(B, T, S, H, D, spatial=False))]
+        temporal_flops = attention_flops(B, T, S, H, D, spatial=False)
+        backends = fused_backends(ctx)
+        # label: (fn, its inputs, forward FLOPs, the label it is compared with)
+        ops = {"reference": (partial(pychop.parallel_st_attention, backend="torch"), inputs, flops, None),
+               "sdpa spatial": (F.scaled_dot_product_attention, spatial, spatial_flops, None),
+               "sdpa temporal": (F.scaled_dot_product_attention, temporal, temporal_flops, None)}
+        for backend in backends:
+            ops[backend] = (partial(pychop.parallel_st_attention, backend=backend), inputs, flops, "reference")
+            ops[f"{backend} spatial"] = (partial(pychop.spatial_attention, backend=backend), inputs[:3],
+                                         spatial_flops, "sdpa spatial")
+            ops[f"{backend} temporal"] = (partial(pychop.temporal_attention, backend=backend), inputs[3:],
+                                          temporal_flops, "sdpa temporal")
+        found = timed_rows(ctx, ops)
+        if ctx.on_gpu:  # the op's rows against the floor of the Triton kernels on an H200
+            floors = kernel_floors((B, T, S, H, D), itemsize=dtype.itemsize)
+            fwd_floor, fwdbwd_floor = (op_floor_ms(floors, backward=backward) for backward in (False, True))
+            for row in found:
+                if row["impl"] in ["reference", *backends]:
+                    row.update(floor_fwd_ms=fwd_floor, floor_fwdbwd_ms=fwdbwd_floor,
+                               fwd_of_floor=fwd_floor / row["fwd_ms"], fwdbwd_of_floor=fwdbwd_floor / row["fwdbwd_ms"])
+            if "triton" in backends:
+                step = fwd_bwd(partial(pychop.parallel_st_attention, backend="triton"), inputs, torch.randn_like(inputs[0]))
+                found += kernel_rows(floors, step)
         rows += [{"shape": shape_name, "B,T,S,H,D": f"{B},{T},{S},{H},{D}", **row} for row in found]
     return rows
 
@@ -153,31 +141,43 @@ def kernel_times_ms(fn, words, repeats=10):
     return totals
 
 
+def kernel_rows(floors, step):
+    """One row per Triton kernel of the fused op (backend "auto" picks triton on a GPU): its GPU time per
+    call in `step` (profiler) over its floor."""
+    names = [f"_{floor.kernel}_kernel" for floor in floors]
+    times = kernel_times_ms(step, names)
+    return [{"impl": "triton", "kernel": floor.kernel, "kernel_ms": times[name], "floor_ms": floor.floor_ms,
+             "bound": floor.bound, "of_floor": floor.floor_ms / times[name] if times[name] else None}
+            for floor, name in zip(floors, names)]
+
+
 def sweep_rows(ctx, dtype):
     """Causal temporal attention over T with grad window k in {1, 4, T}: backward time and its split."""
     if not ctx.on_gpu:
         return [{"sweep": "T x grad window", "note": "skipped on the CPU: needs a GPU (interpreter timings "
                                                      "say nothing of kernel cost)"}]
     B, S, H, D = SWEEP_SHAPE
+    backends = fused_backends(ctx) + ["torch"]
     rows = []
-    for backend in fused_backends(ctx) + ["torch"]:
-        for T in ctx.progress(SWEEP_FRAMES, f"T sweep ({backend})"):
-            inputs = [torch.randn(B, T, S, H, D, device=ctx.device, dtype=dtype, requires_grad=True)
-                      for _ in range(3)]
-            dout = torch.randn(B, T, S, H, D, device=ctx.device, dtype=dtype)
-            for k in SWEEP_WINDOWS:
-                fn = lambda *x, k=k, backend=backend: pychop.temporal_attention(*x, causal=True, grad_window=k,
-                                                                                backend=backend)
-                fwd_ms = ctx.time_ms(lambda: fn(*inputs))
-                both = fwd_bwd(fn, inputs, dout)
-                fwdbwd_ms = ctx.time_ms(both)
-                row = {"sweep": "T x grad window", "impl": backend, "T": T, "k": "T" if k is None else k,
-                       "fwd_ms": fwd_ms, "bwd_ms": fwdbwd_ms - fwd_ms, "fwdbwd_ms": fwdbwd_ms,
-                       "peak_mb": ctx.peak_memory_mb(both)}
-                if backend != "torch":
-                    split = kernel_times_ms(both, ("query", "key"))
-                    row["bwd_dq_kernel_ms"], row["bwd_dkdv_kernel_ms"] = split["query"], split["key"]
-                rows.append(row)
+    for T in ctx.progress(SWEEP_FRAMES[:2] if ctx.smoke else SWEEP_FRAMES, "T sweep"):
+        inputs = [torch.randn(B, T, S, H, D, device=ctx.device, dtype=dtype, requires_grad=True) for _ in range(3)]
+        dout = torch.randn(B, T, S, H, D, device=ctx.device, dtype=dtype)
+        ops = {(backend, k): partial(pychop.temporal_attention, causal=True, grad_window=k, backend=backend)
+               for backend in backends for k in SWEEP_WINDOWS}
+        label = lambda backend, k: f"{backend} k={'T' if k is None else k}"
+        forward = ctx.compare({label(*key): partial(fn, *inputs) for key, fn in ops.items()})
+        steps = {label(*key): fwd_bwd(fn, inputs, dout) for key, fn in ops.items()}
+        both = ctx.compare(steps)
+        for backend, k in ops:
+            name = label(backend, k)
+            row = {"sweep": "T x grad window", "impl": backend, "T": T, "k": "T" if k is None else k,
+                   "fwd_ms": forward.ms[name], "bwd_ms": both.ms[name] - forward.ms[name], "fwdbwd_ms": both.ms[name],
+                   "peak_mb": ctx.peak_memory_mb(steps[name])}
+            if backend != "torch":
+                row.update(both.speedup(name, over=label("torch", k)).columns("fwdbwd_speedup"))
+                split = kernel_times_ms(steps[name], ("backward_query", "backward_key"))
+                row["bwd_dq_kernel_ms"], row["bwd_dkdv_kernel_ms"] = split["backward_query"], split["backward_key"]
+            rows.append(row)
     return rows
 
 

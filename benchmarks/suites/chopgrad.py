@@ -6,7 +6,9 @@ The step: decode latents with ``pychop.models.CausalVideoDecoder`` segment by se
 through the whole recurrence; "recompute k" / "retain k" are ``pychop.chopgrad.stream`` with window k.
 Memory: on a GPU the allocator's peak above the model (bf16, Wan 2.1 decoder widths, 32x32 latents ->
 256x256 video); on a CPU the peak bytes of activations saved for backward (tiny decoder, 6x6 latents,
-one thread, best of 3 runs). Frames = 1 + 4 (segments - 1).
+one thread). Time: at each length, the steps of all methods timed in one interleaved comparison
+(``ctx.compare``); the time ratio to full backpropagation is the median of per-round ratios, with its spread.
+Frames = 1 + 4 (segments - 1).
 
 Further rows:
 - ``wan step``: the same against frames for diffusers' ``AutoencoderKLWan`` decoder (``decoder_recurrence``):
@@ -16,8 +18,6 @@ Further rows:
   full backpropagation needs for fewer (its peaks fitted linearly in frames).
 - ``vae flatness``: each supported diffusers VAE (tiny random configs, CPU, saved bytes): peak at 4x the
   latent frames over the peak at 1x, full backpropagation vs ``recompute 1``.
-- ``paired time``: ``recompute 1`` over full backpropagation step time, the median over interleaved pairs
-  (CPU).
 - ``fidelity``: per window k, the cosine and relative error to full backpropagation of the parameter
   gradient and of the latent gradient (whole and per segment, with its norm over the full one), float64, on
   the tiny decoder randomly initialised and after the suite trains it on synthetic videos of moving discs
@@ -27,9 +27,6 @@ Further rows:
 from __future__ import annotations
 
 import copy
-import math
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +41,7 @@ DESCRIPTION = "ChopGrad truncated backprop through a causal video decoder: memor
 WINDOWS = (1, 2, 4)
 GPU = dict(config=CausalDecoderConfig.wan(), latent=32, segments=(3, 5, 9, 17, 33), dtype=torch.bfloat16)
 CPU = dict(config=CausalDecoderConfig.tiny(), latent=6, segments=(3, 5, 9), dtype=torch.float32)
+SMOKE = dict(config=CausalDecoderConfig.tiny(), latent=2, segments=(3, 5), dtype=torch.float32)
 
 
 def frames_of(segments):
@@ -103,66 +101,62 @@ def measure_memory_mb(ctx, fn):
     return SavedActivationMeter().measure(fn) / 2 ** 20
 
 
-def step_time_ms(ctx, fn, repeats=3):
-    """GPU: the runner's median. CPU (after the memory run warmed up): the fastest of a few runs, the
-    steadiest figure on a shared machine."""
-    if ctx.on_gpu:
-        return ctx.time_ms(fn)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
-
-
 def run(ctx):
     threads = torch.get_num_threads()
     if not ctx.on_gpu:
         torch.set_num_threads(1)  # on a shared CPU, intra-op threads make timings swing by 10x
     try:
-        rows = measure_all(ctx, GPU if ctx.on_gpu else CPU)
+        rows = measure_all(ctx, SMOKE if ctx.smoke else GPU if ctx.on_gpu else CPU)
         rows += wan_rows(ctx)
         torch.set_num_threads(1)
-        rows += vae_flatness_rows()
-        rows += paired_time_rows(ctx)
-        rows += fidelity_rows(ctx)
+        rows += vae_flatness_rows(only=("AutoencoderKLWan",) if ctx.smoke else None)
+        rows += fidelity_rows(ctx, SMOKE_FIDELITY if ctx.smoke else FIDELITY)
         return rows
     finally:
         torch.set_num_threads(threads)
 
 
 def step_rows(ctx, decoder, setup, methods, kind, module=None):
-    """Peak memory and step time of each method at each length (``setup["segments"]``)."""
-    rows = []
+    """Peak memory of each method at each length (``setup["segments"]``), and their step times from one
+    interleaved comparison per length: (rows, {segments: Ratio of recompute 1's step time to full's})."""
+    rows, time_ratios = [], {}
     for segments in ctx.progress(setup["segments"], f"{kind} lengths"):
         problem = Problem(decoder, segments, setup["latent"], ctx.device, setup["dtype"], module=module)
+        steps, length_rows = {}, []
         for name in methods:
             fn = problem.method(name)
             row = {"kind": kind, "method": name, "segments": segments, "frames": problem.frames}
             try:
                 row["peak_mb"] = measure_memory_mb(ctx, fn)
-                row["step_ms"] = step_time_ms(ctx, fn)
+                steps[name] = fn
             except torch.cuda.OutOfMemoryError:
                 row.update(peak_mb=None, step_ms=None, note="out of memory")
                 torch.cuda.empty_cache()
             problem.zero_grad()
-            rows.append(row)
+            length_rows.append(row)
+        timed = ctx.compare(steps) if steps else None
+        for row in length_rows:
+            if row["method"] in steps:
+                row["step_ms"] = timed.ms[row["method"]]
+        if "full" in steps and "recompute 1" in steps:
+            time_ratios[segments] = timed.ratio("recompute 1", "full")
+        problem.zero_grad()
+        rows += length_rows
         del problem
-    return rows
+    return rows, time_ratios
 
 
 def measure_all(ctx, setup):
     torch.manual_seed(0)
     decoder = CausalVideoDecoder(setup["config"]).to(ctx.device, setup["dtype"])
-    rows = step_rows(ctx, decoder, setup, METHODS, "step")
-    rows += summary_rows(ctx, rows, setup)
-    return rows
+    rows, time_ratios = step_rows(ctx, decoder, setup, METHODS, "step")
+    return rows + summary_rows(ctx, rows, setup, time_ratios)
 
 
-def summary_rows(ctx, rows, setup):
-    """Targets: flat memory (largest vs 17 frames), recompute k=1 time vs full, and on a GPU the longest
-    video full backprop fits (linear fit of its peaks to the device's memory) against ChopGrad's."""
+def summary_rows(ctx, rows, setup, time_ratios):
+    """Targets: flat memory (largest vs 17 frames), recompute k=1 time vs full (time_ratios: segments -> the
+    Ratio of their paired step times), and on a GPU the longest video full backprop fits (linear fit of its
+    peaks to the device's memory) against ChopGrad's."""
     out = []
     steps = [r for r in rows if r["kind"] == "step"]
     longest = max(setup["segments"])
@@ -173,12 +167,10 @@ def summary_rows(ctx, rows, setup):
             out.append({"kind": "flatness", "method": name, "frames": frames_of(longest),
                         "peak_mb": large["peak_mb"], "ratio": large["peak_mb"] / small["peak_mb"],
                         "note": f"peak at {frames_of(longest)} frames / peak at 17 frames"})
-    for segments in setup["segments"]:
-        full, fast = lookup[("full", segments)], lookup[("recompute 1", segments)]
-        if full.get("step_ms") and fast.get("step_ms"):
-            out.append({"kind": "time ratio", "method": "recompute 1", "frames": frames_of(segments),
-                        "step_ms": fast["step_ms"], "ratio": fast["step_ms"] / full["step_ms"],
-                        "note": "step time / full backprop's"})
+    for segments, ratio in time_ratios.items():
+        out.append({"kind": "time ratio", "method": "recompute 1", "frames": frames_of(segments),
+                    "step_ms": lookup[("recompute 1", segments)]["step_ms"], **ratio.columns("ratio"),
+                    "note": "step time / full backprop's"})
     if ctx.on_gpu:
         capacity_mb = torch.cuda.get_device_properties(ctx.device).total_memory / 2 ** 20
         fitted = [(r["frames"], r["peak_mb"]) for r in steps if r["method"] == "full" and r.get("peak_mb")]
@@ -214,10 +206,10 @@ def wan_rows(ctx):
         from pychop.integrations.diffusers import decoder_recurrence
     except ImportError as error:
         return [{"kind": "wan step", "note": f"skipped: {error}"}]
-    setup = WAN_GPU if ctx.on_gpu else WAN_CPU
+    setup = dict(WAN_CPU, segments=(3, 5)) if ctx.smoke else WAN_GPU if ctx.on_gpu else WAN_CPU
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**setup["vae"]).to(ctx.device, setup["dtype"])
-    rows = step_rows(ctx, decoder_recurrence(vae), setup, WAN_METHODS, "wan step", module=vae)
+    rows, _ = step_rows(ctx, decoder_recurrence(vae), setup, WAN_METHODS, "wan step", module=vae)
     return rows + same_memory_rows(rows)
 
 
@@ -261,8 +253,9 @@ def tiny_vaes():
     }
 
 
-def vae_flatness_rows():
-    """Peak saved bytes at 4x the latent frames over the peak at 1x, for each supported diffusers VAE (CPU)."""
+def vae_flatness_rows(only=None):
+    """Peak saved bytes at 4x the latent frames over the peak at 1x, for each supported diffusers VAE (CPU), or
+    those named in `only`."""
     try:
         from pychop.integrations.diffusers import decoder_recurrence
         vaes = tiny_vaes()
@@ -270,6 +263,8 @@ def vae_flatness_rows():
         return [{"kind": "vae flatness", "note": f"skipped: {error}"}]
     rows = []
     for name, (make, base) in vaes.items():
+        if only is not None and name not in only:
+            continue
         torch.manual_seed(0)
         vae = make()
         rec = decoder_recurrence(vae)
@@ -286,38 +281,10 @@ def vae_flatness_rows():
     return rows
 
 
-def paired_time_rows(ctx, pairs=7):
-    """CPU: ``recompute 1`` step time over full backpropagation's, the median over interleaved pairs of runs
-    (the order alternates), at the suite's longest length."""
-    if ctx.on_gpu:
-        return []
-    torch.manual_seed(0)
-    decoder = CausalVideoDecoder(CPU["config"])
-    segments = max(CPU["segments"])
-    problem = Problem(decoder, segments, CPU["latent"], ctx.device, CPU["dtype"])
-    full, chop = problem.method("full"), problem.method("recompute 1")
-
-    def seconds(fn):
-        start = time.perf_counter()
-        fn()
-        problem.zero_grad()
-        return time.perf_counter() - start
-
-    seconds(full), seconds(chop)  # warm-up
-    ratios = []
-    for k in range(pairs):
-        if k % 2:
-            t_chop, t_full = seconds(chop), seconds(full)
-        else:
-            t_full, t_chop = seconds(full), seconds(chop)
-        ratios.append(t_chop / t_full)
-    return [{"kind": "paired time", "method": "recompute 1", "frames": frames_of(segments),
-             "ratio": statistics.median(ratios), "note": f"step time / full backprop's, median of {pairs} pairs"}]
-
-
 # Gradient fidelity: CPU, float64, the tiny decoder; trained on moving discs at 4x4 latents (16x16 video).
 FIDELITY = dict(config=CausalDecoderConfig.tiny(), segments=9, latent=6, windows=(1, 2, 3, 4),
                 train_steps=300, train_segments=3, train_latent=4, batch=2, lr=3e-3, latent_noise=0.1)
+SMOKE_FIDELITY = dict(FIDELITY, segments=3, latent=2, windows=(1, 2), train_steps=2, train_latent=2, batch=1)
 
 
 def moving_discs(batch, frames, size, generator, discs=3):

@@ -16,6 +16,8 @@ weights and optimizer state. Then a saved-tensor account of one forward (``saved
 autograd keeps for backward, attributed to the innermost component that saved them, each storage counted
 once, parameters left out. GPU: ``SD15_VIDEO`` (a Stable-Diffusion-1.5 video UNet, 16 frames, 32x32
 latents), batch 2, bfloat16 weights. CPU: ``TINY``, batch 1, float32 (timings say nothing about a GPU).
+The forms' steps are timed side by side in one interleaved comparison (``ctx.compare``); time_vs_serial is
+the median of the per-round ratios, with its spread.
 
 The account alone, at any config and on any device (saved bytes do not depend on the device):
 ``python -m benchmarks.suites.mobius --config SD15_VIDEO --batch 1`` (a few minutes on a CPU).
@@ -120,7 +122,7 @@ def run(ctx):
     print(f"fused backends on {device.type}: {fused or 'none'}; "
           + "; ".join(f"{name}: {reason}" for name, reason in reasons.items() if reason), flush=True)
 
-    rows, accounts, baseline = [], {}, None
+    rows, accounts, steps = [], {}, {}
     for label, mode, backend, recompute in ctx.progress(FORMS, "mobius forms"):
         row = {"table": "step", "form": label, "config": "SD15_VIDEO" if ctx.on_gpu else "TINY", "batch": batch}
         if backend == "auto" and not fused:
@@ -136,21 +138,25 @@ def run(ctx):
         row["attention"] = "sdpa" if mode == "serial" else pychop.ops.backends.resolve(backend, device)
         row["trainable_M"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
         row["peak_mb"] = ctx.peak_memory_mb(step)
-        row["step_ms"] = ctx.time_ms(step)
         totals, counts = saved_tensor_account(model, inputs)
         accounts[label] = totals
         row["saved_mb"] = sum(totals.values())
-        if baseline is None:
-            baseline = row
-        else:
+        steps[label] = step
+        rows.append(row)
+
+    # every form's step timed side by side: the models stay resident (each peak above is counted above what was
+    # allocated before it)
+    timed = ctx.compare(steps)
+    baseline = next(row for row in rows if "saved_mb" in row)
+    for row in rows:
+        if row["form"] not in steps:
+            continue
+        row["step_ms"] = timed.ms[row["form"]]
+        if row is not baseline:
             if row["peak_mb"] is not None:
                 row["peak_vs_serial"] = row["peak_mb"] / baseline["peak_mb"]
             row["saved_vs_serial"] = row["saved_mb"] / baseline["saved_mb"]
-            row["time_vs_serial"] = row["step_ms"] / baseline["step_ms"]
-        rows.append(row)
-        del model, step
-        if ctx.on_gpu:
-            torch.cuda.empty_cache()
+            row.update(timed.ratio(row["form"], baseline["form"]).columns("time_vs_serial"))
 
     return rows + account_rows(accounts)
 
