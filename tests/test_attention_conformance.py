@@ -25,9 +25,12 @@ CUDA_SPATIAL_DELTA_DEFECT = ("known defect: spatial_bwd.cu takes delta_s = rowsu
 
 
 def fused_backends(cuda_xfail: str = None):
-    """(backend, device) parameters: cpp on the CPU, triton where it runs, cuda on a GPU (xfail with a reason)."""
+    """(backend, device) parameters: cpp on the CPU, triton where it runs (a gpu test where that is a GPU), cuda
+    on a GPU (xfail with a reason)."""
     cuda_marks = [pytest.mark.gpu] + ([pytest.mark.xfail(strict=True, reason=cuda_xfail)] if cuda_xfail else [])
-    return [pytest.param(("cpp", "cpu"), id="cpp"), pytest.param(("triton", TRITON_DEVICE), id="triton"),
+    triton_marks = [pytest.mark.gpu] if TRITON_DEVICE == "cuda" else []
+    return [pytest.param(("cpp", "cpu"), id="cpp"), pytest.param(("triton", TRITON_DEVICE), id="triton",
+                                                                 marks=triton_marks),
             pytest.param(("cuda", "cuda"), id="cuda", marks=cuda_marks)]
 
 

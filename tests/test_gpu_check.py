@@ -1,0 +1,63 @@
+"""The GPU check's runbook, rehearsed on the CPU: every stage of each call runs (at tiny sizes, Triton in its
+interpreter, cpp for the extension), writes its results the moment it ends, and the files fit what can come back
+from the GPU machine (at most 8 files of at most 16 MiB, no more than two folders below $OUT). A stage cut off
+by its limit says so, and the next one still runs."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_FILES, MAX_FILE_BYTES = 8, 16 * 2 ** 20
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def files_below(folder: Path):
+    return [path for path in folder.rglob("*") if path.is_file()]
+
+
+def test_a_stage_cut_off_says_so_and_the_next_runs(gpu_check, tmp_path, monkeypatch):
+    plan = [gpu_check.Stage("install", 1, "cut off after 1 s"), gpu_check.Stage("environment", 60, "then this")]
+    monkeypatch.setitem(gpu_check.PLAN, "first", plan)
+    report = gpu_check.run_call("first", rehearse=True, out=tmp_path)
+    assert report["stages"]["install"]["status"] == "cut off by its 1 s limit"
+    assert report["stages"]["environment"]["status"] == "done"
+    assert report["stages"]["environment"]["results"]["commit"]
+    written = json.loads((tmp_path / "first.json").read_text())
+    assert list(written["stages"]) == ["install", "environment"]
+    log = (tmp_path / "first.log").read_text()
+    assert "== install" in log and "== environment" in log
+    assert "cut off" in gpu_check.summary(tmp_path)
+
+
+@pytest.mark.parametrize("call", ["first", "second"])
+def test_rehearsal(gpu_check, call, tmp_path):
+    """Both calls end to end on the CPU: every stage done, each well under its GPU budget here at tiny sizes."""
+    report = gpu_check.run_call(call, rehearse=True, out=tmp_path)
+    for stage in gpu_check.PLAN[call]:
+        entry = report["stages"][stage.name]
+        assert entry["status"] == "done", f"{stage.name}: {entry['status']}\n{(tmp_path / f'{call}.log').read_text()[-3000:]}"
+    if call == "first":
+        for stage in ("triton-correctness", "cuda-correctness"):
+            assert report["stages"][stage]["results"]["passed"], report["stages"][stage]["results"]
+        assert report["stages"]["attention-suite"]["results"]["rows"]
+    else:
+        tests = report["stages"]["gpu-tests"]["results"]
+        assert tests["tests"] > 0 and tests["failures"] == tests["errors"] == 0
+    files = files_below(tmp_path)
+    assert len(files) <= MAX_FILES and all(path.stat().st_size <= MAX_FILE_BYTES for path in files)
+    assert all(len(path.relative_to(tmp_path).parts) <= 3 for path in files)
+    assert {f"{call}.log", f"{call}.json"} <= {path.name for path in files}
+    print(gpu_check.summary(tmp_path), file=sys.stderr)
