@@ -132,8 +132,7 @@ def test_copies_and_checkpoints_keep_the_model(kind, seed, tmp_path):
     buffer.seek(0)
     restored = torch.load(buffer, weights_only=False)
     assert TemporalAttentionProcessor in processor_types(restored)
-    assert isinstance(restored.mid_block.attentions[0].forward, type(unet.mid_block.attentions[0].forward))
-    assert torch.equal(run(restored, inputs), expected)
+    assert torch.equal(run(restored, inputs), expected)  # still converted: the plain model's output differs
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
