@@ -33,10 +33,33 @@ def tiny_unet_3d(seed):
                                 attention_head_dim=8)
 
 
+def tiny_svd_unet(seed):
+    torch.manual_seed(seed)
+    return UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), num_attention_heads=(2, 4),
+        cross_attention_dim=TEXT_DIM, addition_time_embed_dim=8, projection_class_embeddings_input_dim=24,
+        num_frames=FRAMES)
+
+
 def unet_inputs():
+    """Inputs of `tiny_motion_unet`."""
     sample = torch.randn(BATCH, 4, FRAMES, 8, 8)  # (B, C, T, H, W)
     text = torch.randn(BATCH * FRAMES, 5, TEXT_DIM)  # one copy per frame, as diffusers' pipelines pass it
     return sample, torch.tensor([10, 700]), text
+
+
+def unet_3d_inputs():
+    """Inputs of `tiny_unet_3d`: as `unet_inputs`, but one text per video (the model repeats it per frame)."""
+    sample, timesteps, _ = unet_inputs()
+    return sample, timesteps, torch.randn(BATCH, 5, TEXT_DIM)
+
+
+def svd_inputs():
+    """Inputs of `tiny_svd_unet`: sample (B, T, C, H, W), timesteps, image embedding, added time ids."""
+    return (torch.randn(BATCH, FRAMES, 8, 8, 8), torch.tensor([10, 700]), torch.randn(BATCH, 1, TEXT_DIM),
+            torch.randn(BATCH, 3))
 
 
 def forward_backward(model, inputs, call=None):
@@ -177,9 +200,8 @@ def check_training_and_revert(unet, inputs, original, conversion, trains):
 
 def test_converter_rewires_unet_3d_temporal_transformers_and_reverts_exactly(seed):
     unet = tiny_unet_3d(seed)
-    sample, timesteps, _ = unet_inputs()
-    text = torch.randn(BATCH, 5, TEXT_DIM)  # UNet3DConditionModel repeats it per frame itself
-    inputs = (sample, timesteps, text)
+    inputs = unet_3d_inputs()
+    text = inputs[2]
     with torch.no_grad():
         original = unet(*inputs).sample
 
@@ -209,15 +231,8 @@ def test_converter_rewires_unet_3d_temporal_transformers_and_reverts_exactly(see
 
 
 def test_converter_rewires_stable_video_diffusion_blocks_and_reverts_exactly(seed):
-    torch.manual_seed(seed)
-    unet = UNetSpatioTemporalConditionModel(
-        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), num_attention_heads=(2, 4),
-        cross_attention_dim=TEXT_DIM, addition_time_embed_dim=8, projection_class_embeddings_input_dim=24,
-        num_frames=FRAMES)
-    inputs = (torch.randn(BATCH, FRAMES, 8, 8, 8), torch.tensor([10, 700]), torch.randn(BATCH, 1, TEXT_DIM),
-              torch.randn(BATCH, 3))  # sample (B, T, C, H, W), timesteps, image embedding, added time ids
+    unet = tiny_svd_unet(seed)
+    inputs = svd_inputs()
     with torch.no_grad():
         original = unet(*inputs).sample
 
@@ -252,9 +267,6 @@ def test_converter_composes_with_the_processors_and_refuses_bad_models(seed):
         with patch_temporal_attention(unet, backend="torch"):
             assert relative_error(unet(*inputs).sample.double(), converted.double()) < 1e-5
     conversion.revert()
-    unet.enable_gradient_checkpointing()
-    with pytest.raises(ValueError, match="disable gradient checkpointing"):
-        convert_to_parallel(unet)
     svd_transformer = TransformerSpatioTemporalModel(num_attention_heads=2, attention_head_dim=16, in_channels=32)
     svd_transformer.temporal_transformer_blocks[0].is_res = False  # as when its inner width differs
     with pytest.raises(ValueError, match="has no residual connection"):

@@ -26,10 +26,18 @@ meant for fine-tuning the temporal modules in the parallel form, typically with 
 (``unet.freeze_unet2d_params()`` on a ``UNetMotionModel``).
 
 The rewiring replaces the ``forward`` of the paired module instances (parameters, names and state dict are
-untouched, so optimizers and checkpoints keep working); ``conversion.revert()`` restores the original
-``forward`` methods and with them the exact original function. Not compatible with gradient checkpointing
-(a checkpointed spatial call would run again in the backward without its temporal partner): conversion
-refuses a model with gradient checkpointing enabled.
+untouched, so optimizers, ``save_pretrained`` and ``state_dict`` checkpoints keep working; the replacements are
+plain objects, so ``copy.deepcopy`` and ``torch.save`` of the whole model keep the conversion, and
+``from_pretrained`` loads the serial model); ``conversion.revert()`` restores the original ``forward`` methods
+and with them the exact original function.
+
+Gradient checkpointing (``unet.enable_gradient_checkpointing()``, before or after conversion) gives the
+gradients of the converted model without it. diffusers recomputes some pair halves on their own in the backward
+(the mid block's motion module, the spatial blocks of ``TransformerSpatioTemporalModel``): a recomputed
+temporal call finds the ``h`` and ``s`` its first call used by its own input tensor, held only as long as that
+input lives; a checkpoint around a whole block recomputes both halves in order. A checkpoint function that
+runs its forward without autograd (``torch.utils.checkpoint`` with ``use_reentrant=True``) cannot propagate
+the gradient the temporal half sends to ``h``: a pair whose halves run in different autograd modes is refused.
 """
 
 from __future__ import annotations
@@ -37,9 +45,9 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Tuple
 
+import torch
 import torch.nn as nn
-
-_MISSING = object()
+from torch.utils.weak import WeakTensorKeyDictionary
 
 
 # (spatial, temporal) module lists side by side in a stage of each supported UNet, paired index by index.
@@ -47,11 +55,40 @@ PAIRED_MODULE_LISTS = (("attentions", "motion_modules"), ("attentions", "temp_at
                        ("transformer_blocks", "temporal_transformer_blocks"))
 
 
-class _SharedInput:
-    """Carries a pair's spatial input and output from the spatial module's call to the temporal module's."""
+class _PairLink:
+    """What the two halves of one rewired pair pass each other: the spatial call's input ``h`` and output ``s``,
+    taken by the temporal call that follows it, and the ``h`` and ``s`` of every temporal call made with autograd,
+    by the call's input tensor, for a checkpoint that recomputes that call alone. Copies start empty."""
 
     def __init__(self):
-        self.hidden_states = self.spatial_out = None
+        self.pending = None  # (h, s, autograd on) of the latest spatial call, until a temporal call takes it
+        self.taken = WeakTensorKeyDictionary()  # temporal input -> (h, s or None where s is that input)
+
+    def __reduce__(self):
+        return type(self), ()
+
+    def give(self, block_input, spatial_out) -> None:
+        self.pending = block_input, spatial_out, torch.is_grad_enabled()
+
+    def take(self, serial_input):
+        """(h, s) for the temporal call on ``serial_input``."""
+        tracing = torch.compiler.is_compiling()  # compiled graphs recompute inside the graph, never call again
+        if not tracing and serial_input in self.taken:  # a checkpoint recomputing this call in the backward
+            block_input, spatial_out = self.taken[serial_input]
+            return block_input, serial_input if spatial_out is None else spatial_out
+        if self.pending is None:
+            raise RuntimeError("parallel temporal module called without its spatial transformer having run first")
+        (block_input, spatial_out, spatial_grad), self.pending = self.pending, None
+        if spatial_grad != torch.is_grad_enabled():
+            raise RuntimeError(
+                f"the spatial half of a parallel pair ran with autograd {'on' if spatial_grad else 'off'} and its "
+                f"temporal half with it {'off' if spatial_grad else 'on'}: a gradient checkpointing function that "
+                "runs its forward without autograd (torch.utils.checkpoint with use_reentrant=True) cannot pass "
+                "the temporal half's gradient to the pair's input; use diffusers' default "
+                "enable_gradient_checkpointing() (non-reentrant)")
+        if spatial_grad and not tracing:
+            self.taken[serial_input] = block_input, None if spatial_out is serial_input else spatial_out
+        return block_input, spatial_out
 
 
 def _split_hidden_states(args, kwargs):
@@ -80,27 +117,34 @@ def _with_hidden_states(result, hidden_states):
     return hidden_states
 
 
-def _spatial_forward(original, shared: _SharedInput):
-    def forward(*args, **kwargs):
+class _PairForward:
+    """The ``forward`` of one half of a rewired pair: the module class's own ``forward``, linked to the other
+    half."""
+
+    def __init__(self, module: nn.Module, link: _PairLink):
+        self.module, self.link = module, link
+        self.class_forward = type(module).forward  # a plain function: torch.compile traces it, pickle names it
+
+    def original(self, *args, **kwargs):
+        return self.class_forward(self.module, *args, **kwargs)
+
+
+class _SpatialForward(_PairForward):
+    def __call__(self, *args, **kwargs):
         hidden_states, _ = _split_hidden_states(args, kwargs)
-        result = original(*args, **kwargs)
-        shared.hidden_states, shared.spatial_out = hidden_states, _hidden_states_of(result)
+        result = self.original(*args, **kwargs)
+        self.link.give(hidden_states, _hidden_states_of(result))
         return result
-    return forward
 
 
-def _temporal_forward(original, shared: _SharedInput):
-    def forward(*args, **kwargs):
+class _TemporalForward(_PairForward):
+    def __call__(self, *args, **kwargs):
         serial_input, rebuild = _split_hidden_states(args, kwargs)  # s + e
-        block_input, spatial_out = shared.hidden_states, shared.spatial_out
-        shared.hidden_states = shared.spatial_out = None
-        if block_input is None:
-            raise RuntimeError("parallel temporal module called without its spatial transformer having run first")
+        block_input, spatial_out = self.link.take(serial_input)
         parallel_input = block_input if serial_input is spatial_out else serial_input - spatial_out + block_input
         args, kwargs = rebuild(parallel_input)
-        result = original(*args, **kwargs)
+        result = self.original(*args, **kwargs)
         return _with_hidden_states(result, serial_input + (_hidden_states_of(result) - parallel_input))
-    return forward
 
 
 def parallel_pairs(unet: nn.Module) -> List[Tuple[str, nn.Module, nn.Module]]:
@@ -125,36 +169,29 @@ def parallel_pairs(unet: nn.Module) -> List[Tuple[str, nn.Module, nn.Module]]:
 class MobiusConversion:
     """The rewired pairs of ``convert_to_parallel``; ``revert()`` restores the serial model exactly."""
 
-    def __init__(self, patched: List[Tuple[nn.Module, object]], names: List[str]):
-        self._patched, self.pair_names = patched, names
+    def __init__(self, modules: List[nn.Module], names: List[str]):
+        self._modules, self.pair_names = modules, names
 
     def revert(self) -> None:
-        for module, saved in self._patched:
-            if saved is _MISSING:
+        for module in self._modules:
+            if isinstance(module.__dict__.get("forward"), _PairForward):
                 del module.forward
-            else:
-                module.forward = saved
-        self._patched = []
+        self._modules = []
 
 
 def convert_to_parallel(unet: nn.Module) -> MobiusConversion:
     """Rewires ``unet``'s spatial transformer + temporal transformer pairs in parallel (see the module
     docstring)."""
-    if getattr(unet, "is_gradient_checkpointing", False):
-        raise ValueError("convert_to_parallel: disable gradient checkpointing first "
-                         "(unet.disable_gradient_checkpointing()); see pychop.integrations.diffusers.mobius")
     pairs = parallel_pairs(unet)
     if not pairs:
         raise ValueError(f"{type(unet).__name__} has no spatial transformer + temporal transformer pairs to "
                          "rewire (expected a diffusers UNetMotionModel, UNet3DConditionModel or "
                          "UNetSpatioTemporalConditionModel with cross-attention stages)")
-    patched = []
     for _, spatial, temporal in pairs:
         if "forward" in spatial.__dict__ or "forward" in temporal.__dict__:
             raise ValueError("convert_to_parallel: the model is already converted (or its forward is patched)")
     for _, spatial, temporal in pairs:
-        shared = _SharedInput()
-        for module, make in ((spatial, _spatial_forward), (temporal, _temporal_forward)):
-            patched.append((module, module.__dict__.get("forward", _MISSING)))
-            module.forward = make(module.forward, shared)
-    return MobiusConversion(patched, [name for name, _, _ in pairs])
+        link = _PairLink()
+        spatial.forward, temporal.forward = _SpatialForward(spatial, link), _TemporalForward(temporal, link)
+    modules = [module for _, spatial, temporal in pairs for module in (spatial, temporal)]
+    return MobiusConversion(modules, [name for name, _, _ in pairs])

@@ -17,6 +17,13 @@ output is (B*S, T, C) again without a copy (fused backends return it contiguous)
 original processors back. Cross-attention modules (those with ``is_cross_attention``) and every spatial
 attention are left alone. Modules using features the processor does not implement (spatial or group norm,
 q/k norms, attention masks) are refused with a clear error when patching.
+
+A patched model keeps diffusers' whole processor API. The processor is a drop-in ``AttnProcessor2_0`` (it
+subclasses it and computes the same function), and it presents itself as one to diffusers' exact-class checks
+(``set_default_attn_processor`` accepts only processors whose ``__class__`` is in diffusers' own lists), so
+``set_default_attn_processor``, ``set_attn_processor`` and ``fuse_qkv_projections`` replace it as they replace
+diffusers' processors, and ``unfuse_qkv_projections`` puts it back. ``patch.applied`` says whether every patched
+module still runs pychop's processor; ``patch.remove()`` restores only the modules that still do.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import List, Tuple
 
 import torch
 import torch.nn as nn
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.transformers.transformer_temporal import (TransformerSpatioTemporalModel,
                                                                   TransformerTemporalModel)
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
@@ -33,11 +40,22 @@ from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 import pychop
 
 
-class TemporalAttentionProcessor:
-    """A diffusers attention processor for temporal self-attention on (B*S, T, C) hidden states."""
+class TemporalAttentionProcessor(AttnProcessor2_0):
+    """A diffusers attention processor for temporal self-attention on (B*S, T, C) hidden states: diffusers'
+    ``AttnProcessor2_0`` with pychop's attention op."""
 
     def __init__(self, backend: str = "auto"):
+        super().__init__()
         self.backend = backend
+
+    @property
+    def __class__(self):
+        """``AttnProcessor2_0``, the processor this one stands in for: diffusers' ``set_default_attn_processor``
+        accepts only processors whose ``__class__`` is one of its own (``type(self)`` stays this class)."""
+        return AttnProcessor2_0
+
+    def __reduce__(self):
+        return type(self), (self.backend,)  # pickle would otherwise rebuild the object from ``__class__``
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
@@ -89,18 +107,27 @@ def _check_supported(name: str, attn: Attention) -> None:
 
 
 class TemporalAttentionPatch:
-    """The processors replaced by ``patch_temporal_attention``; ``remove()`` restores them."""
+    """The processors replaced by ``patch_temporal_attention``; ``remove()`` restores them on the modules that
+    still run pychop's processor (a module whose processor was replaced since, e.g. by diffusers'
+    ``set_default_attn_processor``, keeps its new one)."""
 
-    def __init__(self, originals: List[Tuple[str, Attention, object]]):
-        self._originals = originals
+    def __init__(self, processor: TemporalAttentionProcessor, originals: List[Tuple[str, Attention, object]]):
+        self._processor, self._originals = processor, originals
 
     @property
     def module_names(self) -> List[str]:
         return [name for name, _, _ in self._originals]
 
+    @property
+    def applied(self) -> bool:
+        """Whether every patched module runs this patch's processor now (False once removed, or once any of them
+        was given another processor)."""
+        return bool(self._originals) and all(attn.processor is self._processor for _, attn, _ in self._originals)
+
     def remove(self) -> None:
         for _, attn, processor in self._originals:
-            attn.set_processor(processor)
+            if attn.processor is self._processor:
+                attn.set_processor(processor)
         self._originals = []
 
     def __enter__(self):
@@ -123,4 +150,4 @@ def patch_temporal_attention(model: nn.Module, backend: str = "auto") -> Tempora
     for name, attn in modules:
         originals.append((name, attn, attn.get_processor()))
         attn.set_processor(processor)
-    return TemporalAttentionPatch(originals)
+    return TemporalAttentionPatch(processor, originals)
