@@ -7,6 +7,7 @@ import torch
 
 import pychop
 from pychop import _build
+from pychop.kernels.limits import MAX_HEAD_DIM
 from pychop.ops import extension_attention
 
 
@@ -80,8 +81,8 @@ def test_binding_checks_name_the_argument():
     x, out, lse = inputs()
     with pytest.raises(RuntimeError, match=r"lse_t must be a contiguous \(B, T, H, S\)"):
         extension.attention_forward(*x, out, None, lse[0], lse[1].transpose(2, 3), 1.0, False, 0, 0)
-    x, out, lse = inputs(shape=(1, 2, 3, 1, 264))
-    with pytest.raises(RuntimeError, match=r"q_s has head dim 264; at most 256"):
+    x, out, lse = inputs(shape=(1, 2, 3, 1, MAX_HEAD_DIM + 8))
+    with pytest.raises(RuntimeError, match=rf"q_s has head dim {MAX_HEAD_DIM + 8}; at most {MAX_HEAD_DIM}"):
         extension.attention_forward(*x, out, None, *lse, 1.0, False, 0, 0)
     x, out, lse = inputs()
     with pytest.raises(RuntimeError, match=r"stacked branches need both branches"):
@@ -99,8 +100,10 @@ int main() {
   const int limits[] = {0, 15, 16, 31, 32, 63, 64, 1000};
   for (int limit : limits) {
     const auto bytes = [](int block) { return block; };  // a stand-in: shared memory grows with the block
-    const char* error = PYCHOP_SPATIAL_BLOCK_SWITCH(bytes, limit, "none fits",
-                                                    [&] { std::printf("spatial %d %d\n", limit, BLOCK); return nullptr; });
+    const char* error = PYCHOP_SPATIAL_BLOCK_SWITCH(bytes, limit, "none fits", [&] {
+      std::printf("spatial %d %d\n", limit, BLOCK);
+      return nullptr;
+    });
     if (error) std::printf("spatial %d 0\n", limit);
   }
 }
@@ -113,8 +116,6 @@ def test_cuda_head_dim_switches(tmp_path):
     covers it, and the spatial blocks are the largest that fit, none when 16 does not."""
     import shutil
     import subprocess
-
-    from pychop.kernels.limits import MAX_HEAD_DIM
 
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import pychop
+from pychop.kernels.limits import MAX_HEAD_DIM
 from pychop.ops import BACKENDS, backends, validation
 from pychop.ops.validation import check_deterministic
 
@@ -25,8 +26,8 @@ def six(**overrides):
     ({"k_s": torch.randn(SHAPE).to(torch.int32)}, TypeError, r"k_s has dtype int32; supported dtypes"),
     ({"v_t": torch.randn(1, 3, 4, 8, 2).transpose(-1, -2)}, ValueError, r"v_t must have a last-dimension \(D\) stride of 1"),
     ({"q_s": [1.0]}, TypeError, r"q_s must be a torch.Tensor"),
-    ({k: torch.randn(1, 3, 4, 2, 257) for k in ("q_s", "k_s", "v_s", "q_t", "k_t", "v_t")}, ValueError,
-     r"q_s has head dim D = 257; head dims up to 256"),
+    ({k: torch.randn(1, 3, 4, 2, MAX_HEAD_DIM + 1) for k in ("q_s", "k_s", "v_s", "q_t", "k_t", "v_t")}, ValueError,
+     rf"q_s has head dim D = {MAX_HEAD_DIM + 1}; head dims up to {MAX_HEAD_DIM}"),
     ({k: torch.randn(1, 0, 4, 2, 8) for k in ("q_s", "k_s", "v_s", "q_t", "k_t", "v_t")}, ValueError,
      r"q_s has T = 0 .* must be at least 1"),
 ], ids=["rank", "shape", "mixed-dtype", "int-dtype", "stride", "not-tensor", "head-dim", "no-frames"])

@@ -2,9 +2,10 @@
 //
 // Layout: a group of G lanes (a power of two) owns one token-head; lane l holds elements [l*E, l*E + E) of
 // the head dim, so G*E >= D and a warp serves 32/G token-heads at once. G and E are picked per D so that
-// few lanes idle (D = 40: 16 lanes x 4; D = 128: 32 x 4), by PYCHOP_TEMPORAL_LANES_SWITCH (head_dim_switch.h). Dot products reduce with shuffles inside the
-// group; softmax is online over key frames, all in float32. Consecutive groups take consecutive heads, then
-// tokens, so loads of a frame's rows coalesce in the (B, T, S, H, D) layout.
+// few lanes idle (D = 40: 16 lanes x 4; D = 128: 32 x 4), by PYCHOP_TEMPORAL_LANES_SWITCH (head_dim_switch.h).
+// Dot products reduce with shuffles inside the group; softmax is online over key frames, all in float32.
+// Consecutive groups take consecutive heads, then tokens, so loads of a frame's rows coalesce in the
+// (B, T, S, H, D) layout.
 #include "attention/cuda/branches.h"
 #include "attention/cuda/common.cuh"
 #include "attention/cuda/head_dim_switch.h"
