@@ -123,7 +123,8 @@ def available(device: Union[str, torch.device]) -> Dict[str, Optional[str]]:
         try:
             device = torch.device(device)
         except RuntimeError as error:
-            raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}: {error}")
+            message = f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}: {error}"
+            raise ValueError(message) from None
     elif not isinstance(device, torch.device):
         raise TypeError(f"device must be a torch.device or a string such as 'cpu', got {device!r}")
     reasons: Dict[str, Optional[str]] = {}
