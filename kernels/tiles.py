@@ -2,7 +2,7 @@
 
 The head dim is the one size the kernels compile for: it is padded to a power of two >= 16 (``head_dim_block``)
 and the launch tables are keyed on its bucket (``head_dim_bucket``: 64, 128 or 256) and on whether the dtype
-has two bytes. ``MAX_HEAD_DIM`` is the largest head dim any kernel takes.
+has two bytes. The last bucket is ``MAX_HEAD_DIM`` (kernels/limits.py), the largest head dim any kernel takes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .limits import MAX_HEAD_DIM
 from .outputs import new_output
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -20,8 +21,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     interpreter_compat.apply()
 
-HEAD_DIM_BUCKETS = (64, 128, 256)
-MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
+HEAD_DIM_BUCKETS = (64, 128, MAX_HEAD_DIM)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # the spatial branch scores in log2 units: exp2 instead of exp
 LN2 = tl.constexpr(0.6931471805599453)

@@ -12,6 +12,8 @@ PYTHON=${PYTHON:-python3}
 if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "setup: using $("$PYTHON" -c 'import sys; print(sys.executable)') (torch with CUDA found); installing pychop without downloads" >&2
     "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . >&2
+    "$PYTHON" -c "import pytest_timeout" 2>/dev/null || echo "setup: pytest-timeout is not installed here, so" \
+        "pytest.ini's per-test timeout does nothing (pip install pytest-timeout where a network is)" >&2
     "$PYTHON" -c "import sys; print(sys.executable)"
     exit 0
 fi

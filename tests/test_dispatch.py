@@ -5,6 +5,7 @@ import torch
 
 import pychop
 from pychop.ops import backends
+from tests.checks import runnable_backends
 
 
 def inputs(device="cpu"):
@@ -50,3 +51,29 @@ def test_triton_missing_is_reported(monkeypatch):
     monkeypatch.setattr(backends, "_cache", {})
     with pytest.raises(pychop.BackendUnavailable, match=r"Triton is not installed"):
         backends.load("triton", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")], ids=["str", "torch.device"])
+def test_available_backends_takes_a_string_or_a_device(device):
+    assert pychop.available_backends(device) == pychop.available_backends(torch.device("cpu"))
+
+
+def test_available_backends_refuses_what_is_not_a_device():
+    with pytest.raises(ValueError, match=r"device must name a torch device such as 'cpu' or 'cuda', got 'gpu'"):
+        pychop.available_backends("gpu")
+    with pytest.raises(TypeError, match=r"device must be a torch.device or a string such as 'cpu', got 3.5"):
+        pychop.available_backends(3.5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN in the Triton interpreter
+@pytest.mark.parametrize("backend", runnable_backends("cpu"))
+@pytest.mark.parametrize("name, causal", [("q_s", False), ("q_t", False), ("q_t", True)])
+def test_a_nan_in_a_query_turns_exactly_its_output_row_nan(backend, name, causal):
+    """A query row holding a NaN gives a NaN output row on every backend, and leaves every other row finite. (The
+    torch reference propagates it itself: SDPA's CPU kernel returns zeros for that row.)"""
+    tensors = dict(zip(("q_s", "k_s", "v_s", "q_t", "k_t", "v_t"), (torch.randn(1, 3, 5, 2, 8) for _ in range(6))))
+    tensors[name][0, 1, 2, 1, 3] = float("nan")
+    out = pychop.parallel_st_attention(**tensors, temporal_causal=causal, backend=backend)
+    expected = torch.zeros(out.shape[:4], dtype=torch.bool)
+    expected[0, 1, 2, 1] = True
+    assert torch.equal(out.isnan().any(-1), expected) and out.isnan().all(-1)[0, 1, 2, 1]

@@ -1,10 +1,13 @@
 """Building and loading pychop._C: clear reasons when it cannot, and the binding's own checks."""
 
+import os
+
 import pytest
 import torch
 
 import pychop
 from pychop import _build
+from pychop.kernels.limits import MAX_HEAD_DIM
 from pychop.ops import extension_attention
 
 
@@ -78,10 +81,55 @@ def test_binding_checks_name_the_argument():
     x, out, lse = inputs()
     with pytest.raises(RuntimeError, match=r"lse_t must be a contiguous \(B, T, H, S\)"):
         extension.attention_forward(*x, out, None, lse[0], lse[1].transpose(2, 3), 1.0, False, 0, 0)
-    x, out, lse = inputs(shape=(1, 2, 3, 1, 264))
-    with pytest.raises(RuntimeError, match=r"q_s has head dim 264; at most 256"):
+    x, out, lse = inputs(shape=(1, 2, 3, 1, MAX_HEAD_DIM + 8))
+    with pytest.raises(RuntimeError, match=rf"q_s has head dim {MAX_HEAD_DIM + 8}; at most {MAX_HEAD_DIM}"):
         extension.attention_forward(*x, out, None, *lse, 1.0, False, 0, 0)
     x, out, lse = inputs()
     with pytest.raises(RuntimeError, match=r"stacked branches need both branches"):
         extension.attention_forward(*x[:3], None, None, None, out, torch.empty_like(out), lse[0], None, 1.0, False,
                                     0, 0)
+
+
+SWITCH_PROBE = r"""
+#include <cstdio>
+#include "attention/cuda/head_dim_switch.h"
+int main() {
+  std::printf("max %d\n", pychop::MAX_HEAD_DIM);
+  for (int d = 1; d <= pychop::MAX_HEAD_DIM; ++d)
+    PYCHOP_TEMPORAL_LANES_SWITCH(d, [&] { std::printf("temporal %d %d %d\n", d, LANES, PER_LANE); return nullptr; });
+  const int limits[] = {0, 15, 16, 31, 32, 63, 64, 1000};
+  for (int limit : limits) {
+    const auto bytes = [](int block) { return block; };  // a stand-in: shared memory grows with the block
+    const char* error = PYCHOP_SPATIAL_BLOCK_SWITCH(bytes, limit, "none fits", [&] {
+      std::printf("spatial %d %d\n", limit, BLOCK);
+      return nullptr;
+    });
+    if (error) std::printf("spatial %d 0\n", limit);
+  }
+}
+"""
+
+
+def test_cuda_head_dim_switches(tmp_path):
+    """The switches of csrc/attention/cuda/head_dim_switch.h (plain C++), run on the host: every head dim up to
+    the C++ MAX_HEAD_DIM (which equals Python's) gets a temporal lane group of a power of two <= 32 lanes that
+    covers it, and the spatial blocks are the largest that fit, none when 16 does not."""
+    import shutil
+    import subprocess
+
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    (tmp_path / "probe.cpp").write_text(SWITCH_PROBE)
+    build = subprocess.run([compiler, "-std=c++17", "-Wall", "-Werror", f"-I{_build.CSRC}", "probe.cpp", "-o", "probe"],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    lines = [line.split() for line in subprocess.run(["./probe"], cwd=tmp_path, check=True, capture_output=True,
+                                                     text=True).stdout.splitlines()]
+    assert lines[0] == ["max", str(MAX_HEAD_DIM)]
+    temporal = [tuple(map(int, line[1:])) for line in lines if line[0] == "temporal"]
+    assert [d for d, _, _ in temporal] == list(range(1, MAX_HEAD_DIM + 1))
+    for d, lanes, per_lane in temporal:
+        assert lanes in (1, 2, 4, 8, 16, 32) and lanes * per_lane >= d, (d, lanes, per_lane)
+    spatial = dict(tuple(map(int, line[1:])) for line in lines if line[0] == "spatial")
+    assert spatial == {0: 0, 15: 0, 16: 16, 31: 16, 32: 32, 63: 32, 64: 64, 1000: 64}

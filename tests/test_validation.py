@@ -1,9 +1,11 @@
 """Bad input gets an error that names the argument and what was expected, on every backend."""
 
+import numpy as np
 import pytest
 import torch
 
 import pychop
+from pychop.kernels.limits import MAX_HEAD_DIM
 from pychop.ops import BACKENDS, backends, validation
 from pychop.ops.validation import check_deterministic
 
@@ -24,8 +26,8 @@ def six(**overrides):
     ({"k_s": torch.randn(SHAPE).to(torch.int32)}, TypeError, r"k_s has dtype int32; supported dtypes"),
     ({"v_t": torch.randn(1, 3, 4, 8, 2).transpose(-1, -2)}, ValueError, r"v_t must have a last-dimension \(D\) stride of 1"),
     ({"q_s": [1.0]}, TypeError, r"q_s must be a torch.Tensor"),
-    ({k: torch.randn(1, 3, 4, 2, 257) for k in ("q_s", "k_s", "v_s", "q_t", "k_t", "v_t")}, ValueError,
-     r"q_s has head dim D = 257; head dims up to 256"),
+    ({k: torch.randn(1, 3, 4, 2, MAX_HEAD_DIM + 1) for k in ("q_s", "k_s", "v_s", "q_t", "k_t", "v_t")}, ValueError,
+     rf"q_s has head dim D = {MAX_HEAD_DIM + 1}; head dims up to {MAX_HEAD_DIM}"),
     ({k: torch.randn(1, 0, 4, 2, 8) for k in ("q_s", "k_s", "v_s", "q_t", "k_t", "v_t")}, ValueError,
      r"q_s has T = 0 .* must be at least 1"),
 ], ids=["rank", "shape", "mixed-dtype", "int-dtype", "stride", "not-tensor", "head-dim", "no-frames"])
@@ -105,3 +107,63 @@ def test_double_backward_through_a_fused_backend_is_refused(backend):
     out = pychop.spatial_attention(q, k, v, backend=backend)
     with pytest.raises(RuntimeError, match=rf"backend '{backend}' is differentiable once.*backend='torch'"):
         torch.autograd.grad(out.square().sum(), q, create_graph=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Numbers and flags as users write them.
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale", [np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5).double()],
+                         ids=["np.float32", "np.float64", "tensor", "tensor-float64"])
+def test_numpy_and_0d_tensor_scales_are_numbers(scale):
+    tensors = six()
+    expected = pychop.parallel_st_attention(**tensors, scale=0.5, backend="torch")
+    assert torch.equal(pychop.parallel_st_attention(**tensors, scale=scale, backend="torch"), expected)
+    assert validation.check_scale(np.int64(2), head_dim=8) == 2.0
+
+
+@pytest.mark.parametrize("scale, error, pattern", [
+    (torch.tensor([0.5, 0.5]), TypeError, r"scale must be a finite real number .* got a tensor of shape \(2,\)"),
+    (torch.tensor(True), TypeError, r"scale must be a finite real number .* got a 0-d bool tensor"),
+    (torch.tensor(0.5 + 0j), TypeError, r"got a 0-d complex64 tensor"),
+    (torch.tensor(0.5, requires_grad=True), ValueError, r"scale is a tensor that requires grad.*scale.detach\(\)"),
+    (np.float32("inf"), ValueError, r"scale must be a finite number or None, got .*inf"),
+    (torch.tensor(float("nan")), ValueError, r"scale must be a finite number or None, got nan"),
+    ("0.5", TypeError, r"scale must be a finite real number .* got '0.5' \(str\)"),
+    (np.bool_(True), TypeError, r"scale must be a finite real number .* \(bool"),
+], ids=["two-elements", "bool-tensor", "complex-tensor", "requires-grad", "np-inf", "tensor-nan", "str", "np-bool"])
+def test_bad_scales(scale, error, pattern):
+    with pytest.raises(error, match=pattern):
+        pychop.parallel_st_attention(**six(), scale=scale)
+
+
+def test_flags_must_be_bools():
+    """A non-bool flag is refused rather than taken for its truth ("no" would mean causal)."""
+    for value in ("yes", "no", 1, None):
+        with pytest.raises(TypeError, match=rf"^temporal_causal must be a bool, got {value!r}"):
+            pychop.parallel_st_attention(**six(), temporal_causal=value)
+    q, k, v = (torch.randn(SHAPE) for _ in range(3))
+    with pytest.raises(TypeError, match=r"^causal must be a bool, got 'yes' \(str\)"):
+        pychop.temporal_attention(q, k, v, causal="yes")
+    tensors = six()
+    for flag in (True, False):
+        expected = pychop.parallel_st_attention(**tensors, temporal_causal=flag, backend="torch")
+        got = pychop.parallel_st_attention(**tensors, temporal_causal=np.bool_(flag), backend="torch")
+        assert torch.equal(got, expected)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The largest head dim: one number per language, the same in both.
+# --------------------------------------------------------------------------------------------------------------
+
+def test_max_head_dim_agrees_across_python_triton_and_the_extension():
+    from pychop import _build
+    from pychop.kernels import limits, tiles
+
+    assert validation.MAX_HEAD_DIM is limits.MAX_HEAD_DIM
+    assert tiles.HEAD_DIM_BUCKETS[-1] == limits.MAX_HEAD_DIM  # the Triton launch tables' last row
+    try:
+        extension = _build.load()
+    except _build.ExtensionBuildError as error:
+        pytest.skip(f"pychop._C cannot be built here: {error}")
+    assert extension.MAX_HEAD_DIM == limits.MAX_HEAD_DIM

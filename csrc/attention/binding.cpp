@@ -16,8 +16,6 @@ namespace {
 
 using OptTensor = c10::optional<at::Tensor>;
 
-constexpr int64_t MAX_HEAD_DIM = 256;
-
 struct Group {  // the tensors of one call, checked against the first
   const at::Tensor* first = nullptr;
   const char* first_name = nullptr;
@@ -213,4 +211,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dv_s"), py::arg("dq_t"), py::arg("dk_t"), py::arg("dv_t"), py::arg("scale"), py::arg("causal"),
         py::arg("window"), py::arg("grad_window"), py::arg("stream"));
   m.def("with_cuda", &pychop::with_cuda, "Whether this build has the CUDA kernels");
+  m.attr("MAX_HEAD_DIM") = pychop::MAX_HEAD_DIM;  // the largest head dim the kernels take
 }

@@ -9,6 +9,10 @@
 
 namespace pychop {
 
+// The largest head dim D the kernels take (binding.cpp checks it and exposes it as pychop._C.MAX_HEAD_DIM; the
+// Python side's is kernels/limits.py, and a test ties the two).
+constexpr int MAX_HEAD_DIM = 256;
+
 enum class ScalarKind : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
 // A (B, T, S, H, D) tensor with a unit D stride. data is null for a tensor the call does not use.

@@ -18,7 +18,7 @@ branch runs on a permuted (B*S, T, C) copy, and the result is permuted back.
 ``ParallelSTBlock`` is one LayerNorm, one C -> 6C GEMM, the fused attention, and one 2C -> C GEMM for both
 output projections, with the residual added in it:
 
-1. ``layer_norm_packed_linear`` normalises once and projects with the weight
+1. ``pychop.ops.layer_norm_packed_linear`` normalises once and projects with the weight
    ``[W_qkv_s * gamma_s; W_qkv_t * gamma_t]`` (each branch's LayerNorm affine folded into its own projection,
    bias ``W_qkv beta + b_qkv``), producing the packed (B, T, S, 6, H, D) tensor; q_s ... v_t are views of it.
 2. ``pychop.parallel_st_attention(..., combine="stack")`` runs both branches in one fused call on those views
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 import pychop
 from pychop import autocast_state
-from pychop.nn.fused_linear import layer_norm_packed_linear
+from pychop.ops.layer_norm_linear import layer_norm_packed_linear
 
 ST_MODES = ("serial", "parallel")
 

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from pychop import autocast_state
 from pychop.ops import backends
-from pychop.ops.validation import (check_attention_inputs, check_combine, check_deterministic, check_kernel_dtype,
-                                   check_scale, check_window)
+from pychop.ops.validation import (check_attention_inputs, check_combine, check_deterministic, check_flag,
+                                   check_kernel_dtype, check_scale, check_window)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -55,6 +55,13 @@ def temporal_mask(num_frames: int, causal: bool, window: Optional[int], device) 
     return allowed
 
 
+def propagate_query_nan(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` with NaN in every row (b, t, s, h) whose query holds a NaN, as the math gives and the fused backends
+    return: SDPA's CPU flash kernel takes a row of NaN scores for a fully masked one and returns zeros there.
+    One pass over ``out``; autograd keeps only the (B, T, S, H, 1) mask."""
+    return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))
+
+
 def spatial_attention_torch(q, k, v, scale: float) -> torch.Tensor:
     """Attention over the S tokens of each frame: scaled_dot_product_attention on (B*T, H, S, D).
 
@@ -63,9 +70,9 @@ def spatial_attention_torch(q, k, v, scale: float) -> torch.Tensor:
     view too.
     """
     batch, frames = q.shape[:2]
-    q, k, v = (x.transpose(2, 3).flatten(0, 1) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return out.unflatten(0, (batch, frames)).transpose(2, 3)
+    q4, k4, v4 = (x.transpose(2, 3).flatten(0, 1) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q4, k4, v4, scale=scale)
+    return propagate_query_nan(q, out.unflatten(0, (batch, frames)).transpose(2, 3))
 
 
 def temporal_attention_torch(q, k, v, scale: float, causal: bool, window: Optional[int],
@@ -77,17 +84,17 @@ def temporal_attention_torch(q, k, v, scale: float, causal: bool, window: Option
     the same scores, so the forward is unchanged, and the detached half passes no gradient.
     """
     batch, num_frames, tokens = q.shape[:3]
-    q, k, v = (x.permute(0, 2, 3, 1, 4).flatten(0, 1) for x in (q, k, v))
+    q4, k4, v4 = (x.permute(0, 2, 3, 1, 4).flatten(0, 1) for x in (q, k, v))
     mask = temporal_mask(num_frames, causal, window, q.device)
     if grad_window is not None:
         t = torch.arange(num_frames, device=q.device)
         live = t[None, :] > t[:, None] - grad_window  # t' > t - k
         allowed = torch.ones_like(live) if mask is None else mask
         mask = torch.cat([allowed & live, allowed & ~live], dim=1)
-        k = torch.cat([k, k.detach()], dim=-2)
-        v = torch.cat([v, v.detach()], dim=-2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.unflatten(0, (batch, tokens)).permute(0, 3, 1, 2, 4)
+        k4 = torch.cat([k4, k4.detach()], dim=-2)
+        v4 = torch.cat([v4, v4.detach()], dim=-2)
+    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale)
+    return propagate_query_nan(q, out.unflatten(0, (batch, tokens)).permute(0, 3, 1, 2, 4))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,13 +195,13 @@ class FusedAttentionFunction(torch.autograd.Function):
 
 def _attention(spatial: Optional[dict], temporal: Optional[dict], *, scale, causal, window, grad_window,
                backend, stacked=False):
-    """Validates, normalises the options and dispatches; windows arrive checked by the public functions."""
+    """Validates, normalises the options and dispatches; flags and windows arrive checked by the public functions."""
     tensors = {**(spatial or {}), **(temporal or {})}
     check_attention_inputs(tensors)
     first = next(iter(tensors.values()))
     num_frames, head_dim = first.shape[1], first.shape[-1]
     scale = check_scale(scale, head_dim)
-    causal = bool(causal) or window is not None
+    causal = causal or window is not None
     # A query attends to lags t - t' below `reach`; a grad window at least that wide detaches nothing.
     reach = window if window is not None else num_frames
     if grad_window is not None and grad_window >= reach:
@@ -236,14 +243,15 @@ def parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, *, scale=None, temporal_
     ``scaled_dot_product_attention`` casts them. See the module docstring for the exact semantics.
     """
     return _attention(dict(q_s=q_s, k_s=k_s, v_s=v_s), dict(q_t=q_t, k_t=k_t, v_t=v_t), scale=scale,
-                      causal=temporal_causal, window=check_window("temporal_window", temporal_window),
+                      causal=check_flag("temporal_causal", temporal_causal),
+                      window=check_window("temporal_window", temporal_window),
                       grad_window=check_window("temporal_grad_window", temporal_grad_window), backend=backend,
                       stacked=check_combine(combine))
 
 
 def temporal_attention(q, k, v, *, scale=None, causal=False, window=None, grad_window=None, backend="auto"):
     """The temporal branch alone: each token attends over frames. Inputs and options as parallel_st_attention."""
-    return _attention(None, dict(q=q, k=k, v=v), scale=scale, causal=causal,
+    return _attention(None, dict(q=q, k=k, v=v), scale=scale, causal=check_flag("causal", causal),
                       window=check_window("window", window), grad_window=check_window("grad_window", grad_window),
                       backend=backend)
 

@@ -18,7 +18,7 @@ import importlib
 import importlib.util
 import os
 from types import ModuleType
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -116,8 +116,17 @@ def resolve(backend: str, device: torch.device) -> str:
     raise AssertionError("unreachable: the torch backend is always available")
 
 
-def available(device: torch.device) -> Dict[str, Optional[str]]:
-    """For each backend, None when it can run on ``device``, else the reason it cannot."""
+def available(device: Union[str, torch.device]) -> Dict[str, Optional[str]]:
+    """For each backend, None when it can run on ``device`` (a torch.device or a string such as ``"cpu"`` or
+    ``"cuda:0"``), else the reason it cannot."""
+    if isinstance(device, str):
+        try:
+            device = torch.device(device)
+        except RuntimeError as error:
+            message = f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}: {error}"
+            raise ValueError(message) from None
+    elif not isinstance(device, torch.device):
+        raise TypeError(f"device must be a torch.device or a string such as 'cpu', got {device!r}")
     reasons: Dict[str, Optional[str]] = {}
     for name in BACKENDS:
         try:

@@ -7,14 +7,17 @@ any kernel runs: no backend ever sees an input it cannot handle.
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 import warnings
 from typing import Mapping, Optional
 
 import torch
 
+from pychop.kernels.limits import MAX_HEAD_DIM
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_DTYPES = SUPPORTED_DTYPES + (torch.float64,)  # the torch backend also runs float64
-MAX_HEAD_DIM = 256
 LAYOUT = "(B, T, S, H, D)"
 
 
@@ -70,13 +73,35 @@ def check_kernel_dtype(name: str, dtype: torch.dtype, backend: str) -> None:
                         f"and float32 (use backend='torch' for {_dtype_name(dtype)})")
 
 
-def check_scale(scale: Optional[float], head_dim: int) -> float:
-    """Returns the softmax scale, ``head_dim ** -0.5`` when ``scale`` is None."""
+def check_scale(scale, head_dim: int) -> float:
+    """Returns the softmax scale as a float, ``head_dim ** -0.5`` when ``scale`` is None. A scale is a finite
+    real number: a Python or numpy int or float, or a 0-d real tensor that does not require grad (the scale is a
+    constant of the ops: no gradient flows to it)."""
     if scale is None:
         return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    expected = "a finite real number (int, float, numpy scalar or 0-d real tensor) or None"
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() != 0:
+            raise TypeError(f"scale must be {expected}, got a tensor of shape {tuple(scale.shape)}")
+        if scale.dtype == torch.bool or scale.is_complex():
+            raise TypeError(f"scale must be {expected}, got a 0-d {_dtype_name(scale.dtype)} tensor")
+        if scale.requires_grad:
+            raise ValueError("scale is a tensor that requires grad, but the ops take the scale as a constant and "
+                             "pass no gradient to it; pass scale.detach()")
+        scale = scale.item()
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be {expected}, got {scale!r} ({type(scale).__name__})")
+    if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     return float(scale)
+
+
+def check_flag(name: str, value) -> bool:
+    """An on/off option is a bool, Python's or numpy's; anything else is refused rather than taken for its truth."""
+    numpy = sys.modules.get("numpy")  # a numpy bool exists only once numpy is imported
+    if not (isinstance(value, bool) or (numpy is not None and isinstance(value, numpy.bool_))):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return bool(value)
 
 
 def check_window(name: str, window: Optional[int]) -> Optional[int]:

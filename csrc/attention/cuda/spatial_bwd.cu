@@ -6,6 +6,7 @@
 // rowsum(dO * o_t)), rowsum(dO * out) when the branches are stacked (out holds o_s, dO its own gradient).
 #include "attention/cuda/block_gemm.cuh"
 #include "attention/cuda/branches.h"
+#include "attention/cuda/head_dim_switch.h"
 #include "attention/cuda/spatial_layout.cuh"
 
 namespace pychop {
@@ -146,19 +147,13 @@ const char* launch_all(const AttentionParams& p, cudaStream_t stream) {
   spatial_bwd_preprocess_kernel<T><<<row_blocks, ROW_THREADS, 0, stream>>>(p);
   if (const char* error = launch_error()) return error;
 
-  const int Dp = padded_head_dim(p.head_dim), limit = max_shared_memory();
-  const char* error = "spatial backward: not enough shared memory for this head dim";
-  for (int block : BLOCK_SIZES) {
-    const size_t smem = BackwardSmem(sizeof(T), block, block, Dp).bytes;
-    if (smem > static_cast<size_t>(limit)) continue;
-    switch (block) {
-      case 64: error = launch<T, 64>(p, smem, stream); break;
-      case 32: error = launch<T, 32>(p, smem, stream); break;
-      default: error = launch<T, 16>(p, smem, stream); break;
-    }
-    break;
-  }
-  if (error != nullptr) return error;
+  const int Dp = padded_head_dim(p.head_dim);
+  const size_t limit = static_cast<size_t>(max_shared_memory());
+  const auto smem = [&](int block) { return BackwardSmem(sizeof(T), block, block, Dp).bytes; };
+  if (const char* error = PYCHOP_SPATIAL_BLOCK_SWITCH(  // the largest block that fits: head_dim_switch.h
+          smem, limit, "spatial backward: not enough shared memory for this head dim",
+          [&] { return launch<T, BLOCK>(p, smem(BLOCK), stream); }))
+    return error;
 
   spatial_dq_cast_kernel<T><<<row_blocks, ROW_THREADS, 0, stream>>>(p);
   return launch_error();

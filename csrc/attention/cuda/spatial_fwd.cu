@@ -4,6 +4,7 @@
 // padded with zeros to a multiple of 16 in shared memory.
 #include "attention/cuda/block_gemm.cuh"
 #include "attention/cuda/branches.h"
+#include "attention/cuda/head_dim_switch.h"
 #include "attention/cuda/spatial_layout.cuh"
 
 namespace pychop {
@@ -91,19 +92,14 @@ const char* launch(const AttentionParams& p, bool accumulate, size_t smem, cudaS
   return launch_error();
 }
 
+// The largest block whose shared memory fits the device: head_dim_switch.h.
 template <typename T>
 const char* launch_for_shared_memory(const AttentionParams& p, bool accumulate, cudaStream_t stream) {
-  const int Dp = padded_head_dim(p.head_dim), limit = max_shared_memory();
-  for (int block : BLOCK_SIZES) {
-    const size_t smem = ForwardSmem(sizeof(T), block, block, Dp).bytes;
-    if (smem > static_cast<size_t>(limit)) continue;
-    switch (block) {
-      case 64: return launch<T, 64>(p, accumulate, smem, stream);
-      case 32: return launch<T, 32>(p, accumulate, smem, stream);
-      default: return launch<T, 16>(p, accumulate, smem, stream);
-    }
-  }
-  return "spatial forward: not enough shared memory for this head dim";
+  const int Dp = padded_head_dim(p.head_dim);
+  const size_t limit = static_cast<size_t>(max_shared_memory());
+  const auto smem = [&](int block) { return ForwardSmem(sizeof(T), block, block, Dp).bytes; };
+  return PYCHOP_SPATIAL_BLOCK_SWITCH(smem, limit, "spatial forward: not enough shared memory for this head dim",
+                                     [&] { return launch<T, BLOCK>(p, accumulate, smem(BLOCK), stream); });
 }
 
 }  // namespace

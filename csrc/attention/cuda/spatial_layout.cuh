@@ -1,4 +1,5 @@
-// Shared-memory layouts of the spatial kernels and the choice of block sizes, host and device alike.
+// Shared-memory layouts of the spatial kernels, host and device alike, and the device's shared-memory limit
+// (the block size they fit is chosen by PYCHOP_SPATIAL_BLOCK_SWITCH, head_dim_switch.h).
 #pragma once
 
 #include <cstddef>
@@ -77,9 +78,6 @@ struct BackwardSmem {
     bytes = s.bytes;
   }
 };
-
-// Block sizes, largest first; a launcher takes the first whose shared memory fits the device.
-constexpr int BLOCK_SIZES[] = {64, 32, 16};
 
 inline int max_shared_memory() {
   int device = 0, bytes = 0;

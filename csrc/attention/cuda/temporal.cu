@@ -2,11 +2,13 @@
 //
 // Layout: a group of G lanes (a power of two) owns one token-head; lane l holds elements [l*E, l*E + E) of
 // the head dim, so G*E >= D and a warp serves 32/G token-heads at once. G and E are picked per D so that
-// few lanes idle (D = 40: 16 lanes x 4; D = 128: 32 x 4). Dot products reduce with shuffles inside the
-// group; softmax is online over key frames, all in float32. Consecutive groups take consecutive heads, then
-// tokens, so loads of a frame's rows coalesce in the (B, T, S, H, D) layout.
+// few lanes idle (D = 40: 16 lanes x 4; D = 128: 32 x 4), by PYCHOP_TEMPORAL_LANES_SWITCH (head_dim_switch.h).
+// Dot products reduce with shuffles inside the group; softmax is online over key frames, all in float32.
+// Consecutive groups take consecutive heads, then tokens, so loads of a frame's rows coalesce in the
+// (B, T, S, H, D) layout.
 #include "attention/cuda/branches.h"
 #include "attention/cuda/common.cuh"
+#include "attention/cuda/head_dim_switch.h"
 
 #include <cmath>
 
@@ -164,14 +166,10 @@ const char* launch(const AttentionParams& p, bool backward, void* stream) {
   return launch_error();
 }
 
-// Lanes per token-head and elements per lane for head dim D.
+// Lanes per token-head and elements per lane for head dim D: head_dim_switch.h.
 template <typename T>
 const char* launch_for_head_dim(const AttentionParams& p, bool backward, void* stream) {
-  if (p.head_dim <= 16) return launch<T, 4, 4>(p, backward, stream);
-  if (p.head_dim <= 32) return launch<T, 8, 4>(p, backward, stream);
-  if (p.head_dim <= 64) return launch<T, 16, 4>(p, backward, stream);
-  if (p.head_dim <= 128) return launch<T, 32, 4>(p, backward, stream);
-  return launch<T, 32, 8>(p, backward, stream);
+  return PYCHOP_TEMPORAL_LANES_SWITCH(p.head_dim, [&] { return launch<T, LANES, PER_LANE>(p, backward, stream); });
 }
 
 }  // namespace
