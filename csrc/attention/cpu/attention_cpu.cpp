@@ -10,7 +10,7 @@
 //
 // All arithmetic is float32. The spatial pass works on S x S blocks: float32 rows are read and written in place
 // where a gemm can take them (rows at least D apart), other dtypes and strides go through float32 row copies;
-// the forward scales queries as they are copied, the backward scales the scores and dS instead
+// both directions scale the scores, rounded alike, so that the backward recomputes the forward's probabilities
 // (P = exp(scale Q K^T - lse), dS' = scale dS, dQ = dS' K, dK^T = Q^T dS'). Its matrix products are torch's
 // exported small gemm (at::native::cpublas::brgemm: oneDNN's JIT microkernel, else BLAS), one thread each; it
 // takes no transpose flags, so transposed operands are copied by 8 x 8 register blocks (transpose).
@@ -336,8 +336,11 @@ PYCHOP_INLINE float sum_of(const float* __restrict__ x, int n) {
   return sum;
 }
 
-// x = softmax(x) over n scores; returns their logsumexp. A single score gives exactly 1.
-PYCHOP_INLINE float softmax(float* __restrict__ x, int n) {
+// x = softmax(scale x) over n unscaled scores; returns the logsumexp of the scaled scores. A single score gives
+// exactly 1. The scaled score is scale * x, rounded as the backward rounds it (softmax_grad_rows), so that the
+// backward's exp(scale s - lse) recomputes these probabilities, not ones off by the rounding of a scaled query.
+PYCHOP_INLINE float softmax(float* __restrict__ x, int n, float scale) {
+  for (int i = 0; i < n; ++i) x[i] *= scale;
   const float max_score = max_of(x, n);
   for (int i = 0; i < n; ++i) x[i] = exp_nonpositive(x[i] - max_score);
   const float sum = sum_of(x, n);
@@ -346,9 +349,10 @@ PYCHOP_INLINE float softmax(float* __restrict__ x, int n) {
   return max_score + std::log(sum);
 }
 
-// Rows [0, rows) of the score matrix x (row stride ld, n columns) become softmax rows; lse[i] their logsumexp.
-PYCHOP_CPU_CLONES void softmax_rows(float* x, int64_t ld, int rows, int n, float* lse) {
-  for (int i = 0; i < rows; ++i) lse[i] = softmax(x + i * ld, n);
+// Rows [0, rows) of the unscaled score matrix x (row stride ld, n columns) become softmax rows of the scaled
+// scores; lse[i] their logsumexp.
+PYCHOP_CPU_CLONES void softmax_rows(float* x, int64_t ld, int rows, int n, float scale, float* lse) {
+  for (int i = 0; i < rows; ++i) lse[i] = softmax(x + i * ld, n, scale);
 }
 
 // From the unscaled scores s and dP = dO V^T of whole rows [0, rows) (row stride ld, n columns), the
@@ -552,9 +556,10 @@ void spatial_forward_task(const AttentionParams& p, SpatialForwardBuffers& buf, 
     buf.value_rows = float_rows(v.at(b, t, 0, h), v.ss, S, D, buf.values.get(), Dp, buf.ld_v);
     buf.gathered = frame_head;
   }
-  load_rows(buf.q.get(), Dp, q.at(b, t, s0, h), q.ss, rows, D, p.scale);
-  matmul(rows, S, D, buf.q.get(), Dp, buf.keys_t.get(), Sp, buf.scores.get(), Sp);  // scale Q K^T
-  softmax_rows(buf.scores.get(), Sp, rows, S, buf.lse.get());
+  int64_t ld_q;
+  const float* queries = float_rows(q.at(b, t, s0, h), q.ss, rows, D, buf.q.get(), Dp, ld_q);
+  matmul(rows, S, D, queries, ld_q, buf.keys_t.get(), Sp, buf.scores.get(), Sp);  // Q K^T
+  softmax_rows(buf.scores.get(), Sp, rows, S, p.scale, buf.lse.get());
   std::copy(buf.lse.get(), buf.lse.get() + rows, p.lse_s + stat_index(p, b, t, h, s0));
   const bool add = sums_branches(p);
   if constexpr (std::is_same_v<T, float>) {  // straight into out, where o_t waits when added (see forward)
