@@ -3,11 +3,14 @@
 - ``SerialSTBlock`` / ``ParallelSTBlock``: spatial-temporal self-attention, serial or Mobius-parallel.
 - ``ResConvBlock``: residual convolution block with its temporal convolution in serial or parallel form.
 - ``layer_norm_packed_linear``: LayerNorm fused with a packed projection of separately trainable blocks.
+- ``geglu``: the GEGLU activation, keeping only its input for backward.
 """
 
 from pychop.nn.conv_blocks import CONV_MODES, ResConvBlock, TemporalConv
 from pychop.nn.fused_linear import layer_norm_packed_linear
+from pychop.nn.geglu import geglu
 from pychop.nn.st_blocks import ST_MODES, AttentionBranch, ParallelSTBlock, SerialSTBlock, make_st_block
 
 __all__ = ["SerialSTBlock", "ParallelSTBlock", "AttentionBranch", "make_st_block", "ST_MODES", "ResConvBlock",
-           "TemporalConv", "CONV_MODES", "layer_norm_packed_linear"]
+           "TemporalConv", "CONV_MODES", "layer_norm_packed_linear",
+           "geglu"]

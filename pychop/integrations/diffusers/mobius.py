@@ -140,6 +140,10 @@ class MobiusConversion:
 def convert_to_parallel(unet: nn.Module) -> MobiusConversion:
     """Rewires ``unet``'s spatial transformer + temporal transformer pairs in parallel (see the module
     docstring)."""
+    from pychop.integrations.diffusers.dispatch import special_converter  # imports this module: import here
+    converter = special_converter(unet)  # raises for a model it does not understand, before touching it
+    if converter is not None:
+        return converter(unet)
     if getattr(unet, "is_gradient_checkpointing", False):
         raise ValueError("convert_to_parallel: disable gradient checkpointing first "
                          "(unet.disable_gradient_checkpointing()); see pychop.integrations.diffusers.mobius")
