@@ -14,7 +14,8 @@ from benchmarks.runner import format_table
 KEY_COLUMNS = ("shape", "impl", "vs", "fwd_ms", "fwdbwd_ms", "fwd_speedup", "fwdbwd_speedup",      # attention
                "fwdbwd_of_floor", "sweep",
                "kind", "method", "frames", "window", "ratio", "cosine",                               # chopgrad
-               "table", "form", "attention", "component", "saved_mb", "saved_vs_serial", "time_vs_serial",  # mobius
+               "table", "form", "attention", "component", "saved_mb", "saved_vs_serial", "peak_vs_serial",  # mobius
+               "time_vs_serial",
                "step_ms", "peak_mb", "note")
 
 

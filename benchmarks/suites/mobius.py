@@ -20,7 +20,7 @@ and optimizer state (GPU), and the bytes saved for backward, each with its ratio
 saved-tensor account of one forward (``saved_tensors_hooks``): the bytes autograd keeps for backward, attributed
 to the innermost component that saved them, each storage counted once, parameters and buffers left out (as
 ``pychop.chopgrad.memory.SavedActivationMeter`` counts). GPU: ``SD15_VIDEO`` (a Stable-Diffusion-1.5 video UNet,
-16 frames, 32x32 latents), batch 2, bfloat16 weights. CPU: ``CPU_CONFIG`` (the same layout at a fifth of the
+16 frames, 32x32 latents), batch 2, bfloat16 weights. CPU: ``CPU_CONFIG`` (the same layout at a tenth of the
 widths, 8 frames, 16x16 latents), batch 1, float32 (timings say nothing about a GPU).
 
 The account alone, at any config and on any device (saved bytes do not depend on the device):
@@ -44,7 +44,7 @@ from pychop.nn import ParallelSTBlock, ResConvBlock, SerialSTBlock, TemporalConv
 
 DESCRIPTION = "Mobius: VideoUNet training step, serial vs parallel spatial-temporal blocks (temporal layers trained)"
 
-CPU_CONFIG = dataclasses.replace(SD15_VIDEO, block_channels=(64, 128, 256, 256), num_frames=8, latent_size=(16, 16))
+CPU_CONFIG = dataclasses.replace(SD15_VIDEO, block_channels=(32, 64, 128, 128), num_frames=8, latent_size=(16, 16))
 CONFIGS = {"TINY": TINY, "CPU_CONFIG": CPU_CONFIG, "SD15_VIDEO": SD15_VIDEO}
 
 # (label, st_mode, attention backend, recompute_projection); then each with lean_frozen where LEAN says so.
