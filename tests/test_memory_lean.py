@@ -2,6 +2,8 @@
 regions) and the saved bytes they leave; exact against the unchanged model in float64, under autocast and
 torch.compile, and undone by remove()."""
 
+import copy
+
 import pytest
 import torch
 import torch._dynamo
@@ -163,6 +165,20 @@ def test_what_trains_is_never_recomputed_nor_leaned(seed):
     assert_same_step(step, expected, 1e-12)
 
 
+def test_a_deep_copy_computes_with_its_own_weights(seed):
+    """The changes are methods bound to their modules: a deep copy (an EMA model) binds them to its own."""
+    model = video_unet("parallel", seed)
+    inputs = model.example_inputs(1, dtype=torch.float64)
+    with lean_frozen(model, recompute=True):
+        twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    expected = video_unet("parallel", seed)
+    expected.load_state_dict(twin.state_dict())
+    assert_same_step(training_step(twin, inputs), training_step(expected, inputs), 1e-12)
+
+
 def test_regions_skip_containers_convolution_wrappers_and_patched_modules():
     frozen = nn.Sequential(nn.Conv2d(2, 2, 1), nn.GroupNorm(1, 2)).requires_grad_(False)
     model = nn.ModuleDict(dict(frozen=frozen, convs=nn.Sequential(nn.Conv2d(2, 2, 1)).requires_grad_(False),
@@ -274,7 +290,7 @@ def test_recomputed_replays_randomness_nests_and_keeps_only_inputs(seed):
     assert out["pair"][1] == 3 and saved == h.numel() * 8 < expected_bytes
     torch.testing.assert_close(out["h"], expected["h"], rtol=0, atol=0)
     loss = lambda result: (result["h"] * 3 + result["pair"][0]).sum()
-    grad, = torch.autograd.grad(loss(out), x)  # torch.autograd.grad, not only backward()
+    grad, = torch.autograd.grad(loss(out), x, retain_graph=True)  # autograd.grad, not only backward()
     torch.testing.assert_close(grad, torch.autograd.grad(loss(expected), x)[0], rtol=0, atol=0)
 
 

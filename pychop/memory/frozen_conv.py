@@ -8,21 +8,23 @@ convolution backward, slower on the CPU). Under autocast it convolves as ``F.con
 backward casts the weight to the gradient's dtype again (the same values autocast's copy held) and returns the
 input gradient in the input's dtype.
 
-``lean_conv_forward(conv)`` is the ``_conv_forward`` of an ``nn.Conv1d``/``Conv2d``/``Conv3d`` (which their
-``forward`` calls, subclasses' too) that uses it while the weight and bias it is given take no gradient, and
-the original otherwise. Other padding modes pad first, as torch does; a ``"same"`` padding that would be
-uneven (an even span ``dilation * (kernel - 1)``) is not supported (``conv_padding`` returns None).
+``lean_conv_forward`` is a ``_conv_forward(self, input, weight, bias)`` for an ``nn.Conv1d``/``Conv2d``/``Conv3d``
+(which their ``forward`` calls, subclasses' too), bound to the instance, that uses it while the weight and bias
+it is given take no gradient, and torch's otherwise. Other padding modes pad first, as torch does (a reflect or
+replicate pad keeps its input); a ``"same"`` padding that would be uneven (an odd span
+``dilation * (kernel - 1)``) is not supported (``is_leanable`` says no).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TORCH_CONV_FORWARDS = tuple(cls._conv_forward for cls in CONVOLUTIONS)
 _FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _TRANSPOSED = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -62,20 +64,20 @@ def conv_padding(conv: nn.Module) -> Optional[Tuple[int, ...]]:
     return tuple(conv.padding)
 
 
-def lean_conv_forward(conv: nn.Module, original: Callable) -> Callable:
-    """A ``_conv_forward(input, weight, bias)`` for ``conv`` (see the module docstring); ``original`` is the one
-    it replaces, used whenever the weight or the bias takes a gradient."""
-    padding = conv_padding(conv)
-    if padding is None:
-        raise ValueError(f"{type(conv).__name__} with an uneven 'same' padding is not supported")
-    pads_first = conv.padding_mode != "zeros"
-    if pads_first:
-        padding = (0,) * len(padding)
+def is_leanable(conv: nn.Module) -> bool:
+    """Whether ``lean_conv_forward`` can stand for ``conv``'s ``_conv_forward``: a torch convolution (or a
+    subclass) whose ``_conv_forward`` is torch's own, not replaced on the instance, and not an uneven ``"same"``."""
+    return (isinstance(conv, CONVOLUTIONS) and type(conv)._conv_forward in _TORCH_CONV_FORWARDS
+            and "_conv_forward" not in conv.__dict__ and conv_padding(conv) is not None)
 
-    def _conv_forward(input, weight, bias):
-        if weight.requires_grad or (bias is not None and bias.requires_grad):
-            return original(input, weight, bias)
-        if pads_first:
-            input = F.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-        return FrozenConvolution.apply(input, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
-    return _conv_forward
+
+def lean_conv_forward(self, input, weight, bias):
+    """The ``_conv_forward`` of a lean convolution ``self``, bound to it on the instance (see the module
+    docstring): its class's own whenever the weight or the bias takes a gradient."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return type(self)._conv_forward(self, input, weight, bias)
+    padding = conv_padding(self)
+    if self.padding_mode != "zeros":
+        input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        padding = (0,) * len(padding)
+    return FrozenConvolution.apply(input, weight, bias, self.stride, padding, self.dilation, self.groups)

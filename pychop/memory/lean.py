@@ -32,13 +32,14 @@ before reverting the conversion.
 from __future__ import annotations
 
 import sys
+import types
 import weakref
 from typing import Callable, List, Tuple
 
 import torch
 import torch.nn as nn
 
-from pychop.memory.frozen_conv import CONVOLUTIONS, conv_padding, lean_conv_forward
+from pychop.memory.frozen_conv import CONVOLUTIONS, is_leanable, lean_conv_forward
 from pychop.memory.recompute import recomputed
 from pychop.models.video_unet import CrossAttention, FeedForward
 from pychop.nn import ParallelSTBlock, ResConvBlock
@@ -60,12 +61,23 @@ def _diffusers_rules():
     return lean
 
 
-def _recomputed_call(original: Callable, modules: Tuple[nn.Module, ...]) -> Callable:
+def _itself(module: nn.Module) -> Tuple[nn.Module, ...]:
+    return (module,)
+
+
+def _spatial_part(block: ResConvBlock) -> Tuple[nn.Module, ...]:
+    return tuple(block.spatial_modules())
+
+
+def _recomputed_method(name: str, modules_of: Callable[[nn.Module], Tuple[nn.Module, ...]]) -> Callable:
+    """Method ``name`` of a region's class, recomputed in the backward while ``modules_of(self)`` are frozen; to
+    be bound to the instance (it holds no module: a deep copy of the model binds it to the copy)."""
     @torch.compiler.disable  # torch.compile cannot trace the recomputing backward: one graph break, run eagerly
-    def call(*args, **kwargs):
-        if trains(*modules):
-            return original(*args, **kwargs)
-        return recomputed(original, args, kwargs)
+    def call(self, *args, **kwargs):
+        method = getattr(type(self), name).__get__(self)
+        if trains(*modules_of(self)):
+            return method(*args, **kwargs)
+        return recomputed(method, args, kwargs)
     return call
 
 
@@ -77,17 +89,18 @@ def _is_region(module: nn.Module) -> bool:
     return not all(isinstance(m, CONVOLUTIONS) for m in leaves)
 
 
-def frozen_regions(root: nn.Module) -> List[Tuple[str, nn.Module, str, Tuple[nn.Module, ...]]]:
-    """(name, owner, method, modules it computes with) of every region ``lean_frozen(recompute=True)`` wraps."""
+def frozen_regions(root: nn.Module) -> List[Tuple[str, nn.Module, str, Callable]]:
+    """(name, owner, method, modules it computes with, as a function of the owner) of every region that
+    ``lean_frozen(recompute=True)`` wraps."""
     found = []
 
     def visit(name: str, module: nn.Module) -> None:
         if _is_region(module):
-            found.append((name, module, "forward", (module,)))
+            found.append((name, module, "forward", _itself))
             return
         if isinstance(module, ResConvBlock) and not trains(*module.spatial_modules()):
             found.append((f"{name}.spatial_residual" if name else "spatial_residual", module, "spatial_residual",
-                          tuple(module.spatial_modules())))
+                          _spatial_part))
         if isinstance(module, ParallelSTBlock):
             return  # it reads its branches' parameters and never calls them
         for child_name, child in module.named_children():
@@ -162,8 +175,8 @@ def lean_frozen(module: nn.Module, *, recompute: bool = False) -> LeanFrozen:
     for name, sub in module.named_modules():
         if trains(sub):
             continue
-        if isinstance(sub, CONVOLUTIONS) and conv_padding(sub) is not None:
-            handle._set(sub, "_conv_forward", lean_conv_forward(sub, sub._conv_forward))
+        if is_leanable(sub):
+            handle._set(sub, "_conv_forward", types.MethodType(lean_conv_forward, sub))
             handle.convolutions.append(name)
         elif isinstance(sub, CrossAttention):
             handle._set(sub, "fold_frames", True)
@@ -172,13 +185,13 @@ def lean_frozen(module: nn.Module, *, recompute: bool = False) -> LeanFrozen:
             handle._set(sub, "recompute_activation", True)
             handle.activations.append(name)
         elif diffusers_rules and diffusers_rules.is_geglu(sub):
-            handle._set(sub, "forward", diffusers_rules.lean_geglu_forward(sub, sub.forward))
+            handle._set(sub, "forward", types.MethodType(diffusers_rules.lean_geglu_forward, sub))
             handle.activations.append(name)
         elif diffusers_rules and diffusers_rules.is_foldable_cross_attention(sub):
             handle._set_processor(sub, diffusers_rules.FoldedCrossAttention(sub.processor, rows))
             handle.cross_attentions.append(name)
     if recompute:
-        for name, owner, method, modules in frozen_regions(module):
-            handle._set(owner, method, _recomputed_call(getattr(owner, method), modules))
+        for name, owner, method, modules_of in frozen_regions(module):
+            handle._set(owner, method, types.MethodType(_recomputed_method(method, modules_of), owner))
             handle.regions.append(name)
     return handle

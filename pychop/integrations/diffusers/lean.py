@@ -1,6 +1,6 @@
 """The diffusers parts of ``pychop.memory.lean_frozen``: GEGLU and cross-attention with text shared by frames.
 
-- ``lean_geglu_forward(module, original)``: the forward of a diffusers ``GEGLU`` (projection, then
+- ``lean_geglu_forward``: the forward of a diffusers ``GEGLU`` (projection, then
   ``hidden * gelu(gate)``) with the activation through ``pychop.nn.geglu``, which keeps only the projection
   for backward and computes ``gelu(gate)`` again there.
 - ``FoldedCrossAttention(processor, rows)``: wraps the attention processor of a cross-attention module.
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable
-
 import torch
 from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
@@ -36,16 +34,16 @@ ROW_WISE_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
 
 
 def is_geglu(module) -> bool:
-    """A diffusers GEGLU that computes ``hidden * gelu(gate)`` (on an NPU it calls a tanh-approximate kernel)."""
-    return isinstance(module, GEGLU) and not is_torch_npu_available()
+    """A diffusers GEGLU computing ``hidden * gelu(gate)`` (on an NPU it calls a tanh-approximate kernel), its
+    forward not replaced on the instance."""
+    return isinstance(module, GEGLU) and "forward" not in module.__dict__ and not is_torch_npu_available()
 
 
-def lean_geglu_forward(module: GEGLU, original: Callable) -> Callable:
-    def forward(hidden_states, *args, **kwargs):
-        if args or kwargs:  # diffusers' deprecated `scale` argument: its own forward warns about it
-            return original(hidden_states, *args, **kwargs)
-        return geglu(module.proj(hidden_states))
-    return forward
+def lean_geglu_forward(self: GEGLU, hidden_states, *args, **kwargs):
+    """The forward of a lean GEGLU ``self``, bound to it on the instance."""
+    if args or kwargs:  # diffusers' deprecated `scale` argument: its own forward warns about it
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    return geglu(self.proj(hidden_states))
 
 
 def is_foldable_cross_attention(module) -> bool:
