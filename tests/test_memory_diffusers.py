@@ -111,3 +111,16 @@ def test_only_row_wise_processors_fold(seed):
     unet.set_attn_processor(custom())
     with lean_frozen(unet) as handle:
         assert handle.cross_attentions == []  # a subclass may compute anything
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["lean", "recompute"])
+def test_motion_unet_under_autocast(recompute, seed):
+    unet = tiny_motion_unet(seed)
+    unet.freeze_unet2d_params()
+    model = Sample(unet)
+    inputs = tuple(x.float() if x.is_floating_point() else x for x in unet_inputs(shared_text=True))
+    expected = training_step(model, inputs, autocast=True)
+    with lean_frozen(unet, recompute=recompute):
+        out, grads = training_step(model, inputs, autocast=True)
+    assert out.dtype == torch.bfloat16
+    assert_same_step((out, grads), expected, 1e-3)  # gradients summed in another order: float32 rounding
