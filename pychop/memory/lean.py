@@ -24,9 +24,10 @@ side effects do (BatchNorm's running statistics), as under ``torch.utils.checkpo
 
 Outputs and every gradient of a trainable parameter are those of the unchanged module (the same operations
 compute them; rounding may differ in the last bits where a fold or a recomputation sums in another order).
-Frozen parameters get no gradient. ``handle.remove()`` (or leaving ``with lean_frozen(...)``) restores the
-module exactly. Apply it after ``convert_to_parallel`` (which refuses instance-patched modules) and remove it
-before reverting the conversion.
+Frozen parameters get no gradient. The changes are attributes of the module instances (flags, and methods bound
+to them: a deep copy of the model, an EMA copy, binds them to itself and keeps them); ``handle.remove()`` (or
+leaving ``with lean_frozen(...)``) restores the module exactly. Apply it after ``convert_to_parallel`` (which
+refuses instance-patched modules) and remove it before reverting the conversion.
 """
 
 from __future__ import annotations
