@@ -12,7 +12,8 @@ KEY_COLUMNS = ("shape", "impl", "vs", "fwd_ms", "fwdbwd_ms", "fwd_speedup", "fwd
                "fwd_of_floor", "fwdbwd_of_floor", "kernel", "kernel_ms", "floor_ms", "of_floor", "sweep",
                "kind", "method", "frames", "window", "ratio", "cosine", "decoder", "grad", "rel_error",  # chopgrad
                "norm_ratio",
-               "table", "form", "attention", "component", "saved_mb", "saved_vs_serial", "time_vs_serial",  # mobius
+               "table", "form", "attention", "component", "saved_mb", "saved_vs_serial", "peak_vs_serial",  # mobius
+               "time_vs_serial",
                "step_ms", "peak_mb", "note")
 
 

@@ -4,6 +4,7 @@
   spatial-temporal attention in one op, with ChopGrad's gradient window inside attention.
 - ``pychop.chopgrad``: truncated backpropagation through causal-cache video decoders.
 - ``pychop.nn``, ``pychop.models``, ``pychop.integrations``: blocks, reference models and diffusers adapters.
+- ``pychop.memory``: ``lean_frozen``, less memory for the frozen layers of a model being fine-tuned.
 
 Submodules are imported on first use, so ``import pychop`` stays light.
 """
@@ -15,7 +16,7 @@ from pychop.ops import parallel_st_attention, spatial_attention, temporal_attent
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("chopgrad", "nn", "models", "integrations", "kernels", "ops")
+_SUBMODULES = ("chopgrad", "nn", "models", "integrations", "kernels", "ops", "memory")
 
 __all__ = ["parallel_st_attention", "spatial_attention", "temporal_attention", "BACKENDS",
            "BackendUnavailable", "available_backends", *_SUBMODULES]

@@ -2,15 +2,11 @@
 latents; the gradients after stream must equal the single-process gradients averaged over the ranks' data
 (under FSDP2 each rank holds a shard of them; its full_tensor() is compared)."""
 
-import os
-import socket
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pychop.chopgrad import stream
 from pychop.models import CausalDecoderConfig, CausalVideoDecoder
+from tests.distributed import run_ranks
 
 WORLD = 2
 SEGMENTS = 3
@@ -53,52 +49,27 @@ def full_grad(param):
     return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
 
 
-def worker(rank, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        errors = []
-        for kind, window, strategy in CONFIGS:
-            torch.manual_seed(0)
-            decoder = CausalVideoDecoder(CausalDecoderConfig.tiny())
-            reference = CausalVideoDecoder(CausalDecoderConfig.tiny())
-            reference.load_state_dict(decoder.state_dict())
-            step = wrapped(kind, decoder)
-            segments, loss_fn = rank_data(rank)
-            stream(step, decoder.init_state(), segments, loss_fn, window=window, strategy=strategy)
-            for other in range(WORLD):  # the single-process gradients on every rank's data, summed
-                other_segments, other_loss = rank_data(other)
-                stream(reference.step, reference.init_state(), other_segments, other_loss, window=window,
-                       strategy=strategy)
-            errors.append(max(((full_grad(p) - r.grad / WORLD).abs().max() / r.grad.abs().max()).item()
-                              for p, r in zip(step.parameters(), reference.parameters())))
-        queue.put((rank, errors))
-    except Exception as exc:  # report, so that the parent fails with the cause
-        queue.put((rank, repr(exc)))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def worker(rank):
+    errors = []
+    for kind, window, strategy in CONFIGS:
+        torch.manual_seed(0)
+        decoder = CausalVideoDecoder(CausalDecoderConfig.tiny())
+        reference = CausalVideoDecoder(CausalDecoderConfig.tiny())
+        reference.load_state_dict(decoder.state_dict())
+        step = wrapped(kind, decoder)
+        segments, loss_fn = rank_data(rank)
+        stream(step, decoder.init_state(), segments, loss_fn, window=window, strategy=strategy)
+        for other in range(WORLD):  # the single-process gradients on every rank's data, summed
+            other_segments, other_loss = rank_data(other)
+            stream(reference.step, reference.init_state(), other_segments, other_loss, window=window,
+                   strategy=strategy)
+        errors.append(max(((full_grad(p) - r.grad / WORLD).abs().max() / r.grad.abs().max()).item()
+                          for p, r in zip(step.parameters(), reference.parameters())))
+    return errors
 
 
 def test_stream_under_ddp_and_fsdp2_averages_gradients():
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    processes = [context.Process(target=worker, args=(rank, port, queue)) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    try:
-        results = sorted(queue.get(timeout=120) for _ in range(WORLD))
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-    for rank, errors in results:
+    for rank, errors in run_ranks(worker, world=WORLD):
         assert isinstance(errors, list), f"rank {rank} failed: {errors}"
         for (kind, window, strategy), error in zip(CONFIGS, errors):
             assert error < 1e-5, f"rank {rank}, {kind} window={window} {strategy}: relative error {error:.3g}"

@@ -64,3 +64,25 @@ def test_chopgrad_stays_flat(strategy, window):
 def test_scan_backward_stays_flat():
     peaks = {n: chopgrad_scan(n, 2) for n in (3, 5, 9)}
     assert peaks[9] <= peaks[5] * 1.02, peaks
+
+
+def test_meter_counts_each_saved_storage_once_and_no_parameters_or_buffers():
+    """A frozen convolution saves its weight; a matrix product of y with its own transpose saves y twice (two
+    views); a product with a buffer saves the buffer. Only the storages of h and y are activations."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
+    holder = torch.nn.Module()
+    holder.register_buffer("scale", torch.randn(8))
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+
+    def run():
+        h = conv(x)                  # saves x (a leaf being differentiated) and the frozen weight
+        y = torch.sin(h)             # saves h
+        z = y @ y.transpose(-1, -2)  # saves y and a view of it
+        (z * holder.scale).sum().backward()  # saves the buffer
+
+    nbytes = x.numel() * x.element_size()  # h and y have x's shape
+    meter = SavedActivationMeter(holder)
+    assert meter.measure(run) == 2 * nbytes
+    assert meter.live == 0  # all let go by the backward
+    assert SavedActivationMeter().measure(run) == 2 * nbytes + holder.scale.numel() * 4  # the buffer, unnamed

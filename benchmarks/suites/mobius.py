@@ -1,45 +1,61 @@
 """Suite `mobius`: one training step of the reference VideoUNet, serial vs parallel (Mobius), temporal layers only.
 
-Four forms of ``pychop.models.VideoUNet`` with identical weights, spatial layers frozen (``freeze_spatial``),
-AdamW on the temporal parameters, side by side in one run:
+Forms of ``pychop.models.VideoUNet`` with identical weights, spatial layers frozen (``freeze_spatial``), AdamW
+on the temporal parameters, side by side in one run:
 
 - ``serial+reference``: serial spatial-temporal blocks written the diffusers way (SDPA, the usual permutes);
 - ``parallel+reference``: parallel blocks with pychop's ``"torch"`` backend (the unfused reference attention);
 - ``parallel+fused``: parallel blocks with ``backend="auto"`` when a fused backend is available on the device
   (otherwise the row says what was available and is left empty);
-- ``parallel+fused+recompute``: the same with ``recompute_projection`` (the blocks' packed q/k/v projections
-  are recomputed in the backward instead of kept). The account below cannot see the attention's row
-  statistics in this form (saved-tensor hooks do not nest), about 0.4% of a block's bytes.
+- ``parallel+fused+recompute_projection``: the same with ``recompute_projection`` (the blocks' packed q/k/v
+  projections are recomputed in the backward instead of kept). The account below cannot see the attention's
+  row statistics in this form (saved-tensor hooks do not nest), about 0.4% of a block's bytes;
+- each of ``serial+reference``, ``parallel+fused`` and ``parallel+fused+recompute_projection`` again with
+  ``pychop.memory.lean_frozen`` (``+lean_frozen``: frozen convolutions keep only their weight, GEGLUs their
+  input, cross-attention one copy of the text's keys and values per video) and with
+  ``lean_frozen(recompute=True)`` (``+lean_frozen(recompute)``: the frozen regions recomputed in the backward).
 
-Per form: the median time of a whole step (forward, backward, optimizer) and the allocator's peak above the
-weights and optimizer state. Then a saved-tensor account of one forward (``saved_tensors_hooks``): the bytes
-autograd keeps for backward, attributed to the innermost component that saved them, each storage counted
-once, parameters left out. GPU: ``SD15_VIDEO`` (a Stable-Diffusion-1.5 video UNet, 16 frames, 32x32
-latents), batch 2, bfloat16 weights. CPU: ``TINY``, batch 1, float32 (timings say nothing about a GPU).
-The forms' steps are timed side by side in one interleaved comparison (``ctx.compare``); time_vs_serial is
-the median of the per-round ratios, with its spread.
+Per form: the median time of a whole step (forward, backward, optimizer), the allocator's peak above the weights
+and optimizer state (GPU), and the bytes saved for backward, each with its ratio to ``serial+reference``. Then a
+saved-tensor account of one forward (``saved_tensors_hooks``): the bytes autograd keeps for backward, attributed
+to the innermost component that saved them, each storage counted once, parameters and buffers left out (as
+``pychop.chopgrad.memory.SavedActivationMeter`` counts). GPU: ``SD15_VIDEO`` (a Stable-Diffusion-1.5 video UNet,
+16 frames, 32x32 latents), batch 2, bfloat16 weights. CPU: ``CPU_CONFIG`` (the same layout at a tenth of the
+widths, 8 frames, 16x16 latents), batch 1, float32 (timings say nothing about a GPU). The forms' steps are
+timed side by side in one interleaved comparison (``ctx.compare``); time_vs_serial is the median of the
+per-round ratios, with its spread.
 
 The account alone, at any config and on any device (saved bytes do not depend on the device):
-``python -m benchmarks.suites.mobius --config SD15_VIDEO --batch 1`` (a few minutes on a CPU).
+``python -m benchmarks.suites.mobius --config SD15_VIDEO --batch 1`` (about half an hour on a 2-core CPU).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 
 import pychop
+from pychop.chopgrad.memory import is_activation, module_storages, storage_key
+from pychop.memory import lean_frozen
 from pychop.models import SD15_VIDEO, TINY, VideoUNet
 from pychop.models.video_unet import CrossAttention, FeedForward, VideoTransformer
 from pychop.nn import ParallelSTBlock, ResConvBlock, SerialSTBlock, TemporalConv
 
 DESCRIPTION = "Mobius: VideoUNet training step, serial vs parallel spatial-temporal blocks (temporal layers trained)"
 
-# (label, st_mode, attention backend, recompute_projection)
-FORMS = (("serial+reference", "serial", "torch", False), ("parallel+reference", "parallel", "torch", False),
-         ("parallel+fused", "parallel", "auto", False), ("parallel+fused+recompute", "parallel", "auto", True))
+CPU_CONFIG = dataclasses.replace(SD15_VIDEO, block_channels=(32, 64, 128, 128), num_frames=8, latent_size=(16, 16))
+CONFIGS = {"TINY": TINY, "CPU_CONFIG": CPU_CONFIG, "SD15_VIDEO": SD15_VIDEO}
+
+# (label, st_mode, attention backend, recompute_projection); then each with lean_frozen where LEAN says so.
+BASE_FORMS = (("serial+reference", "serial", "torch", False), ("parallel+reference", "parallel", "torch", False),
+              ("parallel+fused", "parallel", "auto", False),
+              ("parallel+fused+recompute_projection", "parallel", "auto", True))
+LEAN = ((None, ""), (False, "+lean_frozen"), (True, "+lean_frozen(recompute)"))  # (recompute, label suffix)
+FORMS = tuple((label + suffix, mode, backend, projection, lean) for label, mode, backend, projection in BASE_FORMS
+              for lean, suffix in LEAN if lean is None or label != "parallel+reference")
 
 # Innermost match wins; the order only names the components in the table.
 COMPONENTS = ((SerialSTBlock, "st_attention"), (ParallelSTBlock, "st_attention"), (TemporalConv, "temporal_conv"),
@@ -59,14 +75,18 @@ def fused_backends(device):
     return [name for name, reason in reasons.items() if reason is None and name != "torch"], reasons
 
 
-def build(config, mode, backend, device, dtype, recompute=False):
+def build(config, mode, backend, device, dtype, recompute_projection=False, lean=None):
+    """The form's model, spatial layers frozen; ``lean``: None, or lean_frozen's ``recompute``."""
     torch.manual_seed(0)  # the same weights in every form: the parameter structure is identical
     with torch.device(device):
         model = VideoUNet(config, mode, backend=backend).to(dtype)
     for block in model.modules():
         if isinstance(block, ParallelSTBlock):
-            block.recompute_projection = recompute
-    return model.freeze_spatial()
+            block.recompute_projection = recompute_projection
+    model.freeze_spatial()
+    if lean is not None:
+        lean_frozen(model, recompute=lean)
+    return model
 
 
 def training_step(model, inputs, target):
@@ -81,9 +101,10 @@ def training_step(model, inputs, target):
 
 
 def saved_tensor_account(model, inputs):
-    """MiB saved for backward per component during one forward (storages counted once, parameters excluded)."""
+    """MiB saved for backward per component during one forward (storages counted once, parameters and buffers
+    excluded)."""
     stack, totals, counts, seen = ["unet in/out"], defaultdict(float), defaultdict(int), set()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    excluded = module_storages(model)
     handles = []
 
     def leave(module, args, output):  # a forward hook's return value would replace the output: return None
@@ -97,11 +118,10 @@ def saved_tensor_account(model, inputs):
             handles.append(module.register_forward_hook(leave))
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key not in seen and key not in params and storage.nbytes() > 0:
+        key = storage_key(tensor)
+        if key not in seen and is_activation(tensor, excluded):
             seen.add(key)
-            totals[stack[-1]] += storage.nbytes() / 2 ** 20
+            totals[stack[-1]] += tensor.untyped_storage().nbytes() / 2 ** 20
             counts[stack[-1]] += 1
         return tensor
 
@@ -117,18 +137,19 @@ def saved_tensor_account(model, inputs):
 
 def run(ctx):
     device = ctx.device
-    config, batch, dtype = (SD15_VIDEO, 2, torch.bfloat16) if ctx.on_gpu else (TINY, 1, torch.float32)
+    config_name, batch, dtype = ("SD15_VIDEO", 2, torch.bfloat16) if ctx.on_gpu else ("CPU_CONFIG", 1, torch.float32)
+    config = CONFIGS[config_name]
     fused, reasons = fused_backends(device)
     print(f"fused backends on {device.type}: {fused or 'none'}; "
           + "; ".join(f"{name}: {reason}" for name, reason in reasons.items() if reason), flush=True)
 
     rows, accounts, steps = [], {}, {}
-    for label, mode, backend, recompute in ctx.progress(FORMS, "mobius forms"):
-        row = {"table": "step", "form": label, "config": "SD15_VIDEO" if ctx.on_gpu else "TINY", "batch": batch}
+    for label, mode, backend, projection, lean in ctx.progress(FORMS, "mobius forms"):
+        row = {"table": "step", "form": label, "config": config_name, "batch": batch}
         if backend == "auto" and not fused:
             rows.append({**row, "note": f"no fused backend on {device.type}"})
             continue
-        model = build(config, mode, backend, device, dtype, recompute)
+        model = build(config, mode, backend, device, dtype, projection, lean)
         torch.manual_seed(1)
         inputs = model.example_inputs(batch, device=device, dtype=dtype)
         target = torch.randn(batch, config.num_frames, config.out_channels, *config.latent_size, device=device,
@@ -196,12 +217,10 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def form_account(config_name, mode, backend, recompute, batch, device, dtype_name):
+def form_account(config_name, mode, backend, projection, lean, batch, device, dtype_name):
     """The saved-tensor account of one form (see account_main)."""
-    from pychop.models import video_unet
-
     dtype = getattr(torch, dtype_name)
-    model = build(getattr(video_unet, config_name), mode, backend, torch.device(device), dtype, recompute)
+    model = build(CONFIGS[config_name], mode, backend, torch.device(device), dtype, projection, lean)
     torch.manual_seed(1)
     return saved_tensor_account(model, model.example_inputs(batch, device=device, dtype=dtype))[0]
 
@@ -217,15 +236,19 @@ def account_main(argv=None):
     from benchmarks.runner import format_table
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.suites.mobius", description=account_main.__doc__)
-    parser.add_argument("--config", default="SD15_VIDEO", choices=["TINY", "SD15_VIDEO"])
+    parser.add_argument("--config", default="SD15_VIDEO", choices=sorted(CONFIGS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--form", action="append", default=[], choices=[form[0] for form in FORMS],
+                        help="a form to count (repeatable; default: all); serial+reference always counts")
     args = parser.parse_args(argv)
     accounts = {}
-    for label, mode, backend, recompute in FORMS:
+    for label, mode, backend, projection, lean in FORMS:
+        if args.form and label not in args.form and label != FORMS[0][0]:
+            continue
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            accounts[label] = pool.submit(form_account, args.config, mode, backend, recompute, args.batch,
+            accounts[label] = pool.submit(form_account, args.config, mode, backend, projection, lean, args.batch,
                                           args.device, args.dtype).result()
         print(f"{label}: {sum(accounts[label].values()):.1f} MiB saved", flush=True)
     rows = account_rows(accounts)

@@ -11,11 +11,31 @@ only: a ``torch.Generator`` the step passes explicitly draws anew.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+import contextlib
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
 from pychop import autocast_state
+
+
+class RunState:
+    """The RNG state of the CPU and of the CUDA devices ``devices`` (indices) and the autocast state, captured
+    when made; ``restored()`` runs its body from them and puts the global RNG state back afterwards."""
+
+    def __init__(self, devices: Sequence[int]):
+        self.devices = list(devices)
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(device) for device in self.devices]
+        self.autocast = autocast_state.current()
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self.devices), autocast_state.restored(self.autocast):
+            torch.set_rng_state(self.cpu)
+            for device, cuda_state in zip(self.devices, self.cuda):
+                torch.cuda.set_rng_state(cuda_state, device)
+            yield
 
 
 class SegmentReplay:
@@ -25,20 +45,15 @@ class SegmentReplay:
     def __init__(self, call: Callable[[Any, torch.Tensor, int], Tuple[Any, Any]], devices: Sequence[int],
                  keep: Optional[int] = None):
         self.call, self.devices, self.keep = call, list(devices), keep
-        self.first_runs: Dict[int, tuple] = {}
+        self.first_runs: Dict[int, RunState] = {}
 
     def __call__(self, state: Any, x: torch.Tensor, j: int) -> Tuple[Any, Any]:
         if j not in self.first_runs:
-            cuda_states = [torch.cuda.get_rng_state(device) for device in self.devices]
-            self.first_runs[j] = (torch.get_rng_state(), cuda_states, autocast_state.current())
+            self.first_runs[j] = RunState(self.devices)
             if self.keep is not None:
                 self.first_runs.pop(j - self.keep, None)
             return self.call(state, x, j)
-        cpu_state, cuda_states, autocast = self.first_runs[j]
-        with torch.random.fork_rng(devices=self.devices), autocast_state.restored(autocast):
-            torch.set_rng_state(cpu_state)
-            for device, cuda_state in zip(self.devices, cuda_states):
-                torch.cuda.set_rng_state(cuda_state, device)
+        with self.first_runs[j].restored():
             return self.call(state, x, j)
 
 

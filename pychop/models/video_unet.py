@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pychop.nn import ResConvBlock, make_st_block
+from pychop.nn import ResConvBlock, geglu, make_st_block
 from pychop.nn.st_blocks import ST_MODES
 
 
@@ -74,36 +74,53 @@ def timestep_features(timestep: torch.Tensor, channels: int, max_period: float =
 
 
 class CrossAttention(nn.Module):
-    """Tokens (N, S, C) attend to text (N, L, text_dim): LayerNorm, q from tokens, k and v from text, SDPA."""
+    """Frame tokens (B*T, S, C) attend to their video's text (B, L, text_dim): LayerNorm, q from the tokens, k
+    and v from the text, SDPA, output projection, residual.
+
+    As diffusers runs it, the text is repeated per frame and every frame attends to its own copy. With
+    ``fold_frames`` (set by ``pychop.memory.lean_frozen``) the T frames of a video are one query sequence of
+    T*S tokens attending to one copy: the same function (softmax runs over the keys, per query), with the keys
+    and values computed and saved for backward once per video instead of once per frame."""
 
     def __init__(self, dim: int, text_dim: int, heads: int):
         super().__init__()
         self.heads = heads
+        self.fold_frames = False
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(text_dim, dim, bias=False)
         self.to_v = nn.Linear(text_dim, dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        n, length, dim = tokens.shape
-        q = self.to_q(self.norm(tokens)).view(n, length, self.heads, -1).transpose(1, 2)
+    def forward(self, tokens: torch.Tensor, text: torch.Tensor, num_frames: int) -> torch.Tensor:
+        frames, length, dim = tokens.shape
+        if self.fold_frames:
+            queries = tokens.view(frames // num_frames, num_frames * length, dim)
+        else:
+            queries, text = tokens, text.repeat_interleave(num_frames, dim=0)
+        n, q_length = queries.shape[:2]
+        q = self.to_q(self.norm(queries)).view(n, q_length, self.heads, -1).transpose(1, 2)
         k, v = (proj(text).view(n, text.shape[1], self.heads, -1).transpose(1, 2) for proj in (self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, dim)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(frames, length, dim)
         return tokens + self.to_out(out)
 
 
 class FeedForward(nn.Module):
-    """LayerNorm, GEGLU to 4C, Linear back to C, residual."""
+    """LayerNorm, GEGLU to 4C, Linear back to C, residual. With ``recompute_activation`` (set by
+    ``pychop.memory.lean_frozen``) the GEGLU keeps only its input for backward (``pychop.nn.geglu``)."""
 
     def __init__(self, dim: int):
         super().__init__()
+        self.recompute_activation = False
         self.norm = nn.LayerNorm(dim)
         self.proj_in = nn.Linear(dim, 8 * dim)
         self.proj_out = nn.Linear(4 * dim, dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden, gate = self.proj_in(self.norm(tokens)).chunk(2, dim=-1)
+        projected = self.proj_in(self.norm(tokens))
+        if self.recompute_activation:
+            return tokens + self.proj_out(geglu(projected))
+        hidden, gate = projected.chunk(2, dim=-1)
         return tokens + self.proj_out(hidden * F.gelu(gate))
 
 
@@ -119,13 +136,14 @@ class VideoTransformer(nn.Module):
         self.feed_forward = FeedForward(channels)
         self.proj_out = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor, text_per_frame: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x: frames (B*T, C, H, W); text: (B, L, text_dim), one per video."""
         frames, channels, height, width = x.shape
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(frames, height * width, channels)
         tokens = self.proj_in(tokens)
         tokens = self.st_block(tokens.view(frames // num_frames, num_frames, height * width, channels))
         tokens = tokens.view(frames, height * width, channels)
-        tokens = self.feed_forward(self.cross_attention(tokens, text_per_frame))
+        tokens = self.feed_forward(self.cross_attention(tokens, text, num_frames))
         out = self.proj_out(tokens).view(frames, height, width, channels).permute(0, 3, 1, 2).contiguous()
         return x + out
 
@@ -201,7 +219,6 @@ class VideoUNet(nn.Module):
         B, T, C, H, W = sample.shape
         temb = self.time_embedding(timestep_features(timestep, self.config.block_channels[0]).to(sample.dtype))
         temb = temb.repeat_interleave(T, dim=0)
-        text = text.repeat_interleave(T, dim=0)
 
         x = self.conv_in(sample.reshape(B * T, C, H, W))
         skips = [x]

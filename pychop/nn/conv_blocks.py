@@ -58,11 +58,20 @@ class ResConvBlock(nn.Module):
         if x.dim() != 4 or x.shape[0] % num_frames:
             raise ValueError(f"x must be frames (B*T, C, H, W) with B*T divisible by num_frames={num_frames}, "
                              f"got {tuple(x.shape)}")
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.spatial_residual(x, temb)
         skip = self.skip(x)
         if self.mode == "serial":
             y = skip + h
             return y + self.temporal(y, num_frames)
         return skip + h + self.temporal(skip, num_frames)
+
+    def spatial_residual(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """r of the module docstring: the spatial update, from ``norm1``, ``conv1``, ``time_proj``, ``norm2``
+        and ``conv2`` alone (``pychop.memory.lean_frozen`` recomputes it when they are frozen)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(F.silu(temb))[:, :, None, None]
+        return self.conv2(F.silu(self.norm2(h)))
+
+    def spatial_modules(self):
+        """The modules ``spatial_residual`` computes with."""
+        return [self.norm1, self.conv1, self.time_proj, self.norm2, self.conv2]

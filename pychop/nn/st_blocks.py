@@ -72,7 +72,7 @@ class AttentionBranch(nn.Module):
         self.to_v = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_out = nn.Linear(dim, dim)
 
-    def attend(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Diffusers-style self-attention over the L axis of (N, L, C) tokens: returns A(tokens), (N, L, C)."""
         n, length, dim = tokens.shape
         normed = self.norm(tokens)
@@ -105,9 +105,9 @@ class SerialSTBlock(nn.Module):
         check_tokens(x, self.dim)
         B, T, S, C = x.shape
         frames = x.reshape(B * T, S, C)
-        frames = frames + self.spatial.attend(frames)
+        frames = frames + self.spatial(frames)
         pixels = frames.view(B, T, S, C).transpose(1, 2).reshape(B * S, T, C)
-        pixels = pixels + self.temporal.attend(pixels)
+        pixels = pixels + self.temporal(pixels)
         return pixels.view(B, S, T, C).transpose(1, 2).contiguous()
 
 

@@ -3,8 +3,10 @@
 - ``patch_temporal_attention(model)`` (``motion``): runs the temporal self-attention of motion modules and
   temporal transformers through ``pychop.temporal_attention``; ``.remove()`` undoes it.
 - ``convert_to_parallel(unet)`` (``mobius``): rewires the spatial transformer + temporal transformer pairs of
-  a ``UNetMotionModel``, ``UNet3DConditionModel`` or ``UNetSpatioTemporalConditionModel`` into the parallel
-  Mobius form for fine-tuning; ``.revert()`` undoes it.
+  a ``UNetMotionModel``, ``UNet3DConditionModel`` or ``UNetSpatioTemporalConditionModel``, or the spatial +
+  temporal block pairs of a ``LatteTransformer3DModel`` (``latte``), into the parallel Mobius form for
+  fine-tuning; ``.revert()`` undoes it. Models it does not understand are refused untouched (``dispatch``).
+- ``lean``: diffusers' GEGLU and cross-attention for ``pychop.memory.lean_frozen``.
 - ``decoder_recurrence(vae)`` (``vae``): the decoder of a video VAE as a ChopGrad recurrence, its causal cache
   as the state: ``WanDecoderRecurrence`` (``AutoencoderKLWan``, ``AutoencoderKLQwenImage``),
   ``CogVideoXDecoderRecurrence``, ``MochiDecoderRecurrence``, ``LTXVideoDecoderRecurrence`` (causal LTX

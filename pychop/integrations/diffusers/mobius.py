@@ -182,6 +182,10 @@ class MobiusConversion:
 def convert_to_parallel(unet: nn.Module) -> MobiusConversion:
     """Rewires ``unet``'s spatial transformer + temporal transformer pairs in parallel (see the module
     docstring)."""
+    from pychop.integrations.diffusers.dispatch import special_converter  # imports this module: import here
+    converter = special_converter(unet)  # raises for a model it does not understand, before touching it
+    if converter is not None:
+        return converter(unet)
     pairs = parallel_pairs(unet)
     if not pairs:
         raise ValueError(f"{type(unet).__name__} has no spatial transformer + temporal transformer pairs to "

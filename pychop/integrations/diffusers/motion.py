@@ -2,9 +2,10 @@
 
 Temporal attention in diffusers (the motion modules of ``UNetMotionModel``, i.e. ``AnimateDiffTransformer3D``;
 ``TransformerTemporalModel`` of ``UNet3DConditionModel``; the temporal blocks of
-``TransformerSpatioTemporalModel`` in ``UNetSpatioTemporalConditionModel``) calls its ``Attention`` modules on
-hidden states of shape (B*S, T, C): every spatial token is a sequence of T frames. Positional embeddings and
-normalisation happen in the transformer block before the processor, and stay there.
+``TransformerSpatioTemporalModel`` in ``UNetSpatioTemporalConditionModel`` and of ``LatteTransformer3DModel``)
+calls its ``Attention`` modules on hidden states of shape (B*S, T, C): every spatial token is a sequence of T
+frames. Positional embeddings and normalisation happen in the transformer block before the processor, and stay
+there.
 
 ``TemporalAttentionProcessor`` projects q, k, v with the module's own layers (or its fused ``to_qkv``), views
 each (B*S, T, C) projection as pychop's (B', T, S', H, D) = (B*S, T, 1, H, D) (a view, no copy), calls
@@ -32,6 +33,7 @@ from typing import List, Tuple
 
 import torch
 import torch.nn as nn
+from diffusers import LatteTransformer3DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.transformers.transformer_temporal import (TransformerSpatioTemporalModel,
                                                                   TransformerTemporalModel)
@@ -89,7 +91,7 @@ def temporal_attention_modules(model: nn.Module) -> List[Tuple[str, Attention]]:
     for name, module in model.named_modules():
         if isinstance(module, (AnimateDiffTransformer3D, TransformerTemporalModel)):
             scope = module
-        elif isinstance(module, TransformerSpatioTemporalModel):
+        elif isinstance(module, (TransformerSpatioTemporalModel, LatteTransformer3DModel)):
             scope = module.temporal_transformer_blocks
             name = f"{name}.temporal_transformer_blocks" if name else "temporal_transformer_blocks"
         else:
@@ -142,7 +144,8 @@ def patch_temporal_attention(model: nn.Module, backend: str = "auto") -> Tempora
     modules = temporal_attention_modules(model)
     if not modules:
         raise ValueError(f"model ({type(model).__name__}) has no temporal self-attention modules (motion "
-                         "modules, TransformerTemporalModel or TransformerSpatioTemporalModel)")
+                         "modules, TransformerTemporalModel, TransformerSpatioTemporalModel or "
+                         "LatteTransformer3DModel)")
     for name, attn in modules:
         _check_supported(name, attn)
     processor = TemporalAttentionProcessor(backend)

@@ -1,0 +1,198 @@
+"""``lean_frozen``: the frozen parts of a module save only what their input gradient needs.
+
+A part is frozen when none of its parameters requires grad. Temporal fine-tuning freezes the spatial layers, yet
+the gradient of the temporal ones still flows through them, so they still save tensors for backward, much of it
+for weight gradients nobody wants. ``lean_frozen(module)`` changes, in place and undoably:
+
+- frozen convolutions (``nn.Conv1d``/``Conv2d``/``Conv3d``) keep only their weight
+  (``pychop.memory.frozen_conv``): torch's keep their input too. Checked at every call: a convolution whose
+  weight or bias takes a gradient runs as before;
+- frozen GEGLU activations (the feed-forward of pychop's ``VideoUNet``, diffusers' ``GEGLU``) keep only their
+  input and compute ``gelu(gate)`` again in the backward (``pychop.nn.geglu``);
+- frozen cross-attention shares keys and values across the frames of a video: pychop's ``CrossAttention`` folds
+  the frames into the query length (``fold_frames``); diffusers' cross-attention does where the text rows are
+  copies (``pychop.integrations.diffusers.lean``).
+
+With ``recompute=True`` it also recomputes frozen regions in the backward instead of keeping what they save
+(``pychop.memory.recompute``; only their inputs are kept): every maximal frozen submodule that has submodules
+(a residual block, a transformer, an attention, a feed-forward), except one of convolutions alone, whose lean
+convolutions keep nothing already; and the spatial part of pychop's ``ResConvBlock``
+(``spatial_residual``). What trains is never recomputed: a region runs plainly whenever one of its parameters
+requires grad at the call. A submodule whose ``forward`` something else replaced on the instance (the Mobius
+conversion of a diffusers UNet) is not wrapped itself: its frozen submodules are. A region runs twice, so its
+side effects do (BatchNorm's running statistics), as under ``torch.utils.checkpoint``.
+
+Outputs and every gradient of a trainable parameter are those of the unchanged module (the same operations
+compute them; rounding may differ in the last bits where a fold or a recomputation sums in another order).
+Frozen parameters get no gradient. The changes are attributes of the module instances (flags, and methods bound
+to them: a deep copy of the model, an EMA copy, binds them to itself and keeps them); ``handle.remove()`` (or
+leaving ``with lean_frozen(...)``) restores the module exactly. Apply it after ``convert_to_parallel`` (which
+refuses instance-patched modules) and remove it before reverting the conversion.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import weakref
+from typing import Callable, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from pychop.memory.frozen_conv import CONVOLUTIONS, is_leanable, lean_conv_forward
+from pychop.memory.recompute import recomputed
+from pychop.models.video_unet import CrossAttention, FeedForward
+from pychop.nn import ParallelSTBlock, ResConvBlock
+
+_MISSING = object()
+_LEAN = weakref.WeakSet()  # modules changed by a handle not yet removed
+
+
+def trains(*modules: nn.Module) -> bool:
+    """Whether any parameter of ``modules`` requires grad."""
+    return any(p.requires_grad for module in modules for p in module.parameters())
+
+
+def _diffusers_rules():
+    """``pychop.integrations.diffusers.lean`` when diffusers is in use (imported), else None."""
+    if "diffusers" not in sys.modules:
+        return None
+    from pychop.integrations.diffusers import lean
+    return lean
+
+
+def _itself(module: nn.Module) -> Tuple[nn.Module, ...]:
+    return (module,)
+
+
+def _spatial_part(block: ResConvBlock) -> Tuple[nn.Module, ...]:
+    return tuple(block.spatial_modules())
+
+
+def _recomputed_method(name: str, modules_of: Callable[[nn.Module], Tuple[nn.Module, ...]]) -> Callable:
+    """Method ``name`` of a region's class, recomputed in the backward while ``modules_of(self)`` are frozen; to
+    be bound to the instance (it holds no module: a deep copy of the model binds it to the copy)."""
+    @torch.compiler.disable  # torch.compile cannot trace the recomputing backward: one graph break, run eagerly
+    def call(self, *args, **kwargs):
+        method = getattr(type(self), name).__get__(self)
+        if trains(*modules_of(self)):
+            return method(*args, **kwargs)
+        return recomputed(method, args, kwargs)
+    return call
+
+
+def _is_region(module: nn.Module) -> bool:
+    """A frozen module worth recomputing as a whole (see the module docstring)."""
+    leaves = [m for m in module.modules() if m is not module and not list(m.children())]
+    if not leaves or type(module).forward is nn.Module.forward or "forward" in module.__dict__ or trains(module):
+        return False  # a leaf, a container (no forward of its own), patched by someone else, or training
+    return not all(isinstance(m, CONVOLUTIONS) for m in leaves)
+
+
+def frozen_regions(root: nn.Module) -> List[Tuple[str, nn.Module, str, Callable]]:
+    """(name, owner, method, modules it computes with, as a function of the owner) of every region that
+    ``lean_frozen(recompute=True)`` wraps."""
+    found = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        if _is_region(module):
+            found.append((name, module, "forward", _itself))
+            return
+        if isinstance(module, ResConvBlock) and not trains(*module.spatial_modules()):
+            found.append((f"{name}.spatial_residual" if name else "spatial_residual", module, "spatial_residual",
+                          _spatial_part))
+        if isinstance(module, ParallelSTBlock):
+            return  # it reads its branches' parameters and never calls them
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", root)
+    return found
+
+
+class LeanFrozen:
+    """The changes ``lean_frozen`` made to ``module``; ``remove()`` undoes them. The qualified names of what it
+    changed: ``convolutions``, ``activations`` (GEGLUs), ``cross_attentions`` and, with ``recompute``,
+    ``regions``."""
+
+    def __init__(self, module: nn.Module, recompute: bool):
+        self.module, self.recompute = module, recompute
+        self.convolutions: List[str] = []
+        self.activations: List[str] = []
+        self.cross_attentions: List[str] = []
+        self.regions: List[str] = []
+        self._undo: List[Callable[[], None]] = []
+        self._changed: List[nn.Module] = []
+
+    def _set(self, module: nn.Module, attribute: str, value) -> None:
+        previous = module.__dict__.get(attribute, _MISSING)
+
+        def undo():
+            if previous is _MISSING:
+                delattr(module, attribute)
+            else:
+                setattr(module, attribute, previous)
+        self._undo.append(undo)
+        setattr(module, attribute, value)
+        self._changed.append(module)
+        _LEAN.add(module)
+
+    def _set_processor(self, module: nn.Module, processor) -> None:
+        original = module.processor
+        self._undo.append(lambda: module.set_processor(original))
+        module.set_processor(processor)
+        self._changed.append(module)
+        _LEAN.add(module)
+
+    def remove(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        for module in self._changed:
+            _LEAN.discard(module)
+        self._undo, self._changed = [], []
+
+    def __enter__(self) -> "LeanFrozen":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def lean_frozen(module: nn.Module, *, recompute: bool = False) -> LeanFrozen:
+    """Makes the frozen parts of ``module`` save only what their input gradient needs, and with ``recompute``
+    recomputes its frozen regions in the backward (see the module docstring); returns the handle
+    (``.remove()``)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
+    touched = [name or type(module).__name__ for name, m in module.named_modules() if m in _LEAN]
+    if touched:
+        raise ValueError(f"lean_frozen: {touched[0]} is already lean; remove() the handle that made it so first")
+    diffusers_rules = _diffusers_rules()
+    rows = diffusers_rules.RepeatedRows() if diffusers_rules else None
+    handle = LeanFrozen(module, recompute)
+    for name, sub in module.named_modules():
+        if trains(sub):
+            continue
+        if is_leanable(sub):
+            handle._set(sub, "_conv_forward", types.MethodType(lean_conv_forward, sub))
+            handle.convolutions.append(name)
+        elif isinstance(sub, CrossAttention):
+            handle._set(sub, "fold_frames", True)
+            handle.cross_attentions.append(name)
+        elif isinstance(sub, FeedForward):
+            handle._set(sub, "recompute_activation", True)
+            handle.activations.append(name)
+        elif diffusers_rules and diffusers_rules.is_geglu(sub):
+            handle._set(sub, "forward", types.MethodType(diffusers_rules.lean_geglu_forward, sub))
+            handle.activations.append(name)
+        elif diffusers_rules and diffusers_rules.is_foldable_cross_attention(sub):
+            handle._set_processor(sub, diffusers_rules.FoldedCrossAttention(sub.processor, rows))
+            handle.cross_attentions.append(name)
+    if recompute:
+        for name, owner, method, modules_of in frozen_regions(module):
+            handle._set(owner, method, types.MethodType(_recomputed_method(method, modules_of), owner))
+            handle.regions.append(name)
+    return handle
