@@ -16,7 +16,8 @@ def main(argv=None):
                         help=f"suite to run (repeatable; default: all of {sorted(discover())})")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: cuda when a GPU is present, else cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer timed rounds (8)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer timed rounds (8); on a GPU the chopgrad suite leaves out its CPU-only rows")
     parser.add_argument("--smoke", action="store_true",
                         help="the smallest sizes and 3 timed rounds: every code path runs, no figure means anything")
     parser.add_argument("--repeats", type=int, help="timed rounds per comparison (default 20, 8 with --quick)")

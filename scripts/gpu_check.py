@@ -50,14 +50,19 @@ PLAN: Dict[str, List[Stage]] = {
     ],
     "second": [
         Stage("environment", 20, "GPU, driver, torch, triton, commit"),
-        Stage("install", 45, "pip install --no-deps --no-build-isolation -e . (no downloads)"),
-        Stage("chopgrad-suite", 60, "ChopGrad: peak allocator memory vs frames, step time"),
-        Stage("mobius-suite", 60, "Mobius: step time and peak memory of the three forms"),
-        Stage("gpu-tests", 70, "the representative gpu tests (conformance scenarios, models, compile, chopgrad)"),
-        Stage("sanitizer", 40, "compute-sanitizer memcheck and racecheck on the cuda and triton kernels"),
+        Stage("install", 20, "pip install --no-deps --no-build-isolation -e . (no downloads)"),
+        Stage("chopgrad-suite", 90, "ChopGrad: peak allocator memory vs frames, step time"),
+        Stage("mobius-suite", 60, "Mobius: step time, peak memory, saved bytes of every form, lean_frozen too"),
+        Stage("gpu-tests", 60, "the representative gpu tests (conformance scenarios, models, compile, chopgrad)"),
+        Stage("sanitizer", 30, "compute-sanitizer memcheck and racecheck on the cuda and triton kernels"),
     ],
 }
 
+# Timing of each suite on the GPU, sized to its stage: the attention kernels run 0.1-20 ms (10 rounds of >= 1 ms
+# samples); a chopgrad or mobius step takes 0.1-2 s (3 rounds, at most 5 s of rounds per comparison).
+SUITE_SETTINGS = {"attention": ["--repeats", "10"],
+                  "chopgrad": ["--quick", "--repeats", "3", "--budget", "5"],
+                  "mobius": ["--repeats", "3", "--budget", "5"]}
 # Shapes for correctness: the benchmark shapes on the GPU; on the CPU (rehearsal) two tiny ones.
 REHEARSAL_SHAPES = {"tiny": (1, 5, 12, 2, 24)}
 CORRECTNESS_OPTIONS = [dict(causal=True, grad_window=1), dict(window=8, grad_window=4)]
@@ -145,9 +150,7 @@ def run_suite(suite: str, rehearse: bool, out: Path) -> dict:
     """python -m benchmarks --suite `suite` into a temporary folder; rows into the JSON, the PNG into `out`."""
     with tempfile.TemporaryDirectory() as folder:
         command = [sys.executable, "-m", "benchmarks", "--suite", suite, "--device", device_name(rehearse),
-                   "--out", folder]
-        if rehearse:
-            command.append("--smoke")
+                   "--out", folder, *(["--smoke"] if rehearse else SUITE_SETTINGS[suite])]
         result = run_command(command)
         if result.returncode != 0:
             raise SystemExit(f"suite {suite} failed ({result.returncode})")

@@ -7,19 +7,26 @@
 #   bash scripts/gpu_check.sh second     # at most 5 minutes: the rest
 #   bash scripts/gpu_check.sh --rehearse first|second    # the same stages at tiny sizes on the CPU
 #
-# first: environment (20 s), install without downloads (45 s), pychop._C built in the background meanwhile
-#   (~70 s g++ for binding.cpp, ~25 s nvcc), triton correctness at shapes A-F x bf16, fp16 x 2 option sets
-#   against float32 torch (120 s; about 30 Triton compiles: 3 spatial kernels per head dim 40, 64, 128 and
-#   dtype, 3 temporal kernels per (head dim, frames block 16, 32, 64) and dtype), cuda correctness at the same
-#   cases (75 s), the attention suite with repeats sized to each kernel's time (150 s). Expected: 5-6 minutes.
-# second: environment, install (65 s), the chopgrad suite (60 s) and the mobius suite (60 s) with peak allocator
-#   memory and step times, the representative gpu tests (70 s: tests/test_attention_conformance.py on triton and
-#   cuda in bf16 and float32-cuda, the model, compile and chopgrad gpu tests; about 120 Triton compiles on 8
-#   pytest-xdist workers), compute-sanitizer memcheck and racecheck last (40 s). Expected: 4-5 minutes.
-# Each stage has its own limit; the compile counts measured on the GPU are in <call>.json (triton_compiles).
-# A pre-built Triton cache is not carried: the first call compiles about 30 kernels (about 40 s on 4 workers'
-# worth of the GPU machine's 16 cores), under the minute that would make carrying one worth its risk (its key
-# must equal the key of the runtime's own launch, integer specialisations included).
+# first (budget 420 s): environment (20 s), install without downloads (45 s) while pychop._C builds in the
+#   background (~70 s of g++ for binding.cpp, ~25 s of nvcc), triton correctness at shapes A-F x bf16, fp16 x two
+#   option sets against float32 torch (120 s; about 30 Triton compiles: 3 spatial kernels per head dim 40, 64,
+#   128 and dtype, 3 temporal kernels per head dim, block of frames 16, 32 or 64, and dtype), cuda correctness on
+#   the same cases (75 s), the attention suite at A-F and its T sweep, 10 timed rounds of >= 1 ms samples (150 s;
+#   about 20 more compiles: the branches alone). Expected: 5-6 minutes.
+# second (budget 300 s): environment and install (40 s), the chopgrad suite (90 s: peak allocator memory and step
+#   time against frames, full backpropagation vs stream, pychop's decoder at Wan widths and diffusers' Wan VAE),
+#   the mobius suite (60 s: every form at SD15_VIDEO, batch 2, bf16), 3 timed rounds each, the representative
+#   gpu tests (60 s: tests/test_attention_conformance.py on triton and cuda, bf16 and float32, and the model,
+#   compile and chopgrad gpu tests; about 120 Triton compiles on 8 pytest-xdist workers), compute-sanitizer
+#   memcheck and racecheck last (30 s). Expected: 4-5 minutes.
+# Each stage has its own limit; the Triton compiles each stage made on the GPU are in <call>.json
+# (triton_compiles: new entries in an empty TRITON_CACHE_DIR).
+# A pre-built Triton cache is not carried. The first call compiles about 50 kernels (about 1 s each here, where
+# the compile and ptxas run without a GPU), under a minute, and a carried entry would be found only if its key
+# equals the key of the runtime's own launch: the kernel source, the launch's specialisation attributes (16-byte
+# divisibility of every pointer and integer, integers equal to 1, None arguments), the options, the bundled
+# ptxas and the target. The attributes come from the driver's specialisation of the actual tensors, which cannot
+# run without a GPU driver, so that equality cannot be verified here.
 #
 # Into $OUT (default results/gpu_check): <call>.log, <call>.json and the suites' PNGs, at most 7 files.
 # Commit what comes back under benchmarks/results/<gpu name>/.

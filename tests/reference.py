@@ -1,7 +1,7 @@
 """Float64 loop-level reference of parallel spatial-temporal attention, written independently of pychop.
 
 One query frame at a time; the temporal grad window is an explicit ``.detach()`` of the key and value
-frames outside it, exactly the rule of DESIGN.md.
+frames outside it, exactly the rule of docs/design.md (section 2).
 """
 
 import torch

@@ -116,7 +116,7 @@ def test_serial_and_parallel_are_different_functions(seed):
     assert relative_error(serial(x).double(), parallel(x).double()) > 1e-3
 
 
-# (device, (B, T, S, C), heads): a small CPU case; on a GPU DESIGN.md's shape B (2, 16, 32x32, H=10, D=64).
+# (device, (B, T, S, C), heads): a small CPU case; on a GPU the benchmark shape B (2, 16, 32x32, H=10, D=64).
 GEOMETRY = {"cpu": (SHAPE, HEADS), "cuda": ((2, 16, 32 * 32, 640), 10)}
 BACKEND_CASES = [pytest.param("cpu", name, id=f"cpu-{name}") for name in runnable_backends("cpu")] + [
     pytest.param("cuda", name, id=f"cuda-{name}", marks=pytest.mark.gpu)

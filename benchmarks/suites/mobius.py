@@ -137,7 +137,10 @@ def saved_tensor_account(model, inputs):
 
 def run(ctx):
     device = ctx.device
-    config_name, batch, dtype = ("SD15_VIDEO", 2, torch.bfloat16) if ctx.on_gpu else ("CPU_CONFIG", 1, torch.float32)
+    if ctx.smoke:
+        config_name, batch, dtype = "TINY", 1, torch.float32
+    else:
+        config_name, batch, dtype = ("SD15_VIDEO", 2, torch.bfloat16) if ctx.on_gpu else ("CPU_CONFIG", 1, torch.float32)
     config = CONFIGS[config_name]
     fused, reasons = fused_backends(device)
     print(f"fused backends on {device.type}: {fused or 'none'}; "

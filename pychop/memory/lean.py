@@ -1,34 +1,22 @@
 """``lean_frozen``: the frozen parts of a module save only what their input gradient needs.
 
-A part is frozen when none of its parameters requires grad. Temporal fine-tuning freezes the spatial layers, yet
-the gradient of the temporal ones still flows through them, so they still save tensors for backward, much of it
-for weight gradients nobody wants. ``lean_frozen(module)`` changes, in place and undoably:
+A part is frozen when none of its parameters requires grad. ``lean_frozen(module, recompute=False)`` changes,
+in place and undoably (``handle.remove()``, or leaving ``with lean_frozen(...)``):
 
-- frozen convolutions (``nn.Conv1d``/``Conv2d``/``Conv3d``) keep only their weight
-  (``pychop.memory.frozen_conv``): torch's keep their input too. Checked at every call: a convolution whose
-  weight or bias takes a gradient runs as before;
-- frozen GEGLU activations (the feed-forward of pychop's ``VideoUNet``, diffusers' ``GEGLU``) keep only their
-  input and compute ``gelu(gate)`` again in the backward (``pychop.nn.geglu``);
-- frozen cross-attention shares keys and values across the frames of a video: pychop's ``CrossAttention`` folds
-  the frames into the query length (``fold_frames``); diffusers' cross-attention does where the text rows are
-  copies (``pychop.integrations.diffusers.lean``).
+- frozen ``nn.Conv1d/2d/3d`` keep only their weight (``pychop.memory.frozen_conv``), checked at every call;
+- frozen GEGLUs (pychop's ``FeedForward``, diffusers' ``GEGLU``) keep only their input (``pychop.nn.geglu``);
+- frozen cross-attention computes the text's keys and values once per video (pychop's ``CrossAttention``
+  folds the frames into the query length; diffusers' where text rows are copies:
+  ``pychop.integrations.diffusers.lean``);
+- with ``recompute=True``, every maximal frozen submodule with submodules (and ``ResConvBlock``'s spatial part)
+  is recomputed in the backward from its inputs (``pychop.memory.recompute``); a region whose parameters require
+  grad at the call runs plainly, and instance-patched modules (a Mobius conversion) are not wrapped themselves.
 
-With ``recompute=True`` it also recomputes frozen regions in the backward instead of keeping what they save
-(``pychop.memory.recompute``; only their inputs are kept): every maximal frozen submodule that has submodules
-(a residual block, a transformer, an attention, a feed-forward), except one of convolutions alone, whose lean
-convolutions keep nothing already; and the spatial part of pychop's ``ResConvBlock``
-(``spatial_residual``). What trains is never recomputed: a region runs plainly whenever one of its parameters
-requires grad at the call. A submodule whose ``forward`` something else replaced on the instance (the Mobius
-conversion of a diffusers UNet) is not wrapped itself: its frozen submodules are. A region runs twice, so its
-side effects do (BatchNorm's running statistics), as under ``torch.utils.checkpoint``.
-
-Outputs and every gradient of a trainable parameter are those of the unchanged module (the same operations
-compute them; rounding may differ in the last bits where a fold or a recomputation sums in another order).
-Frozen parameters get no gradient. The changes are attributes of the module instances (flags, and methods bound
-to them: a deep copy of the model, an EMA copy, binds them to itself and keeps them); ``handle.remove()`` (or
-leaving ``with lean_frozen(...)``) restores the module exactly. Apply it after ``convert_to_parallel`` (which
-refuses instance-patched modules) and remove it before reverting the conversion.
+Outputs and trainable gradients are the unchanged module's; frozen parameters get no gradient. The changes are
+attributes of the instances (a deep copy keeps them, bound to itself). Apply after ``convert_to_parallel`` and
+remove before reverting it. Design and memory arithmetic: docs/design.md, section 7.
 """
+
 
 from __future__ import annotations
 

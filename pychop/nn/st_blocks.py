@@ -1,47 +1,19 @@
 """The spatial-temporal self-attention block of a video UNet, in serial and in parallel (Mobius) form.
 
-Both forms map tokens ``x`` of shape (B, T, S, C) (batch, frames, spatial tokens per frame, channels) to the
-same shape and own the same parameters, two ``AttentionBranch`` modules: ``spatial`` (attention within each
-frame) and ``temporal`` (attention across frames, per token). Each branch has its own LayerNorm affine and its
-own q, k, v and output projections, so either side can be frozen (``block.spatial.requires_grad_(False)``)
-and a serial block's state dict loads into a parallel block and back. The two forms are different functions:
+Both map tokens ``x`` (B, T, S, C) to the same shape and own the same parameters, two ``AttentionBranch``
+modules (``spatial``, ``temporal``), so either side can be frozen and state dicts load across forms:
 
-    serial:    y = x + A_s(x);  out = y + A_t(y)                     (as diffusers composes them)
-    parallel:  out = x + A_s(x) + A_t(x)                             (Mobius: both read the same input)
+    serial:    y = x + A_s(x);  out = y + A_t(y)
+    parallel:  out = x + A_s(x) + A_t(x)
 
-with ``A(x) = attention(q, k, v of LayerNorm(x)) @ W_out + b_out``.
-
-``SerialSTBlock`` is written the way diffusers writes it: per branch a LayerNorm, three projections, the view
-to (N, H, L, D), ``scaled_dot_product_attention``, the transpose back and the output projection; the temporal
-branch runs on a permuted (B*S, T, C) copy, and the result is permuted back.
-
-``ParallelSTBlock`` is one LayerNorm, one C -> 6C GEMM, the fused attention, and one 2C -> C GEMM for both
-output projections, with the residual added in it:
-
-1. ``pychop.ops.layer_norm_packed_linear`` normalises once and projects with the weight
-   ``[W_qkv_s * gamma_s; W_qkv_t * gamma_t]`` (each branch's LayerNorm affine folded into its own projection,
-   bias ``W_qkv beta + b_qkv``), producing the packed (B, T, S, 6, H, D) tensor; q_s ... v_t are views of it.
-2. ``pychop.parallel_st_attention(..., combine="stack")`` runs both branches in one fused call on those views
-   (no permutes, no copies) and writes them side by side, (B, T, S, 2, H, D): a (B, T, S, 2C) view.
-3. ``out = x + [o_s, o_t] [W_out_s; W_out_t] + b_out_s + b_out_t`` on the residual, the 2C -> C GEMM taken as
-   two accumulating ``addmm`` calls over its halves (K = C each, on strided views of the stacked output), so
-   that autograd holds the parameters themselves rather than a concatenated copy of them. Under autocast
-   the GEMMs run in its dtype and x is added after them, in x's dtype, as the serial form adds it.
-
-The branches stay apart up to that GEMM because ``(o_s + o_t) W`` equals ``o_s W_s + o_t W_t`` only when
-``W_s = W_t``: summing first would tie the two output projections into one parameter, which could not stay
-frozen on one side and trained on the other.
-
-Saved for backward by the parallel block with a fused backend: the input x and its LayerNorm statistics, the
-packed projection (B, T, S, 6C) and the stacked attention output (B, T, S, 2C; the attention and the output
-projections save the same storage) with the row statistics: 9 (B, T, S, C) activations, and no weight copies.
-With ``recompute_projection=True`` the packed projection is not kept: the attention's saved views of it
-become recipes (size, strides, offset), and the backward recomputes the projection from x once, when it
-first needs them (one more C -> 6C GEMM): 3 activations.
-The serial block with the spatial side frozen keeps about 12 (its input, spatial q, k, v and output, the
-permuted copy, the temporal LayerNorm output, temporal q, k, v and output, and the output's transposed copy
-for the temporal output projection).
+``ParallelSTBlock`` is one LayerNorm + C -> 6C GEMM (``pychop.ops.layer_norm_packed_linear``), one fused
+``parallel_st_attention(..., combine="stack")`` on views of the packed projection and one 2C -> C GEMM for both
+output projections with the residual. Saved for backward with a fused backend: x, its LayerNorm statistics, the
+packed projection and the stacked attention output (9 (B, T, S, C) activations); with
+``recompute_projection=True`` the packed projection is recomputed in the backward instead (3). The design and
+its memory arithmetic: docs/design.md, section 7.
 """
+
 
 from __future__ import annotations
 

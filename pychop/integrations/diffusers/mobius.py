@@ -1,44 +1,21 @@
 """Rewire a diffusers video UNet into the parallel (Mobius) spatial-temporal form, and back.
 
-Diffusers' video UNets run a spatial transformer and then a temporal one, both residual, in series:
+``convert_to_parallel(unet)`` rewires every spatial transformer + temporal module pair of a ``UNetMotionModel``
+(``attentions`` / ``motion_modules``), ``UNet3DConditionModel`` (``attentions`` / ``temp_attentions``) or
+``UNetSpatioTemporalConditionModel`` (``transformer_blocks`` / ``temporal_transformer_blocks``): with spatial
+input ``h``, output ``s`` and the embedding ``e`` added between the halves (zero in the first two),
 
-- ``UNetMotionModel`` (AnimateDiff): in ``CrossAttnDownBlockMotion``, ``CrossAttnUpBlockMotion`` and
-  ``UNetMidBlockCrossAttnMotion``, ``attentions[i]`` (``Transformer2DModel``: self-attention, text
-  cross-attention, feed-forward) then the motion module ``motion_modules[i]`` (``AnimateDiffTransformer3D``);
-- ``UNet3DConditionModel`` (ModelScope text-to-video): in ``CrossAttnDownBlock3D``, ``CrossAttnUpBlock3D`` and
-  ``UNetMidBlock3DCrossAttn``, ``attentions[i]`` then ``temp_attentions[i]`` (``TransformerTemporalModel``);
-- ``UNetSpatioTemporalConditionModel`` (Stable Video Diffusion): in every ``TransformerSpatioTemporalModel``,
-  ``transformer_blocks[i]`` (``BasicTransformerBlock``) then ``temporal_transformer_blocks[i]``
-  (``TemporalBasicTransformerBlock``), which reads the spatial output plus a frame embedding ``e`` and whose
-  output the model's ``time_mixer`` then blends with the spatial output.
+    serial:    out = s + e + d_t(s + e)
+    parallel:  out = s + e + d_t(h + e)
 
-With ``d_s``, ``d_t`` the two updates and ``e`` the embedding added between them (zero in the first two):
-
-    serial:    s = spatial(h);  out = temporal(s + e)    = s + e + d_t(s + e)
-    parallel:                   out = s + e + d_t(h + e)
-
-``convert_to_parallel(unet)`` rewires every such pair into the parallel form: the temporal module reads the
-spatial module's input ``h`` (plus ``e``) instead of its output, and its update is added to the spatial output.
-Temporal modules without a spatial transformer beside them (``DownBlockMotion``, ``UpBlockMotion``,
-``UNet3DConditionModel.transformer_in``) stay in series, and so do the temporal convolutions and temporal
-ResNet blocks. The converted model is a different function from the original (as in the Mobius paper): it is
-meant for fine-tuning the temporal modules in the parallel form, typically with the spatial weights frozen
-(``unet.freeze_unet2d_params()`` on a ``UNetMotionModel``).
-
-The rewiring replaces the ``forward`` of the paired module instances (parameters, names and state dict are
-untouched, so optimizers, ``save_pretrained`` and ``state_dict`` checkpoints keep working; the replacements are
-plain objects, so ``copy.deepcopy`` and ``torch.save`` of the whole model keep the conversion, and
-``from_pretrained`` loads the serial model); ``conversion.revert()`` restores the original ``forward`` methods
-and with them the exact original function.
-
-Gradient checkpointing (``unet.enable_gradient_checkpointing()``, before or after conversion) gives the
-gradients of the converted model without it. diffusers recomputes some pair halves on their own in the backward
-(the mid block's motion module, the spatial blocks of ``TransformerSpatioTemporalModel``): a recomputed
-temporal call finds the ``h`` and ``s`` its first call used by its own input tensor, held only as long as that
-input lives; a checkpoint around a whole block recomputes both halves in order. A checkpoint function that
-runs its forward without autograd (``torch.utils.checkpoint`` with ``use_reentrant=True``) cannot propagate
-the gradient the temporal half sends to ``h``: a pair whose halves run in different autograd modes is refused.
+Temporal modules with no spatial transformer beside them stay in series. The converted model is a new function,
+meant for fine-tuning the temporal modules. Only the ``forward`` of the paired instances is replaced (by
+picklable objects: parameters, state dict, ``deepcopy`` and ``torch.save`` are unaffected);
+``conversion.revert()`` restores the exact original. Gradient checkpointing works before or after conversion,
+except reentrant checkpointing (refused at the first forward). Latte models go to ``latte.py``; models the
+converter does not understand are refused untouched (``dispatch.py``). Design: docs/design.md, section 7.
 """
+
 
 from __future__ import annotations
 
