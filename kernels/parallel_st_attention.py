@@ -15,8 +15,6 @@ delta_s = rowsum(dO * out) - delta_t, with delta_t = rowsum(P_t dP_t) from the t
 
 from __future__ import annotations
 
-import torch
-
 from .outputs import new_output
 from .spatial_attention import spatial_backward, spatial_forward
 from .temporal_attention import temporal_backward, temporal_forward

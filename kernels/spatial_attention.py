@@ -26,8 +26,17 @@ import triton
 import triton.language as tl
 
 from .outputs import new_output
-from .tiles import (LN2, LOG2E, dot_constants, head_dim_block, head_dim_bucket, interpreting, mma, row_statistics,
-                    strides4)
+from .tiles import (
+    LN2,
+    LOG2E,
+    dot_constants,
+    head_dim_block,
+    head_dim_bucket,
+    interpreting,
+    mma,
+    row_statistics,
+    strides4,
+)
 
 
 @triton.jit

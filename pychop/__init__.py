@@ -11,8 +11,8 @@ Submodules are imported on first use, so ``import pychop`` stays light.
 
 import importlib
 
-from pychop.ops import BACKENDS, BackendUnavailable, available as available_backends
-from pychop.ops import parallel_st_attention, spatial_attention, temporal_attention
+from pychop.ops import BACKENDS, BackendUnavailable, parallel_st_attention, spatial_attention, temporal_attention
+from pychop.ops import available as available_backends
 
 __version__ = "0.1.0"
 

@@ -14,10 +14,29 @@ import torch
 
 from benchmarks.floors import DESIGN_SHAPES
 from pychop.ops import backends
-from tests.checks import (DTYPES, ERROR_FACTOR, FLOOR, GRAD_NAMES, TEMPORAL_OPTIONS, assert_finite,
-                          check_against_float32_torch, check_against_reference, check_kernel_statistics, dominating_key_inputs, dtype_id,
-                          forward_backward, input_count, make_inputs, mixed_layout_inputs, nan_padded_inputs, op_call,
-                          options_id, reference_call, relative_error, temporal_dominated_inputs)
+from tests.checks import (
+    DTYPES,
+    ERROR_FACTOR,
+    FLOOR,
+    GRAD_NAMES,
+    TEMPORAL_OPTIONS,
+    assert_finite,
+    check_against_float32_torch,
+    check_against_reference,
+    check_kernel_statistics,
+    dominating_key_inputs,
+    dtype_id,
+    forward_backward,
+    input_count,
+    make_inputs,
+    mixed_layout_inputs,
+    nan_padded_inputs,
+    op_call,
+    options_id,
+    reference_call,
+    relative_error,
+    temporal_dominated_inputs,
+)
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA_SPATIAL_DELTA_DEFECT = ("known defect: spatial_bwd.cu takes delta_s = rowsum(dout * out) - delta_t from the "

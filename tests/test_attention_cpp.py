@@ -1,6 +1,6 @@
-"""What only the "cpp" backend (pychop._C's CPU kernels) has: it must build here, "auto" picks it on a CPU, and
-its temporal backward splits tokens across threads, and its backward query blocks hold 128 rows. Every scenario every fused backend meets is in
-tests/test_attention_conformance.py."""
+"""What only the "cpp" backend (pychop._C's CPU kernels) has: it must build here, "auto" picks it on a CPU, its
+temporal backward splits tokens across threads, and its backward query blocks hold 128 rows. Every scenario every
+fused backend meets is in tests/test_attention_conformance.py."""
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
-"""What only the "cuda" backend (pychop._C's CUDA kernels) has: its nondeterministic backward refused under deterministic algorithms, and compute-sanitizer memcheck / racecheck.
-Every scenario every fused backend meets is in tests/test_attention_conformance.py."""
+"""What only the "cuda" backend (pychop._C's CUDA kernels) has: its nondeterministic backward refused under
+deterministic algorithms, and compute-sanitizer memcheck / racecheck. Every scenario every fused backend meets is
+in tests/test_attention_conformance.py."""
 
 import os
 import shutil

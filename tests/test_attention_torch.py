@@ -2,12 +2,23 @@
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pychop
-from tests.checks import (DEVICES, GRAD_NAMES, TEMPORAL_OPTIONS, TOLERANCE, forward_backward, input_count,
-                          make_inputs, op_call, options_id, reference_call, relative_error)
-
+from tests.checks import (
+    DEVICES,
+    GRAD_NAMES,
+    TEMPORAL_OPTIONS,
+    TOLERANCE,
+    forward_backward,
+    input_count,
+    make_inputs,
+    op_call,
+    options_id,
+    reference_call,
+    relative_error,
+)
 
 
 def check_torch_backend(op, shape, dtype, device, seed, packed=False, **options):

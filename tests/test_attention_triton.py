@@ -8,8 +8,16 @@ tables for Hopper.
 import pytest
 import torch
 
-from tests.checks import (DTYPES, TEMPORAL_OPTIONS, check_against_reference, dtype_id, forward_backward,
-                          make_inputs, op_call, options_id)
+from tests.checks import (
+    DTYPES,
+    TEMPORAL_OPTIONS,
+    check_against_reference,
+    dtype_id,
+    forward_backward,
+    make_inputs,
+    op_call,
+    options_id,
+)
 
 
 def triton_device():
@@ -23,7 +31,8 @@ def test_unequal_spatial_tiles(block_m, block_n, monkeypatch, seed):
     32 x 128 at D <= 64 in 16 bits). Unequal tiles here too, S = 33 across several of each."""
     from pychop.kernels import spatial_attention
 
-    monkeypatch.setattr(spatial_attention, "INTERPRETER_CONFIG", spatial_attention.SpatialConfig(block_m, block_n, 1, 1))
+    config = spatial_attention.SpatialConfig(block_m, block_n, 1, 1)
+    monkeypatch.setattr(spatial_attention, "INTERPRETER_CONFIG", config)
     check_against_reference("stacked", "triton", (1, 2, 33, 1, 16), torch.float32, triton_device(), seed,
                             causal=True)
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tests.chopgrad_helpers import single_thread  # noqa: F401
 from pychop.models import CausalDecoderConfig, CausalVideoDecoder
+from tests.chopgrad_helpers import single_thread  # noqa: F401
 
 
 def decode_by_steps(decoder, z):

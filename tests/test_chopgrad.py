@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pychop.chopgrad import scan, stream
-from tests.chopgrad_helpers import ToyRecurrence, take_grads, truncated_reference, single_thread  # noqa: F401
+from tests.chopgrad_helpers import ToyRecurrence, single_thread, take_grads, truncated_reference  # noqa: F401
 
 N = 6
 EXACT = 1e-12

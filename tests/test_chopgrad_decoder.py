@@ -5,8 +5,7 @@ import torch
 
 from pychop.chopgrad import scan, stream
 from pychop.models import CausalDecoderConfig, CausalVideoDecoder
-from tests.chopgrad_helpers import (cosine, max_relative_difference, single_thread,  # noqa: F401
-                                   take_grads, truncated_reference)
+from tests.chopgrad_helpers import cosine, max_relative_difference, single_thread, take_grads, truncated_reference  # noqa: F401
 
 SEGMENTS = 5
 FRAMES = [1] + [4] * (SEGMENTS - 1)

@@ -9,8 +9,8 @@ import torch
 
 from pychop.chopgrad import scan, stream
 from pychop.chopgrad.memory import SavedActivationMeter
-from tests.chopgrad_helpers import single_thread  # noqa: F401
 from pychop.models import CausalDecoderConfig, CausalVideoDecoder
+from tests.chopgrad_helpers import single_thread  # noqa: F401
 
 
 def problem(segments):

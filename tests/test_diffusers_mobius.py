@@ -5,13 +5,15 @@ import torch
 
 pytest.importorskip("diffusers")
 from diffusers import UNet3DConditionModel, UNetMotionModel, UNetSpatioTemporalConditionModel  # noqa: E402
+from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel, TransformerTemporalModel  # noqa: E402
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D  # noqa: E402
-from diffusers.models.transformers.transformer_temporal import (  # noqa: E402
-    TransformerSpatioTemporalModel, TransformerTemporalModel)
 
 from pychop.integrations.diffusers.mobius import convert_to_parallel, parallel_pairs  # noqa: E402
 from pychop.integrations.diffusers.motion import (  # noqa: E402
-    TemporalAttentionProcessor, patch_temporal_attention, temporal_attention_modules)
+    TemporalAttentionProcessor,
+    patch_temporal_attention,
+    temporal_attention_modules,
+)
 from tests.checks import relative_error, runnable_backends  # noqa: E402
 
 BATCH, FRAMES, TEXT_DIM = 2, 3, 24

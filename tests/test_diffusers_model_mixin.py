@@ -16,14 +16,25 @@ import torch
 
 pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import (  # noqa: E402
-    AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0, SlicedAttnProcessor)
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    SlicedAttnProcessor,
+)
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from pychop.integrations.diffusers.mobius import convert_to_parallel, parallel_pairs  # noqa: E402
 from pychop.integrations.diffusers.motion import TemporalAttentionProcessor, patch_temporal_attention  # noqa: E402
 from tests.checks import relative_error  # noqa: E402
 from tests.test_diffusers_mobius import (  # noqa: E402
-    forward_backward, svd_inputs, tiny_motion_unet, tiny_svd_unet, tiny_unet_3d, unet_3d_inputs, unet_inputs)
+    forward_backward,
+    svd_inputs,
+    tiny_motion_unet,
+    tiny_svd_unet,
+    tiny_unet_3d,
+    unet_3d_inputs,
+    unet_inputs,
+)
 
 MODELS = {"motion": (tiny_motion_unet, unet_inputs), "unet3d": (tiny_unet_3d, unet_3d_inputs),
           "svd": (tiny_svd_unet, svd_inputs)}

@@ -9,7 +9,7 @@ diffusers = pytest.importorskip("diffusers")
 from pychop.chopgrad import scan, stream  # noqa: E402
 from pychop.chopgrad.memory import SavedActivationMeter  # noqa: E402
 from pychop.integrations.diffusers import WanDecoderRecurrence, decoder_recurrence  # noqa: E402
-from tests.chopgrad_helpers import take_grads, single_thread  # noqa: E402, F401
+from tests.chopgrad_helpers import single_thread, take_grads  # noqa: E402, F401
 
 LATENT = 4  # latent height and width
 

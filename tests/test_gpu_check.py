@@ -48,7 +48,8 @@ def test_rehearsal(gpu_check, call, tmp_path):
     report = gpu_check.run_call(call, rehearse=True, out=tmp_path)
     for stage in gpu_check.PLAN[call]:
         entry = report["stages"][stage.name]
-        assert entry["status"] == "done", f"{stage.name}: {entry['status']}\n{(tmp_path / f'{call}.log').read_text()[-3000:]}"
+        log = (tmp_path / f"{call}.log").read_text()
+        assert entry["status"] == "done", f"{stage.name}: {entry['status']}\n{log[-3000:]}"
     if call == "first":
         for stage in ("triton-correctness", "cuda-correctness"):
             assert report["stages"][stage]["results"]["passed"], report["stages"][stage]["results"]

@@ -115,10 +115,11 @@ def shape_rows(ctx, dtype):
             for row in found:
                 if row["impl"] in ["reference", *backends]:
                     row.update(floor_fwd_ms=fwd_floor, floor_fwdbwd_ms=fwdbwd_floor,
-                               fwd_of_floor=fwd_floor / row["fwd_ms"], fwdbwd_of_floor=fwdbwd_floor / row["fwdbwd_ms"])
+                               fwd_of_floor=fwd_floor / row["fwd_ms"],
+                               fwdbwd_of_floor=fwdbwd_floor / row["fwdbwd_ms"])
             if "triton" in backends:
-                step = fwd_bwd(partial(pychop.parallel_st_attention, backend="triton"), inputs, torch.randn_like(inputs[0]))
-                found += kernel_rows(floors, step)
+                triton_op = partial(pychop.parallel_st_attention, backend="triton")
+                found += kernel_rows(floors, fwd_bwd(triton_op, inputs, torch.randn_like(inputs[0])))
         rows += [{"shape": shape_name, "B,T,S,H,D": f"{B},{T},{S},{H},{D}", **row} for row in found]
     return rows
 

@@ -139,8 +139,10 @@ def run(ctx):
     device = ctx.device
     if ctx.smoke:
         config_name, batch, dtype = "TINY", 1, torch.float32
+    elif ctx.on_gpu:
+        config_name, batch, dtype = "SD15_VIDEO", 2, torch.bfloat16
     else:
-        config_name, batch, dtype = ("SD15_VIDEO", 2, torch.bfloat16) if ctx.on_gpu else ("CPU_CONFIG", 1, torch.float32)
+        config_name, batch, dtype = "CPU_CONFIG", 1, torch.float32
     config = CONFIGS[config_name]
     fused, reasons = fused_backends(device)
     print(f"fused backends on {device.type}: {fused or 'none'}; "

@@ -8,8 +8,15 @@ import torch
 from torch.utils import _pytree as pytree
 
 from pychop.chopgrad.replay import SegmentReplay, cuda_devices
-from pychop.chopgrad.state import (Step, call_step, check_segments, check_window, detach_state, grad_leaf_state,
-                                   tensor_leaves)
+from pychop.chopgrad.state import (
+    Step,
+    call_step,
+    check_segments,
+    check_window,
+    detach_state,
+    grad_leaf_state,
+    tensor_leaves,
+)
 from pychop.chopgrad.window import recompute_sweep
 
 

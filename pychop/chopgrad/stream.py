@@ -8,8 +8,7 @@ from typing import Any, Callable, List, Sequence, Tuple, Union
 import torch
 
 from pychop.chopgrad.replay import SegmentReplay, cuda_devices
-from pychop.chopgrad.state import (Step, call_step, check_segments, check_window, detach_state,
-                                   tensor_leaves)
+from pychop.chopgrad.state import Step, call_step, check_segments, check_window, detach_state, tensor_leaves
 from pychop.chopgrad.window import recompute_sweep, retain_sweep
 
 STRATEGIES = ("recompute", "retain")

@@ -55,7 +55,8 @@ class AttentionBranch(nn.Module):
 
     def qkv_blocks(self):
         """The (gamma, beta, W, b) blocks of q, k and v for ``layer_norm_packed_linear``: one shared affine."""
-        return [(self.norm.weight, self.norm.bias, proj.weight, proj.bias) for proj in (self.to_q, self.to_k, self.to_v)]
+        return [(self.norm.weight, self.norm.bias, proj.weight, proj.bias)
+                for proj in (self.to_q, self.to_k, self.to_v)]
 
 
 def check_tokens(x: torch.Tensor, dim: int) -> None:

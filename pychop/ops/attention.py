@@ -35,9 +35,15 @@ import torch.nn.functional as F
 
 from pychop import autocast_state
 from pychop.ops import backends
-from pychop.ops.validation import (check_attention_inputs, check_combine, check_deterministic, check_flag,
-                                   check_kernel_dtype, check_scale, check_window)
-
+from pychop.ops.validation import (
+    check_attention_inputs,
+    check_combine,
+    check_deterministic,
+    check_flag,
+    check_kernel_dtype,
+    check_scale,
+    check_window,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # The torch backend: the reference semantics.

@@ -5,8 +5,8 @@ kernels in ``pychop.kernels``), ``"cuda"`` and ``"cpp"`` (the GPU and CPU kernel
 ``pychop._C``), and ``"auto"``, which takes the first available backend of the preference list for the
 tensors' device type (skipping those whose backward is not deterministic while
 ``torch.use_deterministic_algorithms(True)`` is set). The environment variable ``PYCHOP_BACKEND`` replaces
-``"auto"`` (an explicit ``backend=`` argument always wins). Asking for a backend that cannot run raises ``BackendUnavailable`` with
-the reason.
+``"auto"`` (an explicit ``backend=`` argument always wins). Asking for a backend that cannot run raises
+``BackendUnavailable`` with the reason.
 
 A fused backend is a module with the kernel interface of ``pychop.ops.attention``: ``forward(...)`` and
 ``backward(...)`` on the (B, T, S, H, D) layout.

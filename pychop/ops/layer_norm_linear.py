@@ -84,7 +84,7 @@ class LayerNormPackedLinear(torch.autograd.Function):
 
         normed = None
         start = 0
-        for (i_gamma, i_beta, i_w, i_b), (gamma, beta, w, b) in zip(ctx.layout, blocks):
+        for (i_gamma, i_beta, i_w, i_b), (gamma, beta, w, _) in zip(ctx.layout, blocks):
             need_gamma, need_beta, need_w = need[i_gamma], need[i_beta], need[i_w]
             need_b = i_b >= 0 and need[i_b]
             block = grad_rows[:, start:start + w.shape[0]]

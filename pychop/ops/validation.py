@@ -139,6 +139,6 @@ def check_deterministic(backend: str, spatial: bool) -> None:
                f"and torch.use_deterministic_algorithms(True) is set; use backend='triton' (deterministic), or "
                f"backend='auto', which then skips {backend!r}, or turn the setting off")
     if torch.is_deterministic_algorithms_warn_only_enabled():
-        warnings.warn(message)
+        warnings.warn(message, stacklevel=2)
     else:
         raise RuntimeError(message)

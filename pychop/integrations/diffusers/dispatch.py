@@ -15,8 +15,11 @@ import torch.nn as nn
 from diffusers import LatteTransformer3DModel
 from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
 from diffusers.models.unets.unet_3d_blocks import CrossAttnDownBlock3D, CrossAttnUpBlock3D, UNetMidBlock3DCrossAttn
-from diffusers.models.unets.unet_motion_model import (CrossAttnDownBlockMotion, CrossAttnUpBlockMotion,
-                                                      UNetMidBlockCrossAttnMotion)
+from diffusers.models.unets.unet_motion_model import (
+    CrossAttnDownBlockMotion,
+    CrossAttnUpBlockMotion,
+    UNetMidBlockCrossAttnMotion,
+)
 
 from pychop.integrations.diffusers.latte import convert_latte_to_parallel
 from pychop.integrations.diffusers.mobius import PAIRED_MODULE_LISTS

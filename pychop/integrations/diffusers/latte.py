@@ -25,8 +25,15 @@ from typing import List
 import torch
 from diffusers import LatteTransformer3DModel
 
-from pychop.integrations.diffusers.mobius import (MobiusConversion, _hidden_states_of, _PairForward, _PairLink,
-                                                  _SpatialForward, _split_hidden_states, _with_hidden_states)
+from pychop.integrations.diffusers.mobius import (
+    MobiusConversion,
+    _hidden_states_of,
+    _PairForward,
+    _PairLink,
+    _SpatialForward,
+    _split_hidden_states,
+    _with_hidden_states,
+)
 from pychop.integrations.diffusers.motion import TemporalAttentionPatch, patch_temporal_attention
 
 

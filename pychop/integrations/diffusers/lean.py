@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import weakref
+
 import torch
 from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0

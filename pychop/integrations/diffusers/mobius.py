@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-
 # (spatial, temporal) module lists side by side in a stage of each supported UNet, paired index by index.
 PAIRED_MODULE_LISTS = (("attentions", "motion_modules"), ("attentions", "temp_attentions"),
                        ("transformer_blocks", "temporal_transformer_blocks"))

@@ -35,8 +35,7 @@ import torch
 import torch.nn as nn
 from diffusers import LatteTransformer3DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from diffusers.models.transformers.transformer_temporal import (TransformerSpatioTemporalModel,
-                                                                  TransformerTemporalModel)
+from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel, TransformerTemporalModel
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
 import pychop

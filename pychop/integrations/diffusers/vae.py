@@ -11,8 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusers import (AutoencoderKLCogVideoX, AutoencoderKLHunyuanVideo, AutoencoderKLLTXVideo,
-                       AutoencoderKLMochi, AutoencoderKLQwenImage, AutoencoderKLWan)
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    AutoencoderKLHunyuanVideo,
+    AutoencoderKLLTXVideo,
+    AutoencoderKLMochi,
+    AutoencoderKLQwenImage,
+    AutoencoderKLWan,
+)
 
 from pychop.integrations.diffusers.cogvideox import CogVideoXDecoderRecurrence
 from pychop.integrations.diffusers.ltx import LTXVideoDecoderRecurrence, ltx_refusal
