@@ -67,6 +67,20 @@ def _program_block(S, H, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.const
 
 
 @triton.jit
+def _key_block(K, V, b, t, h, start_n, offs_d, S, stride_k_b, stride_k_t, stride_k_s, stride_k_h,
+               stride_v_b, stride_v_t, stride_v_s, stride_v_h, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keys and values of tokens start_n .. start_n + BLOCK_N of (b, t, h), and which of them exist."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < S
+    kv_ok = key_ok[:, None] & (offs_d[None, :] < D)
+    k = tl.load(_frame_tile(K, b, t, h, offs_n, offs_d, stride_k_b, stride_k_t, stride_k_s, stride_k_h),
+                mask=kv_ok, other=0.0)
+    v = tl.load(_frame_tile(V, b, t, h, offs_n, offs_d, stride_v_b, stride_v_t, stride_v_s, stride_v_h),
+                mask=kv_ok, other=0.0)
+    return key_ok, k, v
+
+
+@triton.jit
 def _spatial_forward_kernel(
         Q, K, V, Out, Lse,
         stride_q_b, stride_q_t, stride_q_s, stride_q_h,
@@ -84,13 +98,8 @@ def _spatial_forward_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(0, S, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < S
-        kv_ok = key_ok[:, None] & (offs_d[None, :] < D)
-        k = tl.load(_frame_tile(K, b, t, h, offs_n, offs_d, stride_k_b, stride_k_t, stride_k_s, stride_k_h),
-                    mask=kv_ok, other=0.0)
-        v = tl.load(_frame_tile(V, b, t, h, offs_n, offs_d, stride_v_b, stride_v_t, stride_v_s, stride_v_h),
-                    mask=kv_ok, other=0.0)
+        key_ok, k, v = _key_block(K, V, b, t, h, start_n, offs_d, S, stride_k_b, stride_k_t, stride_k_s, stride_k_h,
+                                  stride_v_b, stride_v_t, stride_v_s, stride_v_h, D, BLOCK_N)
         s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -140,13 +149,8 @@ def _spatial_backward_query_kernel(
     lse = tl.load(Lse + stats, mask=row_ok, other=0.0) * LOG2E
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(0, S, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < S
-        kv_ok = key_ok[:, None] & (offs_d[None, :] < D)
-        k = tl.load(_frame_tile(K, b, t, h, offs_n, offs_d, stride_k_b, stride_k_t, stride_k_s, stride_k_h),
-                    mask=kv_ok, other=0.0)
-        v = tl.load(_frame_tile(V, b, t, h, offs_n, offs_d, stride_v_b, stride_v_t, stride_v_s, stride_v_h),
-                    mask=kv_ok, other=0.0)
+        key_ok, k, v = _key_block(K, V, b, t, h, start_n, offs_d, S, stride_k_b, stride_k_t, stride_k_s, stride_k_h,
+                                  stride_v_b, stride_v_t, stride_v_s, stride_v_h, D, BLOCK_N)
         s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
         p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)

@@ -40,17 +40,19 @@ class Stage:
     purpose: str
 
 
+ENVIRONMENT = Stage("environment", 20, "GPU, driver, torch, triton, commit")
+INSTALL = "pip install --no-deps --no-build-isolation -e . (no downloads)"
 PLAN: Dict[str, List[Stage]] = {
     "first": [
-        Stage("environment", 20, "GPU, driver, torch, triton, commit"),
-        Stage("install", 45, "pip install --no-deps --no-build-isolation -e . (no downloads)"),
+        ENVIRONMENT,
+        Stage("install", 45, INSTALL),
         Stage("triton-correctness", 120, "triton at shapes A-F, bf16 and fp16: out and six gradients vs float32 torch"),
         Stage("cuda-correctness", 75, "cuda (after its build) at shapes A-F, bf16 and fp16, vs float32 torch"),
         Stage("attention-suite", 150, "fused backends vs unfused reference vs SDPA spatial alone, fwd and fwd+bwd"),
     ],
     "second": [
-        Stage("environment", 20, "GPU, driver, torch, triton, commit"),
-        Stage("install", 20, "pip install --no-deps --no-build-isolation -e . (no downloads)"),
+        ENVIRONMENT,
+        Stage("install", 20, INSTALL),
         Stage("chopgrad-suite", 90, "ChopGrad: peak allocator memory vs frames, step time"),
         Stage("mobius-suite", 60, "Mobius: step time, peak memory, saved bytes of every form, lean_frozen too"),
         Stage("gpu-tests", 60, "the representative gpu tests (conformance scenarios, models, compile, chopgrad)"),
