@@ -83,7 +83,7 @@ def kernel_floors(shape, *, itemsize: int = 2, causal: bool = False, window=None
     if temporal:  # reads q, k, v; writes o_t, lse_t
         forward.append(floor("temporal_forward", 2, temporal_mm, 4, 1))
         # query kernel: QK^T, dP, dQ; reads q, k, v, dO, lse; writes dq, delta
-        backward.append(floor("temporal_backward_query", 3, temporal_mm, 6, 2))
+        backward.append(floor("temporal_backward_query", 3, temporal_mm, 5, 2))
         # key kernel: QK^T, dP, dV, dK; reads q, k, v, dO, lse, delta; writes dk, dv
         backward.append(floor("temporal_backward_key", 4, temporal_mm, 6, 2))
     if spatial:  # reads q, k, v (and o_t to add, summed); writes out, lse_s

@@ -41,10 +41,10 @@ from .tiles import (
 
 @triton.jit
 def _frame_tile(X, b, t, h, offs_s, offs_d, stride_b, stride_t, stride_s, stride_h):
-    """Pointers to tokens `offs_s` x columns `offs_d` of X[b, t, :, h, :]: an int64 offset to the (b, t, h)
-    slice, int32 offsets within it."""
+    """Pointers to tokens `offs_s` x columns `offs_d` of X[b, t, :, h, :], int64 offsets (a view's token stride
+    may span other dimensions: S * stride_s can pass 2^31)."""
     base = tl.cast(b, tl.int64) * stride_b + tl.cast(t, tl.int64) * stride_t + tl.cast(h, tl.int64) * stride_h
-    return X + base + (offs_s[:, None] * stride_s + offs_d[None, :])
+    return X + base + (tl.cast(offs_s, tl.int64)[:, None] * stride_s + offs_d[None, :])
 
 
 @triton.jit
@@ -229,7 +229,7 @@ GPU_CONFIGS = {
     (64, True): (SpatialConfig(128, 64, 8, 3), SpatialConfig(64, 64, 4, 3), SpatialConfig(32, 128, 8, 3)),
     (128, True): (SpatialConfig(128, 64, 8, 2), SpatialConfig(64, 64, 8, 2), SpatialConfig(64, 64, 8, 2)),
     (256, True): (SpatialConfig(64, 32, 8, 2), SpatialConfig(32, 32, 8, 1), SpatialConfig(32, 32, 8, 1)),
-    (64, False): (SpatialConfig(64, 32, 8, 2), SpatialConfig(64, 32, 8, 2), SpatialConfig(32, 32, 8, 2)),
+    (64, False): (SpatialConfig(32, 64, 8, 2), SpatialConfig(64, 32, 8, 2), SpatialConfig(32, 32, 8, 2)),
     (128, False): (SpatialConfig(32, 32, 8, 2), SpatialConfig(32, 16, 8, 2), SpatialConfig(16, 32, 8, 1)),
     (256, False): (SpatialConfig(32, 16, 8, 1), SpatialConfig(16, 16, 8, 1), SpatialConfig(16, 16, 8, 1)),
 }

@@ -15,8 +15,9 @@ query blocks. Launchers:
         contiguous gradients and delta = rowsum(P dP) (B, T, H, S) float32, which the spatial backward of the
         summed output needs.
 
-Scores are in natural-log units (a query with one key frame gets p = exp(0) = 1 exactly in the backward, and
-exact zero gradients, as the unfused path). Kernels: ``_temporal_forward_kernel`` (online softmax over blocks
+A non-finite input of one token reaches the other tokens of its program (the masked cross-token products
+multiply it by zero); finite inputs are unaffected. Scores are in natural-log units (a query with one key frame
+gets p = exp(0) = 1 exactly in the backward, and exact zero gradients, as the unfused path). Kernels: ``_temporal_forward_kernel`` (online softmax over blocks
 of key frames); ``_temporal_backward_query_kernel`` (dq and delta: one pass when one block holds every key
 frame, else a pass for delta and one for dq); ``_temporal_backward_key_kernel`` (dk, dv from the query frames
 u that reach key frame t within the gradient band, ``u - t < min(window, grad_window)``: with a grad window its
@@ -79,7 +80,7 @@ def _program_rows(S, H, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.cons
     return b, h, tokens, frames, offs_d, offs_d[None, :] < D
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])  # a loop bound: no compile per window
 def _temporal_forward_kernel(
         Q, K, V, Out, Lse,
         stride_q_b, stride_q_t, stride_q_s, stride_q_h,
@@ -140,7 +141,7 @@ def _probabilities(q, do, lse, K, V, b, h, tokens, frames, offs_d, column_ok, st
     return k, p, dp
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])
 def _temporal_backward_query_kernel(
         Q, K, V, DOut, Lse, Delta, DQ,
         stride_q_b, stride_q_t, stride_q_s, stride_q_h,
@@ -191,7 +192,7 @@ def _temporal_backward_query_kernel(
              (dq * scale).to(DQ.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["band"])
 def _temporal_backward_key_kernel(
         Q, K, V, DOut, Lse, Delta, DK, DV,
         stride_q_b, stride_q_t, stride_q_s, stride_q_h,

@@ -7,28 +7,30 @@
 #   bash scripts/gpu_check.sh second     # at most 5 minutes: the rest
 #   bash scripts/gpu_check.sh --rehearse first|second    # the same stages at tiny sizes on the CPU
 #
-# first (budget 420 s): environment (20 s), install without downloads (45 s) while pychop._C builds in the
-#   background (~70 s of g++ for binding.cpp, ~25 s of nvcc), triton correctness at shapes A-F x bf16, fp16 x two
-#   option sets against float32 torch (120 s; about 30 Triton compiles: 3 spatial kernels per head dim 40, 64,
-#   128 and dtype, 3 temporal kernels per head dim, block of frames 16, 32 or 64, and dtype), cuda correctness on
-#   the same cases (75 s), the attention suite at A-F and its T sweep, 10 timed rounds of >= 1 ms samples (150 s;
-#   about 20 more compiles: the branches alone). Expected: 5-6 minutes.
+# first (budget 420 s): environment (20 s), install without downloads (25 s) while pychop._C builds in the
+#   background (~70 s of g++ for binding.cpp, ~25 s of nvcc), triton correctness at shapes A-F x bf16, fp16 x
+#   {every frame, window 8 with grad window 4} against float32 torch (150 s; about 80 Triton compiles: the
+#   spatial kernels per head dim 40, 64, 128 and dtype, the temporal ones also per block of frames 16, 32, 64 and
+#   per causal or not), cuda correctness on the same cases (60 s), the attention suite at A-F, 10 timed rounds of
+#   >= 1 ms samples, each shape's table printed as it ends (125 s; the branches alone add compiles), the T sweep
+#   of the temporal branch (40 s). Expected: 6-7 minutes.
 # second (budget 300 s): environment and install (40 s), the chopgrad suite (90 s: peak allocator memory and step
 #   time against frames, full backpropagation vs stream, pychop's decoder at Wan widths and diffusers' Wan VAE),
 #   the mobius suite (60 s: every form at SD15_VIDEO, batch 2, bf16), 3 timed rounds each, the representative
-#   gpu tests (60 s: tests/test_attention_conformance.py on triton and cuda, bf16 and float32, and the model,
-#   compile and chopgrad gpu tests; about 120 Triton compiles on 8 pytest-xdist workers), compute-sanitizer
-#   memcheck and racecheck last (30 s). Expected: 4-5 minutes.
+#   gpu tests (60 s: tests/test_attention_conformance.py on triton and cuda in bf16 and float32, head dims to
+#   256 in bf16, and the model, compile and chopgrad gpu tests; on 8 pytest-xdist workers), compute-sanitizer
+#   memcheck and racecheck last (50 s, bf16, two shapes, each tool its own half). Expected: 5 minutes.
 # Each stage has its own limit; the Triton compiles each stage made on the GPU are in <call>.json
 # (triton_compiles: new entries in an empty TRITON_CACHE_DIR).
-# A pre-built Triton cache is not carried. The first call compiles about 50 kernels (about 1 s each here, where
-# the compile and ptxas run without a GPU), under a minute, and a carried entry would be found only if its key
+# A pre-built Triton cache is not carried. The first call compiles about 100 kernels (about 1 s each here, where
+# the compile and ptxas run without a GPU), and a carried entry would be found only if its key
 # equals the key of the runtime's own launch: the kernel source, the launch's specialisation attributes (16-byte
 # divisibility of every pointer and integer, integers equal to 1, None arguments), the options, the bundled
 # ptxas and the target. The attributes come from the driver's specialisation of the actual tensors, which cannot
-# run without a GPU driver, so that equality cannot be verified here.
+# run without a GPU driver, so that equality cannot be verified here; what an unverified cache would save is
+# left to the first GPU run to measure (triton_compiles and the stage times in first.json).
 #
-# Into $OUT (default results/gpu_check): <call>.log, <call>.json and the suites' PNGs, at most 7 files.
+# Into $OUT (default results/gpu_check): <call>.log, <call>.json and the suites' PNGs, 8 files in all.
 # Commit what comes back under benchmarks/results/<gpu name>/.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -4,7 +4,8 @@ branches summed and stacked, for compute-sanitizer:
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_cuda.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python scripts/sanitize_cuda.py
 
-``--rehearse`` makes the same calls on the CPU with the "cpp" backend (no sanitizer): the GPU check's rehearsal.
+``--quick`` (the GPU check): bfloat16 only, the first two shapes. ``--rehearse`` makes the same calls on the CPU
+with the "cpp" backend (no sanitizer): the GPU check's rehearsal.
 """
 
 import sys
@@ -23,15 +24,17 @@ OPTIONS = [{}, dict(temporal_window=2, temporal_grad_window=1), dict(temporal_ca
 
 
 def main():
-    rehearse = "--rehearse" in sys.argv[1:]
+    rehearse, quick = "--rehearse" in sys.argv[1:], "--quick" in sys.argv[1:]
     device, names = ("cpu", ("cpp",)) if rehearse else ("cuda", ("cuda", "triton"))
+    dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)
+    shapes = SHAPES[:2] if quick else SHAPES
     if not rehearse and not torch.cuda.is_available():
         raise SystemExit("sanitize_cuda.py needs a CUDA GPU (or --rehearse)")
     for name in names:
         backends.load(name, torch.device(device))  # build outside the sanitized region's interest
     for backend in names:
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            for shape in SHAPES:
+        for dtype in dtypes:
+            for shape in shapes:
                 x = [torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(6)]
                 calls = [(pychop.spatial_attention, x[:3], {})]
                 for options in OPTIONS:

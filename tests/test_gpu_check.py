@@ -28,6 +28,13 @@ def files_below(folder: Path):
     return [path for path in folder.rglob("*") if path.is_file()]
 
 
+def test_each_call_fits_its_window(gpu_check):
+    """Stage budgets add up to at most the call's budget: 7 minutes for the first call, 5 for the second, under the
+    10 a command may run."""
+    for call, minutes in (("first", 7), ("second", 5)):
+        assert sum(stage.budget_s for stage in gpu_check.PLAN[call]) <= gpu_check.CALL_BUDGET_S[call] <= minutes * 60
+
+
 def test_a_stage_cut_off_says_so_and_the_next_runs(gpu_check, tmp_path, monkeypatch):
     plan = [gpu_check.Stage("install", 1, "cut off after 1 s"), gpu_check.Stage("environment", 60, "then this")]
     monkeypatch.setitem(gpu_check.PLAN, "first", plan)
@@ -40,6 +47,24 @@ def test_a_stage_cut_off_says_so_and_the_next_runs(gpu_check, tmp_path, monkeypa
     log = (tmp_path / "first.log").read_text()
     assert "== install" in log and "== environment" in log
     assert "cut off" in gpu_check.summary(tmp_path)
+
+
+def test_gpu_test_selection(gpu_check):
+    """On the CPU every gpu test is skipped, so the rehearsal cannot see what the selection leaves out: collect it
+    (the cuda cases of the conformance suite are collected here too) and check bf16 and float32 are in, fp16 out,
+    and the largest head dims are run in bf16."""
+    import subprocess
+
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-k",
+               gpu_check.GPU_TEST_SELECTION, *gpu_check.GPU_TEST_FILES]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    ids = [line for line in result.stdout.splitlines() if "::" in line]
+    conformance = [test_id for test_id in ids if test_id.startswith("tests/test_attention_conformance.py")]
+    assert any("cuda" in i and "-bf16]" in i for i in conformance), result.stdout[-2000:]
+    assert any("cuda" in i and "-fp32]" in i for i in conformance)
+    assert not any("fp16" in i or "benchmark_shapes" in i or "sanitizer" in i for i in ids)
+    assert "tests/test_attention_conformance.py::test_head_dims[cuda-256-bf16]" in ids
+    assert any(i.startswith("tests/test_chopgrad_gpu.py") for i in ids)
 
 
 @pytest.mark.parametrize("call", ["first", "second"])

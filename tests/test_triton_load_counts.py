@@ -79,7 +79,8 @@ def test_temporal_reads_flat_in_frames(monkeypatch, options):
 
 
 def test_temporal_reads_beyond_one_block_of_frames(monkeypatch):
-    """Past one block of frames (16 in the interpreter, 64 on a GPU) reads grow with the number of blocks, as
+    """Past one block of frames (16 in the interpreter; on a GPU 64 for 16-bit inputs up to D = 128, 16 or 32
+    otherwise) reads grow with the number of blocks, as
     FlashAttention's grow with the number of query blocks: at T = 17, two blocks, at most twice per block."""
     forward, backward = temporal_load_counts(monkeypatch, 17, dict(causal=False, window=None))
     blocks = 2

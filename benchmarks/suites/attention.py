@@ -13,12 +13,7 @@ in another (``ctx.compare``): each speedup is the median of per-round ratios, wi
 shapes (float32) are large enough that the kernels, not the Python and dispatch overhead, take the time: the
 reference's forward+backward takes 10 to 100 ms on one thread.
 
-Then a sweep of the temporal branch (``pychop.temporal_attention``, causal) over T = 8 ... 256 with the
-gradient window k in {1, 4, T}: the backward splits into the query-side kernel (dq: every key frame of the
-causal range, T^2 / 2 row dot products per token, whatever k) and the key-side kernel (dk, dv: only the
-k-frame band, T * k). At each T all backends and windows are timed in one comparison; fused rows hold their
-forward+backward speedup over the torch backend at the same k. On a GPU the per-kernel times come from the
-profiler (kernels whose name has "backward_key" or "backward_query" in it); the sweep is skipped on the CPU.
+The T sweep of the temporal branch is the suite ``attention_sweep``.
 """
 
 from __future__ import annotations
@@ -30,8 +25,9 @@ import torch.nn.functional as F
 
 import pychop
 from benchmarks.floors import DESIGN_SHAPES, kernel_floors, op_floor_ms
+from benchmarks.runner import format_table
 
-DESCRIPTION = "parallel spatial-temporal attention: fused backends vs the unfused reference; T sweep of grad window"
+DESCRIPTION = "parallel spatial-temporal attention: fused backends vs the unfused reference at each shape"
 
 GPU_SHAPES = DESIGN_SHAPES  # name: (B, T, S, H, D), bf16 on the GPU
 CPU_SHAPES = {  # (B, T, S, H, D), float32, sized so that the kernels dominate the call overhead
@@ -41,10 +37,6 @@ CPU_SHAPES = {  # (B, T, S, H, D), float32, sized so that the kernels dominate t
     "cpu-d": (1, 4, 1024, 2, 64),  # S = 1024: the spatial matrix products dominate
 }
 SMOKE_SHAPES = {"smoke": (1, 4, 16, 2, 16)}  # every code path, no meaningful figure (--smoke)
-# T sweep of the temporal branch with a causal grad window: (B, S, H, D), then the frame counts.
-SWEEP_SHAPE = (1, 32 * 32, 8, 64)
-SWEEP_FRAMES = (8, 16, 32, 64, 128, 256)
-SWEEP_WINDOWS = (1, 4, None)  # None: k = T, full backpropagation
 
 
 def attention_flops(B, T, S, H, D, *, spatial=True, temporal=True):
@@ -120,7 +112,9 @@ def shape_rows(ctx, dtype):
             if "triton" in backends:
                 triton_op = partial(pychop.parallel_st_attention, backend="triton")
                 found += kernel_rows(floors, fwd_bwd(triton_op, inputs, torch.randn_like(inputs[0])))
-        rows += [{"shape": shape_name, "B,T,S,H,D": f"{B},{T},{S},{H},{D}", **row} for row in found]
+        shape_table = [{"shape": shape_name, "B,T,S,H,D": f"{B},{T},{S},{H},{D}", **row} for row in found]
+        print(format_table(shape_table), flush=True)  # a run cut off keeps in its log what it measured
+        rows += shape_table
     return rows
 
 
@@ -143,8 +137,8 @@ def kernel_times_ms(fn, words, repeats=10):
 
 
 def kernel_rows(floors, step):
-    """One row per Triton kernel of the fused op (backend "auto" picks triton on a GPU): its GPU time per
-    call in `step` (profiler) over its floor."""
+    """One row per Triton kernel of the fused op (`step` runs it with backend="triton"): its GPU time per call
+    (profiler) over its floor."""
     names = [f"_{floor.kernel}_kernel" for floor in floors]
     times = kernel_times_ms(step, names)
     return [{"impl": "triton", "kernel": floor.kernel, "kernel_ms": times[name], "floor_ms": floor.floor_ms,
@@ -152,39 +146,8 @@ def kernel_rows(floors, step):
             for floor, name in zip(floors, names)]
 
 
-def sweep_rows(ctx, dtype):
-    """Causal temporal attention over T with grad window k in {1, 4, T}: backward time and its split."""
-    if not ctx.on_gpu:
-        return [{"sweep": "T x grad window", "note": "skipped on the CPU: needs a GPU (interpreter timings "
-                                                     "say nothing of kernel cost)"}]
-    B, S, H, D = SWEEP_SHAPE
-    backends = fused_backends(ctx) + ["torch"]
-    rows = []
-    for T in ctx.progress(SWEEP_FRAMES[:2] if ctx.smoke else SWEEP_FRAMES, "T sweep"):
-        inputs = [torch.randn(B, T, S, H, D, device=ctx.device, dtype=dtype, requires_grad=True) for _ in range(3)]
-        dout = torch.randn(B, T, S, H, D, device=ctx.device, dtype=dtype)
-        ops = {(backend, k): partial(pychop.temporal_attention, causal=True, grad_window=k, backend=backend)
-               for backend in backends for k in SWEEP_WINDOWS}
-        label = lambda backend, k: f"{backend} k={'T' if k is None else k}"
-        forward = ctx.compare({label(*key): partial(fn, *inputs) for key, fn in ops.items()})
-        steps = {label(*key): fwd_bwd(fn, inputs, dout) for key, fn in ops.items()}
-        both = ctx.compare(steps)
-        for backend, k in ops:
-            name = label(backend, k)
-            row = {"sweep": "T x grad window", "impl": backend, "T": T, "k": "T" if k is None else k,
-                   "fwd_ms": forward.ms[name], "bwd_ms": both.ms[name] - forward.ms[name], "fwdbwd_ms": both.ms[name],
-                   "peak_mb": ctx.peak_memory_mb(steps[name])}
-            if backend != "torch":
-                row.update(both.speedup(name, over=label("torch", k)).columns("fwdbwd_speedup"))
-                split = kernel_times_ms(steps[name], ("backward_query", "backward_key"))
-                row["bwd_dq_kernel_ms"], row["bwd_dkdv_kernel_ms"] = split["backward_query"], split["backward_key"]
-            rows.append(row)
-    return rows
-
-
 def run(ctx):
-    dtype = torch.bfloat16 if ctx.on_gpu else torch.float32
-    return shape_rows(ctx, dtype) + sweep_rows(ctx, dtype)
+    return shape_rows(ctx, torch.bfloat16 if ctx.on_gpu else torch.float32)
 
 
 def plot(rows, path):
@@ -192,11 +155,10 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shaped = [row for row in rows if "shape" in row]
-    swept = [row for row in rows if "T" in row]
+    shaped = [row for row in rows if "fwd_ms" in row]
     shapes = list(dict.fromkeys(row["shape"] for row in shaped))
     impls = list(dict.fromkeys(row["impl"] for row in shaped))
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
     for ax, key in zip(axes, ("fwd_ms", "fwdbwd_ms")):
         width = 0.8 / len(impls)
         for i, impl in enumerate(impls):
@@ -206,19 +168,6 @@ def plot(rows, path):
         ax.set_ylabel("ms (median)")
         ax.set_title(key.replace("_ms", "").replace("fwdbwd", "forward + backward").replace("fwd", "forward"))
     axes[0].legend()
-    ax = axes[2]
-    for impl in dict.fromkeys(row["impl"] for row in swept):
-        for k_label in dict.fromkeys(str(r["k"]) for r in swept):
-            points = [(r["T"], r["bwd_ms"]) for r in swept if r["impl"] == impl and str(r["k"]) == k_label]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=f"{impl} k={k_label}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("frames T")
-    ax.set_ylabel("backward ms")
-    ax.set_title("causal temporal attention, grad window k")
-    if swept:
-        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
