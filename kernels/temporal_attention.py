@@ -15,13 +15,13 @@ query blocks. Launchers:
         contiguous gradients and delta = rowsum(P dP) (B, T, H, S) float32, which the spatial backward of the
         summed output needs.
 
-A non-finite input of one token reaches the other tokens of its program (the masked cross-token products
-multiply it by zero); finite inputs are unaffected. Scores are in natural-log units (a query with one key frame
-gets p = exp(0) = 1 exactly in the backward, and exact zero gradients, as the unfused path). Kernels: ``_temporal_forward_kernel`` (online softmax over blocks
-of key frames); ``_temporal_backward_query_kernel`` (dq and delta: one pass when one block holds every key
-frame, else a pass for delta and one for dq); ``_temporal_backward_key_kernel`` (dk, dv from the query frames
-u that reach key frame t within the gradient band, ``u - t < min(window, grad_window)``: with a grad window its
-work grows with T * k).
+A non-finite input of one token reaches the other tokens of its program (the masked cross-token products multiply
+it by zero); finite inputs are unaffected. Scores are in natural-log units (a query with one key frame gets p =
+exp(0) = 1 exactly in the backward, and exact zero gradients, as the unfused path). Kernels:
+``_temporal_forward_kernel`` (online softmax over blocks of key frames); ``_temporal_backward_query_kernel`` (dq
+and delta: one pass when one block holds every key frame, else a pass for delta and one for dq);
+``_temporal_backward_key_kernel`` (dk, dv from the query frames u that reach key frame t within the gradient band,
+``u - t < min(window, grad_window)``: with a grad window its work grows with T * k).
 """
 
 from __future__ import annotations
