@@ -100,14 +100,11 @@ def _temporal_forward_kernel(
     first = tl.program_id(1) * BLOCK_T
     for start in range(tl.maximum(first - window + 1, 0), tl.minimum(first + BLOCK_T, T) if CAUSAL else T,
                        BLOCK_T):
-        k_tokens, k_frames = _rows(tl.program_id(0) * (BLOCK_M // BLOCK_T), start, BLOCK_M, BLOCK_T)
-        kv_ok = ((k_tokens < S) & (k_frames < T))[:, None] & column_ok
-        k = tl.load(_tile(K, b, h, k_tokens, k_frames, offs_d, stride_k_b, stride_k_t, stride_k_s, stride_k_h),
-                    mask=kv_ok, other=0.0)
-        v = tl.load(_tile(V, b, h, k_tokens, k_frames, offs_d, stride_v_b, stride_v_t, stride_v_s, stride_v_h),
-                    mask=kv_ok, other=0.0)
-        s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * scale
-        s = tl.where(_allowed(tokens, frames, k_tokens, k_frames, T, S, window, CAUSAL), s, float("-inf"))
+        k, v, s, allowed = _key_frames(q, K, V, b, h, tokens, frames, offs_d, column_ok, start, T, S, window,
+                                       stride_k_b, stride_k_t, stride_k_s, stride_k_h,
+                                       stride_v_b, stride_v_t, stride_v_s, stride_v_h, scale, CAUSAL, BLOCK_M,
+                                       BLOCK_T, DOT_PRECISION, UPCAST_DOT)
+        s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays empty
         p = tl.exp(s - m_safe[:, None])
@@ -122,12 +119,12 @@ def _temporal_forward_kernel(
 
 
 @triton.jit
-def _probabilities(q, do, lse, K, V, b, h, tokens, frames, offs_d, column_ok, start, T, S, reach,
-                   stride_k_b, stride_k_t, stride_k_s, stride_k_h, stride_v_b, stride_v_t, stride_v_s, stride_v_h,
-                   scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """For the key frames start .. start + BLOCK_T of the program's tokens: (k, p, dp), p and dp of shape
-    (query rows, key rows)."""
+def _key_frames(q, K, V, b, h, tokens, frames, offs_d, column_ok, start, T, S, reach,
+                stride_k_b, stride_k_t, stride_k_s, stride_k_h, stride_v_b, stride_v_t, stride_v_s, stride_v_h,
+                scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """For the key frames start .. start + BLOCK_T of the program's tokens: their keys and values, the scaled
+    scores of the program's query rows against them and which of those the masks allow, (query rows, key rows)."""
     k_tokens, k_frames = _rows(tl.program_id(0) * (BLOCK_M // BLOCK_T), start, BLOCK_M, BLOCK_T)
     kv_ok = ((k_tokens < S) & (k_frames < T))[:, None] & column_ok
     k = tl.load(_tile(K, b, h, k_tokens, k_frames, offs_d, stride_k_b, stride_k_t, stride_k_s, stride_k_h),
@@ -135,7 +132,20 @@ def _probabilities(q, do, lse, K, V, b, h, tokens, frames, offs_d, column_ok, st
     v = tl.load(_tile(V, b, h, k_tokens, k_frames, offs_d, stride_v_b, stride_v_t, stride_v_s, stride_v_h),
                 mask=kv_ok, other=0.0)
     s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * scale
-    allowed = _allowed(tokens, frames, k_tokens, k_frames, T, S, reach, CAUSAL)
+    return k, v, s, _allowed(tokens, frames, k_tokens, k_frames, T, S, reach, CAUSAL)
+
+
+@triton.jit
+def _probabilities(q, do, lse, K, V, b, h, tokens, frames, offs_d, column_ok, start, T, S, reach,
+                   stride_k_b, stride_k_t, stride_k_s, stride_k_h, stride_v_b, stride_v_t, stride_v_s, stride_v_h,
+                   scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """For the key frames start .. start + BLOCK_T of the program's tokens: (k, p, dp), p and dp of shape
+    (query rows, key rows)."""
+    k, v, s, allowed = _key_frames(q, K, V, b, h, tokens, frames, offs_d, column_ok, start, T, S, reach,
+                                   stride_k_b, stride_k_t, stride_k_s, stride_k_h,
+                                   stride_v_b, stride_v_t, stride_v_s, stride_v_h, scale, CAUSAL, BLOCK_M, BLOCK_T,
+                                   DOT_PRECISION, UPCAST_DOT)
     p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
     dp = mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)
     return k, p, dp
