@@ -1,4 +1,5 @@
-"""Test set-up: poisoned kernel outputs, Triton's interpreter on CPU-only machines, the gpu marker."""
+"""Test set-up: poisoned kernel outputs, Triton's interpreter on CPU-only machines, the gpu marker, one seed per
+run (tests/seeding.py)."""
 
 import os
 
@@ -12,7 +13,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile("pychop", deadline=None, max_examples=20,
+pytest_plugins = ("tests.seeding", "pytester")
+
+# No example database: a run's examples follow from its seed alone (tests/seeding.py sets Hypothesis's seed).
+settings.register_profile("pychop", deadline=None, max_examples=20, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "pychop"))
 
@@ -24,14 +28,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture
-def seed():
-    """A fresh seed per test, set for torch and reported by the test's failure messages."""
-    value = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(value)
-    return value
 
 
 @pytest.fixture
