@@ -1,5 +1,5 @@
 """Test set-up: poisoned kernel outputs, Triton's interpreter on CPU-only machines, the gpu marker, one seed per
-run (tests/seeding.py)."""
+run (tests/seeding.py), the record of what the tiers hold (tests/tiers.py)."""
 
 import os
 
@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-pytest_plugins = ("tests.seeding", "pytester")
+pytest_plugins = ("tests.seeding", "tests.tiers", "pytester")
 
 # No example database: a run's examples follow from its seed alone (tests/seeding.py sets Hypothesis's seed).
 settings.register_profile("pychop", deadline=None, max_examples=20, database=None,

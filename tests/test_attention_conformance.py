@@ -38,16 +38,18 @@ from tests.checks import (
     temporal_dominated_inputs,
 )
 
+pytestmark = pytest.mark.numerics  # CI runs these once more on the AVX2 path (scripts/test.sh --avx2)
+
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA_SPATIAL_DELTA_DEFECT = ("known defect: spatial_bwd.cu takes delta_s = rowsum(dout * out) - delta_t from the "
                              "16-bit rounded sum out = o_s + o_t (cpp and triton take it from P dP)")
 
 
-def fused_backends(cuda_xfail: str = None):
-    """(backend, device) parameters: cpp on the CPU, triton where it runs (a gpu test where that is a GPU), cuda
-    on a GPU (xfail with a reason)."""
+def fused_backends(cuda_xfail: str = None, *, quick_interpreter: bool = False):
+    """(backend, device) parameters: cpp on the CPU, triton where it runs (a gpu test where that is a GPU; in the
+    CPU interpreter, seconds per case: slow unless `quick_interpreter`), cuda on a GPU (xfail with a reason)."""
     cuda_marks = [pytest.mark.gpu] + ([pytest.mark.xfail(strict=True, reason=cuda_xfail)] if cuda_xfail else [])
-    triton_marks = [pytest.mark.gpu] if TRITON_DEVICE == "cuda" else []
+    triton_marks = [pytest.mark.gpu] if TRITON_DEVICE == "cuda" else [] if quick_interpreter else [pytest.mark.slow]
     return [pytest.param(("cpp", "cpu"), id="cpp"), pytest.param(("triton", TRITON_DEVICE), id="triton",
                                                                  marks=triton_marks),
             pytest.param(("cuda", "cuda"), id="cuda", marks=cuda_marks)]
@@ -56,6 +58,9 @@ def fused_backends(cuda_xfail: str = None):
 @pytest.fixture(params=fused_backends())
 def fused(request):
     return request.param
+
+
+QUICK_IN_THE_INTERPRETER = pytest.mark.parametrize("fused", fused_backends(quick_interpreter=True))
 
 
 def check(op, fused, shape, dtype, seed, **kwargs):
@@ -170,6 +175,7 @@ def test_nothing_read_past_the_head_dim(fused, op, options, head_dim, seed):
 
 
 @pytest.mark.parametrize("op", ["spatial", "temporal"])
+@QUICK_IN_THE_INTERPRETER
 def test_scores_falling_by_more_than_the_exponent_range(fused, op, seed):
     """Each query's one dominating key scores about 200 above its others, at a different token or frame per
     query: a softmax maximum taken over part of a row (some blocks, some frames) lets exp overflow."""
@@ -188,6 +194,7 @@ def test_temporal_branch_dominating_the_saved_sum(fused_xfail, dtype, seed):
     check("parallel", fused_xfail, shape, dtype, seed, inputs=inputs)
 
 
+@QUICK_IN_THE_INTERPRETER
 def test_strided_output_gradient(fused, seed):
     """An upstream gradient with unusual strides (last one 1) is read as it lies."""
     backend, device = fused
@@ -200,6 +207,7 @@ def test_strided_output_gradient(fused, seed):
         torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@QUICK_IN_THE_INTERPRETER
 def test_kernel_interface_statistics(fused, seed):
     """forward() returns each branch's natural-log logsumexp of the scaled scores, (B, T, H, S) float32: the
     contract of the kernel interface, which the backward's own reading of them cannot check."""

@@ -9,6 +9,8 @@ import pychop
 from pychop.ops import backends
 from tests.checks import check_against_reference
 
+pytestmark = pytest.mark.numerics  # CI runs these once more on the AVX2 path (scripts/test.sh --avx2)
+
 
 @pytest.fixture(scope="module", autouse=True)
 def cpp_backend():

@@ -19,6 +19,8 @@ from tests.checks import (
     options_id,
 )
 
+pytestmark = pytest.mark.numerics  # CI runs these once more on the AVX2 path (scripts/test.sh --avx2)
+
 
 def triton_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
