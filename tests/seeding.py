@@ -5,7 +5,7 @@ os.urandom. Before every test, torch's, numpy's and Python's global generators a
 draws the same inputs whichever tests run before it; the ``seed`` fixture returns it for failure messages.
 Hypothesis takes it as its seed (``--hypothesis-seed`` overrides) and keeps no example database
 (tests/conftest.py's profile), so a run depends on its seed alone. The report header prints the seed, and each
-failing test's report ends with the command that replays it.
+failing test's report ends with the command that replays it. pytest-xdist's workers take the controller's seed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 ENV = "PYCHOP_TEST_SEED"
 SEED_LIMIT = 2 ** 32  # numpy's legacy seeding takes [0, 2**32)
 SEED_KEY = pytest.StashKey[int]()
+WORKER_KEY = "pychop_test_seed"
 
 
 def parse_seed(text: str, source: str) -> int:
@@ -62,13 +63,19 @@ def pytest_addoption(parser):
 
 @pytest.hookimpl(tryfirst=True)  # before Hypothesis's plugin reads --hypothesis-seed
 def pytest_configure(config):
+    worker = getattr(config, "workerinput", {})  # a pytest-xdist worker takes the controller's seed
     try:
-        seed = run_seed(config.getoption("seed"), os.environ)
+        seed = worker[WORKER_KEY] if WORKER_KEY in worker else run_seed(config.getoption("seed"), os.environ)
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
     config.stash[SEED_KEY] = seed
     if getattr(config.option, "hypothesis_seed", "absent") is None:
         config.option.hypothesis_seed = str(seed)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput[WORKER_KEY] = node.config.stash[SEED_KEY]
 
 
 def pytest_report_header(config):

@@ -12,7 +12,9 @@ from tests.checks import input_count, make_inputs, op_call, runnable_backends
 SHAPE = (1, 3, 10, 2, 8)  # (B, T, S, H, D)
 OPS = [("parallel", dict(causal=True, grad_window=1)), ("stacked", dict(window=2)), ("spatial", {}),
        ("temporal", dict(causal=True))]
-FUSED_CPU = [name for name in runnable_backends() if name != "torch"]
+# Triton in the CPU interpreter takes seconds per compiled case: slow (the quick tier keeps cpp's).
+FUSED_CPU = [pytest.param(name, marks=pytest.mark.slow) if name == "triton" else name
+             for name in runnable_backends() if name != "torch"]
 FUSED_MODELS = [name for name in runnable_backends(interpreted=False) if name != "torch"]
 FUSED_GPU = [name for name in runnable_backends("cuda") if name != "torch"] if torch.cuda.is_available() else []
 
@@ -73,6 +75,7 @@ def test_custom_operators_pass_opcheck(backend, branches, seed):
     torch.library.opcheck(attention.fused_attention_backward_op, backward_args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED_MODELS)
 def test_parallel_block_and_video_unet_compile_whole(backend, seed):
     block = ParallelSTBlock(32, 2, backend=backend, temporal_causal=True)
