@@ -232,6 +232,7 @@ def test_converter_rewires_unet_3d_temporal_transformers_and_reverts_exactly(see
     check_training_and_revert(unet, inputs, original, conversion, lambda name: ".temp_attentions." in name)
 
 
+@pytest.mark.slow
 def test_converter_rewires_stable_video_diffusion_blocks_and_reverts_exactly(seed):
     unet = tiny_svd_unet(seed)
     inputs = svd_inputs()
@@ -277,6 +278,7 @@ def test_converter_composes_with_the_processors_and_refuses_bad_models(seed):
         convert_to_parallel(torch.nn.Linear(4, 4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", [name for name in runnable_backends(interpreted=False) if name != "torch"])
 def test_converted_and_patched_unet_compiles_whole(backend, seed):
     """torch.compile(fullgraph=True) of a motion UNet in Mobius form with pychop's temporal attention: no graph

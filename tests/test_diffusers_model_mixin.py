@@ -38,6 +38,8 @@ from tests.test_diffusers_mobius import (  # noqa: E402
 
 MODELS = {"motion": (tiny_motion_unet, unet_inputs), "unet3d": (tiny_unet_3d, unet_3d_inputs),
           "svd": (tiny_svd_unet, svd_inputs)}
+# The quick tier (scripts/test.sh --quick) runs each test on the motion UNet; the other two take seconds more each.
+KINDS = [kind if kind == "motion" else pytest.param(kind, marks=pytest.mark.slow) for kind in MODELS]
 
 
 def build(kind, seed, *, convert=False, patch=False):
@@ -70,7 +72,7 @@ def assert_same_output(unet, reference, inputs):
     torch.testing.assert_close(run(unet, inputs), run(reference, inputs), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_processor_api_behaves_as_on_the_plain_model(kind, seed):
     plain, _ = build(kind, seed)
     unet, patch = build(kind, seed, patch=True)
@@ -121,7 +123,7 @@ def perturb_a_paired_temporal_module(unet):
         next(parallel_pairs(unet)[0][2].parameters()).add_(1.0)
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_copies_and_checkpoints_keep_the_model(kind, seed, tmp_path):
     """save_pretrained/from_pretrained, deepcopy and torch.save/torch.load of a converted and patched model."""
     plain, _ = build(kind, seed)
@@ -150,7 +152,7 @@ def test_copies_and_checkpoints_keep_the_model(kind, seed, tmp_path):
     assert torch.equal(run(restored, inputs), expected)  # still converted: the plain model's output differs
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_forward_chunking_and_bfloat16(kind, seed):
     unet, _ = build(kind, seed, convert=True, patch=True)
     inputs = MODELS[kind][1]()
@@ -189,7 +191,7 @@ def assert_same_gradients(model, inputs, out, grads, calls=(1, 2)):
         torch.testing.assert_close(grads_checkpointed[name], grad, rtol=1e-6, atol=1e-8, msg=name)
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_gradient_checkpointing_gives_the_same_gradients(kind, seed):
     """Checkpointing enabled after and before the conversion of a converted and patched model."""
     unet, _ = build(kind, seed, convert=True, patch=True)
@@ -218,6 +220,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind, seed):
         forward_backward(unet, inputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["unet3d", "svd"])  # test_diffusers_mobius compiles a whole motion UNet
 def test_converted_and_patched_pair_compiles(kind, seed):
     """torch.compile (aot_eager, fullgraph) of the module that runs the mid block's pair (the mid block, or
