@@ -5,13 +5,15 @@
 #   bash scripts/test.sh [--quick] [--avx2] [pytest arguments]
 #
 #   --quick  the fast tier: leaves out the tests marked slow (-m "not slow", combined with any -m given), at least
-#            one test of every test module still runs. TIMES_QUICK
+#            one test of every test module still runs. About 2 minutes on a quiet 2-core machine (an estimate:
+#            its CPU time is under a third of the full run's; docs/design.md, section 8).
 #   --avx2   takes the CPU code paths an AVX2-only x86 machine takes, whatever this x86 machine has: torch's
-#            (ATEN_CPU_CAPABILITY), MKL's and oneDNN's kernels, numpy's (NPY_DISABLE_CPU_FEATURES) and numpy's
-#            OpenBLAS kernels, which Triton's interpreter used for tl.dot (OPENBLAS_CORETYPE=Haswell). CI runs the
-#            numerics-marked tests once more this way (.ci/run).
+#            (ATEN_CPU_CAPABILITY), MKL's and oneDNN's kernels and numpy's (NPY_DISABLE_CPU_FEATURES). numpy's
+#            OpenBLAS is left to choose (some machines set OPENBLAS_CORETYPE to avoid kernels that fail on them):
+#            Triton's interpreter no longer computes tl.dot with it. CI runs the numerics-marked tests once more
+#            this way (.ci/run).
 #
-# The full run: TIMES_FULL
+# The full run: about 7 minutes on a quiet 2-core machine, about 16 minutes of CPU time (AMD EPYC, AVX2).
 # Every run prints its random seed in the header; PYCHOP_TEST_SEED=<seed> (or --seed <seed>) replays it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
         --avx2)
             [ "$(uname -m)" = x86_64 ] || { echo "scripts/test.sh: --avx2 needs an x86-64 CPU, this is $(uname -m)" >&2; exit 2; }
             export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
-                NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR" OPENBLAS_CORETYPE=Haswell ;;
+                NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR" ;;
         -m)
             [ $# -ge 2 ] || { echo "scripts/test.sh: -m needs a marker expression" >&2; exit 2; }
             marks="$2"; shift ;;

@@ -17,7 +17,9 @@ def test_there_are_examples():
     assert {path.name for path in EXAMPLES} >= {"packed_attention.py", *NEEDS_DIFFUSERS}
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[path.name for path in EXAMPLES])
+# Examples with diffusers models take tens of seconds: slow (the quick tier runs the others).
+@pytest.mark.parametrize("path", [pytest.param(path, marks=pytest.mark.slow) if path.name in NEEDS_DIFFUSERS else path
+                                  for path in EXAMPLES], ids=[path.name for path in EXAMPLES])
 def test_example_runs(path):
     if path.name in NEEDS_DIFFUSERS:
         pytest.importorskip("diffusers")

@@ -69,6 +69,7 @@ def test_gpu_test_selection(gpu_check):
     assert any(i.startswith("tests/test_chopgrad_gpu.py") for i in ids)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("call", ["first", "second"])
 def test_rehearsal(gpu_check, call, tmp_path):
     """Both calls end to end on the CPU: every stage done, each well under its GPU budget here at tiny sizes."""
