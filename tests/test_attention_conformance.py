@@ -103,6 +103,16 @@ def test_frame_counts(fused, frames, options, seed):
     check("parallel", fused, (1, frames, 5, 1, 40), torch.float32, seed, **options)
 
 
+@pytest.mark.parametrize("op, options", [
+    ("temporal", {"window": 2**32 + 1}),
+    ("parallel", {"window": 2**33 + 7, "grad_window": 2**32 + 2}),
+], ids=["window2^32+1", "window2^33+7-grad2^32+2"])
+def test_windows_past_the_int32_range(fused, op, options, seed):
+    """A window of T frames or more means every frame: one past the int32 range is no window, not the low bits
+    of it (2**32 + 1 narrowed to an int is 1, 2**32 + 2 is 2)."""
+    check(op, fused, (1, 5, 7, 1, 16), torch.float32, seed, **options)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("tokens", [2, 7, 33])
 def test_token_counts(fused, tokens, dtype, seed):
