@@ -168,22 +168,19 @@ void backward(const at::Tensor& dout, const OptTensor& dout_t, const OptTensor& 
                   p.temporal == (p.dq_t.data && p.dk_t.data && p.dv_t.data),
               "the gradients must be given exactly for the branches computed");
 
-  const auto stats = out.options().dtype(at::kFloat);
-  const auto B = p.batch, T = p.frames, S = p.tokens, H = p.heads;
-  at::Tensor delta_t, delta_s, dq_accum;  // scratch, alive until the kernels are enqueued (stream-ordered)
-  if (p.temporal && out.is_cuda()) {  // the CUDA temporal backward keeps delta_t there
-    delta_t = at::empty({B, T, H, S}, stats);
-    p.delta_t = delta_t.data_ptr<float>();
-  }
   if (out.is_cpu()) {
     parallel_st_attention_bwd_cpu(p);
     return;
   }
 #ifdef PYCHOP_WITH_CUDA
-  if (p.spatial) {
-    delta_s = at::empty({B, T, H, S}, stats);
-    dq_accum = at::empty({B, T, S, H, static_cast<int64_t>(p.head_dim)}, stats);
-    p.delta_s = delta_s.data_ptr<float>();
+  bool needs_scratch = false;
+  check_launch(cuda_backward_needs_scratch(p, needs_scratch));
+  at::Tensor delta, dq_accum;  // scratch, alive until the kernels are enqueued (stream-ordered)
+  if (needs_scratch) {
+    const auto stats = out.options().dtype(at::kFloat);
+    delta = at::empty({p.batch, p.frames, p.heads, p.tokens}, stats);
+    dq_accum = at::empty({p.batch, p.frames, p.tokens, p.heads, p.head_dim}, stats);
+    p.delta = delta.data_ptr<float>();
     p.dq_accum = dq_accum.data_ptr<float>();
   }
   check_launch(launch_parallel_st_attention_bwd(p, reinterpret_cast<void*>(stream)));

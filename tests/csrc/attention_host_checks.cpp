@@ -1,0 +1,437 @@
+// Host checks of the CUDA kernels' plain-C++ parts, run by tests/test_extension_build.py (no GPU needed):
+//   branch.h          a branch's offsets against the (B, T, S, H, D) strides; the masks and block ranges against
+//                     brute force;
+//   the kernels' loops emulated in double precision, one problem at a time: the query / key block iteration, the
+//                     online softmax (rows with no attended key in a block), the in-kernel or precomputed delta,
+//                     the grad window's masking, dq written once or accumulated, the head-dim splits; against a
+//                     direct reference, every output element written;
+//   attention_layout.h every layout's regions aligned and disjoint (dq over scores and dprobs only), and a plan
+//                     for every head dim, dtype and shared-memory limit of the GPU families.
+// Prints "ok" and the shared memory of the benchmark shapes' blocks; exits 1 at the first failure.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "attention/cuda/attention_layout.h"
+#include "attention/cuda/branch.h"
+
+using namespace pychop;
+
+#define CHECK(cond, ...)                                                      \
+  do {                                                                        \
+    if (!(cond)) {                                                            \
+      std::printf("FAIL line %d: %s: ", __LINE__, #cond);                     \
+      std::printf(__VA_ARGS__);                                               \
+      std::printf("\n");                                                      \
+      std::exit(1);                                                           \
+    }                                                                         \
+  } while (0)
+
+namespace {
+
+std::mt19937 rng(1234);
+int uniform(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
+
+// ---------------------------------------------------------------------------------------------- offsets
+int64_t offset(const TensorRef& r, int b, int t, int s, int h) {
+  return b * r.stride_b + t * r.stride_t + s * r.stride_s + h * r.stride_h;
+}
+
+// Strides of a (B, T, S, H, D) view of a tensor whose dims B, T, S, H lie in a random order, rows padded.
+TensorRef random_layout(void* data, const int (&size)[4], int D) {
+  int order[4] = {0, 1, 2, 3};
+  std::shuffle(order, order + 4, rng);
+  int64_t stride[4], next = D + uniform(0, 3) * 8;
+  for (int k = 3; k >= 0; --k) {
+    stride[order[k]] = next;
+    next *= size[order[k]];
+  }
+  return {data, stride[0], stride[1], stride[2], stride[3]};
+}
+
+void check_offsets() {
+  alignas(16) static char base[64];
+  for (int trial = 0; trial < 300; ++trial) {
+    AttentionParams p;
+    p.batch = uniform(1, 3), p.frames = uniform(1, 6), p.tokens = uniform(1, 6), p.heads = uniform(1, 3);
+    p.head_dim = uniform(1, 40);
+    const int size[4] = {p.batch, p.frames, p.tokens, p.heads};
+    for (TensorRef* r : {&p.q_s, &p.k_s, &p.v_s, &p.q_t, &p.k_t, &p.v_t, &p.out, &p.out_t, &p.dout, &p.dout_t,
+                         &p.dq_s, &p.dk_s, &p.dv_s, &p.dq_t, &p.dk_t, &p.dv_t})
+      *r = random_layout(base, size, p.head_dim);
+    float stats[1];
+    p.lse_s = p.lse_t = p.delta = p.dq_accum = stats;
+    for (const Axis axis : {Axis::Spatial, Axis::Temporal}) {
+      const bool spatial = axis == Axis::Spatial;
+      const Branch br = make_branch(p, axis, 2);
+      CHECK(br.rows == (spatial ? p.tokens : p.frames) && br.problems() == int64_t(p.batch) * p.heads *
+            (spatial ? p.frames : p.tokens), "sizes");
+      for (int64_t index = 0; index < br.problems(); ++index) {
+        int b, x, h;
+        br.problem(index, b, x, h);
+        CHECK((int64_t(b) * br.outer + x) * br.heads + h == index && b < p.batch && h < p.heads, "problem %lld",
+              (long long)index);
+        for (int r = 0; r < br.rows; ++r) {
+          const int t = spatial ? x : r, s = spatial ? r : x;
+          const struct { const AxisTensor& a; const TensorRef& ref; } pairs[] = {
+              {br.q, spatial ? p.q_s : p.q_t}, {br.k, spatial ? p.k_s : p.k_t}, {br.v, spatial ? p.v_s : p.v_t},
+              {br.out, spatial ? p.out : p.out_t}, {br.dout, spatial ? p.dout : p.dout_t},
+              {br.dq, spatial ? p.dq_s : p.dq_t}, {br.dk, spatial ? p.dk_s : p.dk_t},
+              {br.dv, spatial ? p.dv_s : p.dv_t}};
+          for (const auto& pair : pairs)
+            CHECK(pair.a.row_offset(b, x, h, r) == offset(pair.ref, b, t, s, h), "row (%d %d %d %d)", b, t, s, h);
+          const int64_t stat = ((int64_t(b) * p.frames + t) * p.heads + h) * p.tokens + s;
+          CHECK(br.lse.row_offset(b, x, h, r) == stat && br.delta.row_offset(b, x, h, r) == stat, "stat row");
+          const int64_t accum = (((int64_t(b) * p.frames + t) * p.tokens + s) * p.heads + h) * p.head_dim;
+          CHECK(br.dq_accum.row_offset(b, x, h, r) == accum, "dq_accum row");
+        }
+      }
+    }
+  }
+  // 16-byte rows: the pointer and every stride; bf16 D = 8 rows are 16 bytes, D = 10 rows 20.
+  alignas(16) static char buffer[64];
+  CHECK(along({buffer, 64, 32, 8, 16}, Axis::Temporal, 2).aligned, "aligned");
+  CHECK(!along({buffer + 2, 64, 32, 8, 16}, Axis::Temporal, 2).aligned, "pointer off 16 bytes");
+  CHECK(!along({buffer, 80, 40, 10, 20}, Axis::Spatial, 2).aligned, "rows of 20 bytes");
+  CHECK(!along({buffer, 80, 40, 10, 20}, Axis::Spatial, 4).aligned, "float32 rows of 40 bytes");
+}
+
+// ---------------------------------------------------------------------------------------------- masks, ranges
+struct Masks {
+  bool causal;
+  int window, grad_window;
+};
+
+const Masks MASKS[] = {{false, 0, 0}, {true, 0, 0}, {true, 1, 0}, {true, 2, 1}, {true, 3, 2}, {true, 0, 1},
+                       {true, 0, 2}, {false, 0, 2}, {true, 17, 5}, {true, 40, 20}, {true, 0, 64}};
+const int ROWS[] = {1, 5, 16, 17, 33, 64, 65, 70, 130};
+const int BLOCKS[] = {16, 32, 64};
+
+Branch branch(int rows, const Masks& m) {
+  Branch br;
+  br.batch = br.outer = br.heads = 1;
+  br.rows = rows;
+  br.causal = m.causal;
+  br.window = m.window;
+  br.grad_window = m.grad_window;
+  return br;
+}
+
+// The semantics, written apart from params.h: t - window < t' <= t (causal), t' > t - grad_window (live).
+bool allowed(const Branch& br, int i, int j) {
+  return j >= 0 && j < br.rows && (!br.causal || j <= i) && (br.window <= 0 || j > i - br.window);
+}
+bool live(const Branch& br, int i, int j) {
+  return allowed(br, i, j) && (br.grad_window <= 0 || j > i - br.grad_window);
+}
+
+void check_ranges() {
+  for (const Masks& m : MASKS)
+    for (int rows : ROWS) {
+      const Branch br = branch(rows, m);
+      for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < rows; ++j)
+          CHECK(br.attends(i, j) == allowed(br, i, j) && br.live(i, j) == live(br, i, j), "mask (%d, %d)", i, j);
+      for (int BLOCK : BLOCKS)
+        for (int x0 = 0; x0 < rows; x0 += BLOCK) {
+          const int x1 = std::min(x0 + BLOCK, rows) - 1;
+          int kf, kl, qf, ql;
+          br.key_range(x0, x1, kf, kl);   // x0..x1 as a query block
+          br.query_range(x0, x1, qf, ql);  // as a key block
+          for (int i = x0; i <= x1; ++i)
+            for (int j = 0; j < rows; ++j)
+              if (allowed(br, i, j)) CHECK(kf <= j && j <= kl, "key %d of query %d outside [%d, %d]", j, i, kf, kl);
+          for (int j = x0; j <= x1; ++j)
+            for (int i = 0; i < rows; ++i) {
+              if (allowed(br, i, j)) CHECK(qf <= i && i <= ql, "query %d of key %d outside [%d, %d]", i, j, qf, ql);
+              if (allowed(br, i, j) && !live(br, i, j))
+                CHECK(br.detaches_any(std::min(i / BLOCK * BLOCK + BLOCK, rows) - 1, x0), "detached pair missed");
+            }
+          CHECK(0 <= kf && kl < rows && 0 <= qf && ql < rows, "ranges in bounds");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------- emulation
+struct Problem {
+  int L, D;
+  double scale;
+  std::vector<double> q, k, v, dout;  // L x D
+  double at(const std::vector<double>& x, int row, int c) const { return row < L && c < D ? x[row * D + c] : 0.; }
+  double dot(const std::vector<double>& x, int i, const std::vector<double>& y, int j) const {
+    double sum = 0;
+    for (int c = 0; c < D; ++c) sum += at(x, i, c) * at(y, j, c);
+    return sum;
+  }
+};
+
+struct Result {
+  std::vector<double> o, lse, dq, dk, dv;
+};
+
+Result reference(const Branch& br, const Problem& pr) {
+  const int L = pr.L, D = pr.D;
+  Result res{std::vector<double>(L * D), std::vector<double>(L), std::vector<double>(L * D),
+             std::vector<double>(L * D), std::vector<double>(L * D)};
+  std::vector<double> P(L * L), dS(L * L);
+  for (int i = 0; i < L; ++i) {
+    double mx = -INFINITY, sum = 0, delta = 0;
+    for (int j = 0; j < L; ++j)
+      if (allowed(br, i, j)) mx = std::max(mx, pr.scale * pr.dot(pr.q, i, pr.k, j));
+    for (int j = 0; j < L; ++j) sum += allowed(br, i, j) ? std::exp(pr.scale * pr.dot(pr.q, i, pr.k, j) - mx) : 0;
+    res.lse[i] = mx + std::log(sum);
+    for (int j = 0; j < L; ++j) {
+      P[i * L + j] = allowed(br, i, j) ? std::exp(pr.scale * pr.dot(pr.q, i, pr.k, j) - res.lse[i]) : 0;
+      delta += P[i * L + j] * pr.dot(pr.dout, i, pr.v, j);
+      for (int c = 0; c < D; ++c) res.o[i * D + c] += P[i * L + j] * pr.at(pr.v, j, c);
+    }
+    for (int j = 0; j < L; ++j) dS[i * L + j] = P[i * L + j] * (pr.dot(pr.dout, i, pr.v, j) - delta);
+  }
+  for (int i = 0; i < L; ++i)
+    for (int j = 0; j < L; ++j)
+      for (int c = 0; c < D; ++c) {
+        res.dq[i * D + c] += pr.scale * dS[i * L + j] * pr.at(pr.k, j, c);
+        if (!live(br, i, j)) continue;
+        res.dk[j * D + c] += pr.scale * dS[i * L + j] * pr.at(pr.q, i, c);
+        res.dv[j * D + c] += P[i * L + j] * pr.at(pr.dout, i, c);
+      }
+  return res;
+}
+
+// attention_fwd_kernel's loops for every query block of the problem.
+void emulate_forward(const Branch& br, const Problem& pr, int BLOCK, Result& res) {
+  const int L = pr.L, D = pr.D;
+  res.o.assign(L * D, NAN);
+  res.lse.assign(L, NAN);
+  for (int row0 = 0; row0 < L; row0 += BLOCK) {
+    std::vector<double> acc(BLOCK * D, 0.), row_max(BLOCK, -INFINITY), row_sum(BLOCK, 0.);
+    int first_key, last_key;
+    br.key_range(row0, std::min(row0 + BLOCK, L) - 1, first_key, last_key);
+    for (int col0 = first_key / BLOCK * BLOCK; col0 <= last_key; col0 += BLOCK)
+      for (int r = 0; r < BLOCK; ++r) {
+        int first, last;
+        attended_range(br.causal, br.window, L, row0 + r, first, last);
+        const auto attended = [&](int j) { return first <= col0 + j && col0 + j <= last && col0 + j < L; };
+        const auto score = [&](int j) { return pr.dot(pr.q, row0 + r, pr.k, col0 + j); };
+        double block_max = -INFINITY, block_sum = 0;
+        for (int j = 0; j < BLOCK; ++j)
+          if (attended(j)) block_max = std::max(block_max, score(j) * pr.scale);
+        const double old_max = row_max[r], new_max = std::max(old_max, block_max);
+        const double base = new_max == -INFINITY ? 0. : new_max;
+        const double rescale = std::exp(old_max - base);
+        for (int c = 0; c < D; ++c) acc[r * D + c] *= rescale;
+        for (int j = 0; j < BLOCK; ++j) {
+          const double prob = attended(j) ? std::exp(score(j) * pr.scale - base) : 0.;
+          block_sum += prob;
+          for (int c = 0; c < D; ++c) acc[r * D + c] += prob * pr.at(pr.v, col0 + j, c);
+        }
+        row_max[r] = new_max;
+        row_sum[r] = row_sum[r] * rescale + block_sum;
+      }
+    for (int r = 0; r < BLOCK && row0 + r < L; ++r) {
+      for (int c = 0; c < D; ++c) res.o[(row0 + r) * D + c] = acc[r * D + c] / row_sum[r];
+      res.lse[row0 + r] = row_max[r] + std::log(row_sum[r]);
+    }
+  }
+}
+
+// attention_bwd_kernel's loops for every (key block, split) of the problem; lse and o from the forward.
+void emulate_backward(const Branch& br, const Problem& pr, int BLOCK, int splits, const Result& fwd, Result& res) {
+  const int L = pr.L, D = pr.D, Dp = cuda::padded_head_dim(D), Dc = cuda::slice_cols(Dp, splits);
+  const bool one_key_block = L <= BLOCK;
+  res.dq.assign(L * D, one_key_block ? NAN : 0.);
+  res.dk.assign(L * D, NAN);
+  res.dv.assign(L * D, NAN);
+  std::vector<double> delta_saved(L);  // delta_from_output_kernel / the Delta epilogue: rowsum(dout * o)
+  for (int i = 0; i < L; ++i)
+    for (int c = 0; c < D; ++c) delta_saved[i] += pr.at(pr.dout, i, c) * fwd.o[i * D + c];
+  std::vector<int> dq_writes(L * D, 0);
+  for (int col0 = 0; col0 < L; col0 += BLOCK)
+    for (int split = 0; split < splits; ++split) {
+      const int c0 = split * Dc, cols = std::min(Dc, Dp - c0), c1 = std::min(c0 + cols, D);
+      CHECK(cols > 0 && cols % 16 == 0, "split %d of %d at Dp %d: %d columns", split, splits, Dp, cols);
+      std::vector<double> dk(BLOCK * cols, 0.), dv(BLOCK * cols, 0.);
+      int first_query, last_query;
+      br.query_range(col0, std::min(col0 + BLOCK, L) - 1, first_query, last_query);
+      for (int row0 = first_query / BLOCK * BLOCK; row0 <= last_query; row0 += BLOCK) {
+        std::vector<double> probs(BLOCK * BLOCK), dscores(BLOCK * BLOCK), dq(BLOCK * cols, 0.);
+        std::vector<int> first_live(BLOCK);
+        for (int r = 0; r < BLOCK; ++r) {
+          const int i = row0 + r;
+          int first, last;
+          attended_range(br.causal, br.window, L, i, first, last);
+          first_live[r] = first_live_row(br.grad_window, i, first);
+          const double lse = i < L ? fwd.lse[i] : 0.;
+          std::vector<double> p(BLOCK), dp(BLOCK);
+          double p_dp = 0;
+          for (int c = 0; c < BLOCK; ++c) {
+            const int j = col0 + c;
+            p[c] = i < L && first <= j && j <= last && j < L ? std::exp(pr.dot(pr.q, i, pr.k, j) * pr.scale - lse) : 0.;
+            dp[c] = pr.dot(pr.dout, i, pr.v, j);
+            p_dp += p[c] * dp[c];
+          }
+          const double delta = one_key_block ? p_dp : (i < L ? delta_saved[i] : 0.);
+          for (int c = 0; c < BLOCK; ++c) {
+            probs[r * BLOCK + c] = col0 + c >= first_live[r] ? p[c] : 0.;
+            dscores[r * BLOCK + c] = p[c] * (dp[c] - delta);
+          }
+        }
+        for (int c = 0; c < BLOCK; ++c)
+          for (int n = 0; n < cols; ++n)
+            for (int r = 0; r < BLOCK; ++r) dv[c * cols + n] += probs[r * BLOCK + c] * pr.at(pr.dout, row0 + r, c0 + n);
+        for (int r = 0; r < BLOCK; ++r)
+          for (int n = 0; n < cols; ++n)
+            for (int c = 0; c < BLOCK; ++c) dq[r * cols + n] += dscores[r * BLOCK + c] * pr.at(pr.k, col0 + c, c0 + n);
+        if (br.detaches_any(std::min(row0 + BLOCK, L) - 1, col0))
+          for (int r = 0; r < BLOCK; ++r)
+            for (int c = 0; c < BLOCK; ++c)
+              if (col0 + c < first_live[r]) dscores[r * BLOCK + c] = 0.;
+        for (int c = 0; c < BLOCK; ++c)
+          for (int n = 0; n < cols; ++n)
+            for (int r = 0; r < BLOCK; ++r) dk[c * cols + n] += dscores[r * BLOCK + c] * pr.at(pr.q, row0 + r, c0 + n);
+        for (int r = 0; r < BLOCK && row0 + r < L; ++r)
+          for (int c = c0; c < c1; ++c) {
+            double& dst = res.dq[(row0 + r) * D + c];
+            dst = one_key_block ? dq[r * cols + c - c0] * pr.scale : dst + dq[r * cols + c - c0] * pr.scale;
+            ++dq_writes[(row0 + r) * D + c];
+          }
+      }
+      for (int r = 0; r < BLOCK && col0 + r < L; ++r)
+        for (int c = c0; c < c1; ++c) {
+          res.dk[(col0 + r) * D + c] = dk[r * cols + c - c0] * pr.scale;
+          res.dv[(col0 + r) * D + c] = dv[r * cols + c - c0];
+        }
+    }
+  if (one_key_block)
+    for (int w : dq_writes) CHECK(w == 1, "dq written %d times by the one-key-block path", w);
+}
+
+double max_error(const std::vector<double>& x, const std::vector<double>& ref) {
+  double err = 0, scale = 1e-30;
+  for (size_t n = 0; n < x.size(); ++n) {
+    err = std::max(err, std::isnan(x[n]) ? INFINITY : std::abs(x[n] - ref[n]));
+    scale = std::max(scale, std::abs(ref[n]));
+  }
+  return err / std::max(scale, 1.);
+}
+
+void check_emulation() {
+  int cases = 0;
+  std::normal_distribution<double> normal;
+  for (const Masks& m : MASKS)
+    for (int rows : ROWS)
+      for (int D : {10, 40}) {
+        Problem pr{rows, D, 1 / std::sqrt(double(D)), {}, {}, {}, {}};
+        for (auto* x : {&pr.q, &pr.k, &pr.v, &pr.dout}) {
+          x->resize(rows * D);
+          for (double& e : *x) e = normal(rng);
+        }
+        const Branch br = branch(rows, m);
+        const Result ref = reference(br, pr);
+        for (int BLOCK : BLOCKS) {
+          Result fwd;
+          emulate_forward(br, pr, BLOCK, fwd);
+          CHECK(max_error(fwd.o, ref.o) < 1e-12 && max_error(fwd.lse, ref.lse) < 1e-12, "forward rows %d block %d",
+                rows, BLOCK);
+          const int Dp = cuda::padded_head_dim(D);
+          for (int splits = 1; splits <= 4 && (splits - 1) * cuda::slice_cols(Dp, splits) < Dp; splits *= 2) {
+            Result bwd;
+            emulate_backward(br, pr, BLOCK, splits, fwd, bwd);
+            const char* names[] = {"dq", "dk", "dv"};
+            const std::vector<double>* got[] = {&bwd.dq, &bwd.dk, &bwd.dv};
+            const std::vector<double>* want[] = {&ref.dq, &ref.dk, &ref.dv};
+            for (int n = 0; n < 3; ++n)
+              CHECK(max_error(*got[n], *want[n]) < 1e-11, "%s: rows %d D %d block %d splits %d causal %d window %d "
+                    "grad %d: error %g", names[n], rows, D, BLOCK, splits, m.causal, m.window, m.grad_window,
+                    max_error(*got[n], *want[n]));
+            ++cases;
+          }
+        }
+      }
+  std::printf("emulated %d backward cases\n", cases);
+}
+
+// ---------------------------------------------------------------------------------------------- layouts
+struct Region {
+  size_t offset, bytes;
+};
+
+void check_disjoint(const Region* regions, int count, size_t total, const char* what) {
+  for (int a = 0; a < count; ++a) {
+    CHECK(regions[a].offset % 128 == 0 && regions[a].offset + regions[a].bytes <= total, "%s region %d", what, a);
+    for (int b = a + 1; b < count; ++b)
+      CHECK(regions[a].offset + regions[a].bytes <= regions[b].offset ||
+                regions[b].offset + regions[b].bytes <= regions[a].offset, "%s regions %d and %d overlap", what, a, b);
+  }
+}
+
+void check_layouts() {
+  const size_t LIMITS[] = {101376, 166912, 232448};  // sm_86/89/120, sm_80, sm_90/100: opt-in bytes per block
+  for (size_t elem : {size_t(2), size_t(4)})
+    for (size_t limit : LIMITS)
+      for (int D = 1; D <= MAX_HEAD_DIM; ++D)
+        for (int rows : {1, 16, 17, 33, 64, 65, 4096}) {
+          const int Dp = cuda::padded_head_dim(D);
+          const int fb = cuda::forward_block(elem, rows, Dp, limit);
+          CHECK(fb > 0, "no forward block: elem %zu D %d limit %zu", elem, D, limit);
+          const cuda::ForwardSmem f(elem, fb, Dp);
+          const Region fr[] = {{f.q, elem * fb * f.ld_qkv}, {f.k, elem * fb * f.ld_qkv}, {f.v, elem * fb * f.ld_qkv},
+                               {f.scores, 4 * fb * size_t(f.ld_scores)}, {f.probs, elem * fb * f.ld_probs},
+                               {f.out, 4 * fb * size_t(f.ld_out)}, {f.row_max, 4 * size_t(fb)}, {f.row_sum, 4 * size_t(fb)}};
+          check_disjoint(fr, 8, f.bytes, "forward");
+          CHECK(f.bytes <= limit && f.ld_qkv * elem % 16 == 0 && f.ld_probs * elem % 16 == 0, "forward fits");
+
+          const cuda::BackwardPlan plan = cuda::backward_plan(elem, rows, Dp, limit);
+          CHECK(plan.block > 0, "no backward plan: elem %zu D %d limit %zu", elem, D, limit);
+          const int B = plan.block, Dc = cuda::slice_cols(Dp, plan.splits);
+          const cuda::BackwardSmem s(elem, B, Dp, Dc);
+          const size_t tile = elem * B * s.ld_qkv, grad = 4 * size_t(B) * s.ld_grad;
+          const Region live[] = {{s.k, tile}, {s.v, tile}, {s.q, tile}, {s.dout, tile}, {s.probs, elem * B * s.ld_probs},
+                                 {s.dscores, elem * B * s.ld_probs}, {s.dk, grad}, {s.dv, grad}, {s.lse, 4 * size_t(B)},
+                                 {s.delta, 4 * size_t(B)}};
+          check_disjoint(live, 10, s.bytes, "backward");
+          const Region scratch[] = {{s.scores, 4 * size_t(B) * s.ld_scores}, {s.dprobs, 4 * size_t(B) * s.ld_scores}};
+          check_disjoint(scratch, 2, s.bytes, "backward scores");
+          for (const Region& r : live) {  // dq and scores, dprobs may share; nothing else
+            const Region dq{s.dq, grad};
+            const Region pair[] = {r, dq};
+            check_disjoint(pair, 2, s.bytes, "backward dq");
+            for (const Region& sc : scratch) {
+              const Region pair2[] = {r, sc};
+              check_disjoint(pair2, 2, s.bytes, "backward scores against the rest");
+            }
+          }
+          CHECK(s.bytes <= limit && (plan.splits - 1) * Dc < Dp, "backward fits");
+          if (elem == 4 && D >= 208 && limit == LIMITS[0] && rows == 4096)
+            CHECK(plan.splits == 2 && B == 16, "float32 D %d on 99 KiB: block %d, %d splits", D, B, plan.splits);
+          if (elem == 2 && limit == LIMITS[2] && D <= 128) CHECK(plan.splits == 1, "16-bit D <= 128 on sm_90 unsplit");
+        }
+}
+
+void print_shapes() {  // the benchmark shapes' blocks on an H200 (232448 bytes per block)
+  struct Shape { const char* name; int rows, D; };
+  const Shape shapes[] = {{"E temporal (T = 64)", 64, 64}, {"C temporal (T = 32)", 32, 64},
+                          {"E spatial (S = 256)", 256, 64}, {"C spatial (S = 4096)", 4096, 64}};
+  for (const Shape& sh : shapes) {
+    const int Dp = cuda::padded_head_dim(sh.D);
+    const int fb = cuda::forward_block(2, sh.rows, Dp, 232448);
+    const cuda::BackwardPlan plan = cuda::backward_plan(2, sh.rows, Dp, 232448);
+    std::printf("%s bf16 D %d: forward block %d, %zu bytes; backward block %d x %d splits, %zu bytes\n", sh.name, sh.D,
+                fb, cuda::ForwardSmem(2, fb, Dp).bytes, plan.block, plan.splits,
+                cuda::BackwardSmem(2, plan.block, Dp, cuda::slice_cols(Dp, plan.splits)).bytes);
+  }
+}
+
+}  // namespace
+
+int main() {
+  check_offsets();
+  check_ranges();
+  check_emulation();
+  check_layouts();
+  print_shapes();
+  std::printf("ok\n");
+}
