@@ -175,13 +175,10 @@ void backward(const at::Tensor& dout, const OptTensor& dout_t, const OptTensor& 
 #ifdef PYCHOP_WITH_CUDA
   bool needs_scratch = false;
   check_launch(cuda_backward_needs_scratch(p, needs_scratch));
-  at::Tensor delta, dq_accum;  // scratch, alive until the kernels are enqueued (stream-ordered)
+  at::Tensor delta;  // scratch, alive until the kernels are enqueued (stream-ordered)
   if (needs_scratch) {
-    const auto stats = out.options().dtype(at::kFloat);
-    delta = at::empty({p.batch, p.frames, p.heads, p.tokens}, stats);
-    dq_accum = at::empty({p.batch, p.frames, p.tokens, p.heads, p.head_dim}, stats);
+    delta = at::empty({p.batch, p.frames, p.heads, p.tokens}, out.options().dtype(at::kFloat));
     p.delta = delta.data_ptr<float>();
-    p.dq_accum = dq_accum.data_ptr<float>();
   }
   check_launch(launch_parallel_st_attention_bwd(p, reinterpret_cast<void*>(stream)));
 #else

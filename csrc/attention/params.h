@@ -43,9 +43,8 @@ struct AttentionParams {
   // gradients (written, never accumulated into) and scratch.
   TensorRef dout, dout_t;
   TensorRef dq_s, dk_s, dv_s, dq_t, dk_t, dv_t;
-  float* delta = nullptr;     // scratch (B, T, H, S), CUDA only: delta = rowsum(dO * o) of the branch whose
-                              // backward spans several key blocks (one branch at a time)
-  float* dq_accum = nullptr;  // scratch (B, T, S, H, D) contiguous float32, CUDA only: dq partial sums, likewise
+  float* delta = nullptr;  // scratch (B, T, H, S), CUDA only: delta = rowsum(dO * o) of a branch whose rows span
+                           // several key blocks (one branch at a time)
 };
 
 #ifdef __CUDACC__

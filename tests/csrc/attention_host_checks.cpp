@@ -2,9 +2,10 @@
 //   branch.h          a branch's offsets against the (B, T, S, H, D) strides; the masks and block ranges against
 //                     brute force;
 //   the kernels' loops emulated in double precision, one problem at a time: the query / key block iteration, the
-//                     online softmax (rows with no attended key in a block), the in-kernel or precomputed delta,
-//                     the grad window's masking, dq written once or accumulated, the head-dim splits; against a
-//                     direct reference, every output element written;
+//                     online softmax (rows with no attended key in a block), delta in the key kernel, from the
+//                     saved output or from the query kernel's first pass, the grad window's masking, dq from the
+//                     key kernel (written once) or the query kernel, the head-dim splits; against a direct
+//                     reference, every output element written;
 //   attention_layout.h every layout's regions aligned and disjoint (dq over scores and dprobs only), and a plan
 //                     for every head dim, dtype and shared-memory limit of the GPU families.
 // Prints "ok" and the shared memory of the benchmark shapes' blocks; exits 1 at the first failure.
@@ -63,7 +64,7 @@ void check_offsets() {
                          &p.dq_s, &p.dk_s, &p.dv_s, &p.dq_t, &p.dk_t, &p.dv_t})
       *r = random_layout(base, size, p.head_dim);
     float stats[1];
-    p.lse_s = p.lse_t = p.delta = p.dq_accum = stats;
+    p.lse_s = p.lse_t = p.delta = stats;
     for (const Axis axis : {Axis::Spatial, Axis::Temporal}) {
       const bool spatial = axis == Axis::Spatial;
       const Branch br = make_branch(p, axis, 2);
@@ -85,8 +86,6 @@ void check_offsets() {
             CHECK(pair.a.row_offset(b, x, h, r) == offset(pair.ref, b, t, s, h), "row (%d %d %d %d)", b, t, s, h);
           const int64_t stat = ((int64_t(b) * p.frames + t) * p.heads + h) * p.tokens + s;
           CHECK(br.lse.row_offset(b, x, h, r) == stat && br.delta.row_offset(b, x, h, r) == stat, "stat row");
-          const int64_t accum = (((int64_t(b) * p.frames + t) * p.tokens + s) * p.heads + h) * p.head_dim;
-          CHECK(br.dq_accum.row_offset(b, x, h, r) == accum, "dq_accum row");
         }
       }
     }
@@ -238,16 +237,56 @@ void emulate_forward(const Branch& br, const Problem& pr, int BLOCK, Result& res
   }
 }
 
-// attention_bwd_kernel's loops for every (key block, split) of the problem; lse and o from the forward.
-void emulate_backward(const Branch& br, const Problem& pr, int BLOCK, int splits, const Result& fwd, Result& res) {
+// attention_bwd_query_kernel's loops for every query block (a problem spanning several key blocks): delta from
+// the saved output, or from a first loop over the key blocks; then dq.
+void emulate_query_kernel(const Branch& br, const Problem& pr, int BLOCK, bool output_saved, const Result& fwd,
+                          Result& res, std::vector<double>& delta_out) {
+  const int L = pr.L, D = pr.D;
+  delta_out.assign(L, NAN);
+  for (int row0 = 0; row0 < L; row0 += BLOCK) {
+    std::vector<double> delta(BLOCK, 0.), dq(BLOCK * D, 0.);
+    for (int r = 0; r < BLOCK && row0 + r < L && output_saved; ++r)  // delta_from_output_kernel
+      for (int c = 0; c < D; ++c) delta[r] += pr.at(pr.dout, row0 + r, c) * fwd.o[(row0 + r) * D + c];
+    int first_key, last_key;
+    br.key_range(row0, std::min(row0 + BLOCK, L) - 1, first_key, last_key);
+    for (int pass = output_saved ? 1 : 0; pass < 2; ++pass) {
+      for (int col0 = first_key / BLOCK * BLOCK; col0 <= last_key; col0 += BLOCK)
+        for (int r = 0; r < BLOCK; ++r) {
+          const int i = row0 + r;
+          int first, last;
+          attended_range(br.causal, br.window, L, i, first, last);
+          const double lse = i < L ? fwd.lse[i] : 0.;
+          for (int c = 0; c < BLOCK; ++c) {
+            const int j = col0 + c;
+            const double p =
+                i < L && first <= j && j <= last && j < L ? std::exp(pr.dot(pr.q, i, pr.k, j) * pr.scale - lse) : 0.;
+            const double dp = pr.dot(pr.dout, i, pr.v, j);
+            if (pass == 0) delta[r] += p * dp;
+            else
+              for (int n = 0; n < D; ++n) dq[r * D + n] += p * (dp - delta[r]) * pr.at(pr.k, j, n);
+          }
+        }
+      if (pass == 0)
+        for (int r = 0; r < BLOCK && row0 + r < L; ++r) delta_out[row0 + r] = delta[r];
+    }
+    for (int r = 0; r < BLOCK && row0 + r < L; ++r)
+      for (int c = 0; c < D; ++c) res.dq[(row0 + r) * D + c] = dq[r * D + c] * pr.scale;
+    if (output_saved)
+      for (int r = 0; r < BLOCK && row0 + r < L; ++r) delta_out[row0 + r] = delta[r];
+  }
+}
+
+// The branch's backward: attention_bwd_kernel's loops for every (key block, split), after the query kernel's
+// where the problem spans several key blocks; lse and o from the forward.
+void emulate_backward(const Branch& br, const Problem& pr, int BLOCK, int splits, bool output_saved,
+                      const Result& fwd, Result& res) {
   const int L = pr.L, D = pr.D, Dp = cuda::padded_head_dim(D), Dc = cuda::slice_cols(Dp, splits);
   const bool one_key_block = L <= BLOCK;
-  res.dq.assign(L * D, one_key_block ? NAN : 0.);
+  res.dq.assign(L * D, NAN);
   res.dk.assign(L * D, NAN);
   res.dv.assign(L * D, NAN);
-  std::vector<double> delta_saved(L);  // delta_from_output_kernel / the Delta epilogue: rowsum(dout * o)
-  for (int i = 0; i < L; ++i)
-    for (int c = 0; c < D; ++c) delta_saved[i] += pr.at(pr.dout, i, c) * fwd.o[i * D + c];
+  std::vector<double> delta_saved;
+  if (!one_key_block) emulate_query_kernel(br, pr, BLOCK, output_saved, fwd, res, delta_saved);
   std::vector<int> dq_writes(L * D, 0);
   for (int col0 = 0; col0 < L; col0 += BLOCK)
     for (int split = 0; split < splits; ++split) {
@@ -282,7 +321,7 @@ void emulate_backward(const Branch& br, const Problem& pr, int BLOCK, int splits
         for (int c = 0; c < BLOCK; ++c)
           for (int n = 0; n < cols; ++n)
             for (int r = 0; r < BLOCK; ++r) dv[c * cols + n] += probs[r * BLOCK + c] * pr.at(pr.dout, row0 + r, c0 + n);
-        for (int r = 0; r < BLOCK; ++r)
+        for (int r = 0; r < BLOCK && one_key_block; ++r)
           for (int n = 0; n < cols; ++n)
             for (int c = 0; c < BLOCK; ++c) dq[r * cols + n] += dscores[r * BLOCK + c] * pr.at(pr.k, col0 + c, c0 + n);
         if (br.detaches_any(std::min(row0 + BLOCK, L) - 1, col0))
@@ -292,10 +331,9 @@ void emulate_backward(const Branch& br, const Problem& pr, int BLOCK, int splits
         for (int c = 0; c < BLOCK; ++c)
           for (int n = 0; n < cols; ++n)
             for (int r = 0; r < BLOCK; ++r) dk[c * cols + n] += dscores[r * BLOCK + c] * pr.at(pr.q, row0 + r, c0 + n);
-        for (int r = 0; r < BLOCK && row0 + r < L; ++r)
+        for (int r = 0; r < BLOCK && row0 + r < L && one_key_block; ++r)
           for (int c = c0; c < c1; ++c) {
-            double& dst = res.dq[(row0 + r) * D + c];
-            dst = one_key_block ? dq[r * cols + c - c0] * pr.scale : dst + dq[r * cols + c - c0] * pr.scale;
+            res.dq[(row0 + r) * D + c] = dq[r * cols + c - c0] * pr.scale;
             ++dq_writes[(row0 + r) * D + c];
           }
       }
@@ -338,16 +376,18 @@ void check_emulation() {
                 rows, BLOCK);
           const int Dp = cuda::padded_head_dim(D);
           for (int splits = 1; splits <= 4 && (splits - 1) * cuda::slice_cols(Dp, splits) < Dp; splits *= 2) {
-            Result bwd;
-            emulate_backward(br, pr, BLOCK, splits, fwd, bwd);
-            const char* names[] = {"dq", "dk", "dv"};
-            const std::vector<double>* got[] = {&bwd.dq, &bwd.dk, &bwd.dv};
-            const std::vector<double>* want[] = {&ref.dq, &ref.dk, &ref.dv};
-            for (int n = 0; n < 3; ++n)
-              CHECK(max_error(*got[n], *want[n]) < 1e-11, "%s: rows %d D %d block %d splits %d causal %d window %d "
-                    "grad %d: error %g", names[n], rows, D, BLOCK, splits, m.causal, m.window, m.grad_window,
-                    max_error(*got[n], *want[n]));
-            ++cases;
+            for (bool output_saved : {false, true}) {
+              Result bwd;
+              emulate_backward(br, pr, BLOCK, splits, output_saved, fwd, bwd);
+              const char* names[] = {"dq", "dk", "dv"};
+              const std::vector<double>* got[] = {&bwd.dq, &bwd.dk, &bwd.dv};
+              const std::vector<double>* want[] = {&ref.dq, &ref.dk, &ref.dv};
+              for (int n = 0; n < 3; ++n)
+                CHECK(max_error(*got[n], *want[n]) < 1e-11, "%s: rows %d D %d block %d splits %d saved %d causal %d "
+                      "window %d grad %d: error %g", names[n], rows, D, BLOCK, splits, output_saved, m.causal,
+                      m.window, m.grad_window, max_error(*got[n], *want[n]));
+              ++cases;
+            }
           }
         }
       }
@@ -384,6 +424,17 @@ void check_layouts() {
           check_disjoint(fr, 8, f.bytes, "forward");
           CHECK(f.bytes <= limit && f.ld_qkv * elem % 16 == 0 && f.ld_probs * elem % 16 == 0, "forward fits");
 
+          const int qb = cuda::query_block(elem, rows, Dp, limit);
+          CHECK(qb > 0, "no query block: elem %zu D %d limit %zu", elem, D, limit);
+          const cuda::QuerySmem qs(elem, qb, Dp);
+          const size_t qtile = elem * qb * qs.ld_qkv;
+          const Region qr[] = {{qs.q, qtile}, {qs.dout, qtile}, {qs.k, qtile}, {qs.v, qtile},
+                               {qs.scores, 4 * size_t(qb) * qs.ld_scores}, {qs.dprobs, 4 * size_t(qb) * qs.ld_scores},
+                               {qs.dscores, elem * qb * qs.ld_probs}, {qs.dq, 4 * size_t(qb) * qs.ld_grad},
+                               {qs.lse, 4 * size_t(qb)}, {qs.delta, 4 * size_t(qb)}};
+          check_disjoint(qr, 10, qs.bytes, "query");
+          CHECK(qs.bytes <= limit, "query fits");
+
           const cuda::BackwardPlan plan = cuda::backward_plan(elem, rows, Dp, limit);
           CHECK(plan.block > 0, "no backward plan: elem %zu D %d limit %zu", elem, D, limit);
           const int B = plan.block, Dc = cuda::slice_cols(Dp, plan.splits);
@@ -419,9 +470,12 @@ void print_shapes() {  // the benchmark shapes' blocks on an H200 (232448 bytes 
     const int Dp = cuda::padded_head_dim(sh.D);
     const int fb = cuda::forward_block(2, sh.rows, Dp, 232448);
     const cuda::BackwardPlan plan = cuda::backward_plan(2, sh.rows, Dp, 232448);
-    std::printf("%s bf16 D %d: forward block %d, %zu bytes; backward block %d x %d splits, %zu bytes\n", sh.name, sh.D,
-                fb, cuda::ForwardSmem(2, fb, Dp).bytes, plan.block, plan.splits,
+    const int qb = cuda::query_block(2, sh.rows, Dp, 232448);
+    std::printf("%s bf16 D %d: forward block %d, %zu bytes; backward key kernel block %d x %d splits, %zu bytes",
+                sh.name, sh.D, fb, cuda::ForwardSmem(2, fb, Dp).bytes, plan.block, plan.splits,
                 cuda::BackwardSmem(2, plan.block, Dp, cuda::slice_cols(Dp, plan.splits)).bytes);
+    if (sh.rows > plan.block) std::printf("; query kernel block %d, %zu bytes", qb, cuda::QuerySmem(2, qb, Dp).bytes);
+    std::printf("\n");
   }
 }
 

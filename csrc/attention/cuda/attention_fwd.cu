@@ -19,14 +19,9 @@ namespace pychop {
 namespace cuda {
 namespace {
 
-enum class Epilogue : int {
-  Store,  // out = o, and lse
-  Add,    // out += o (out holds the other branch's output), and lse
-  Delta,  // delta = rowsum(dout * o) in float32; out and lse untouched (the backward's recomputation)
-};
-
+// With `add`, out += o (out holds the other branch's output; the sum rounded once); else out = o.
 template <typename T, int BLOCK>
-__global__ void __launch_bounds__(THREADS) attention_fwd_kernel(const Branch br, Epilogue epilogue) {
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) attention_fwd_kernel(const Branch br, bool add) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int L = br.rows, D = br.head_dim, Dp = padded_head_dim(D);
   const ForwardSmem S(sizeof(T), BLOCK, Dp);
@@ -90,24 +85,14 @@ __global__ void __launch_bounds__(THREADS) attention_fwd_kernel(const Branch br,
                                            true);
   }
   __syncthreads();
-  if (epilogue == Epilogue::Delta) {
-    for (int r = warp; r < BLOCK && row0 + r < L; r += WARPS) {
-      const T* g = static_cast<const T*>(br.dout.data) + br.dout.row_offset(b, x, h, row0 + r);
-      float sum = 0.f;
-      for (int c = lane; c < D; c += 32) sum += to_float(g[c]) * acc[r * S.ld_out + c];
-      sum = group_sum(sum, 32);
-      if (lane == 0) static_cast<float*>(br.delta.data)[br.delta.row_offset(b, x, h, row0 + r)] = sum / row_sum[r];
-    }
-    return;
-  }
-  store_rows<T, BLOCK, THREADS>(br.out, b, x, h, row0, L, 0, D, epilogue == Epilogue::Add,
+  store_rows<T, BLOCK, THREADS>(br.out, b, x, h, row0, L, 0, D, add,
                                 [&](int r, int c) { return acc[r * S.ld_out + c] / row_sum[r]; });
   for (int r = threadIdx.x; r < BLOCK && row0 + r < L; r += THREADS)
     static_cast<float*>(br.lse.data)[br.lse.row_offset(b, x, h, row0 + r)] = row_max[r] + __logf(row_sum[r]);
 }
 
 template <typename T>
-const char* launch(const Branch& br, Epilogue epilogue, cudaStream_t stream) {
+const char* launch(const Branch& br, bool add, cudaStream_t stream) {
   int limit = 0;
   if (const char* error = max_shared_memory(limit)) return error;
   const int Dp = padded_head_dim(br.head_dim);
@@ -118,7 +103,7 @@ const char* launch(const Branch& br, Epilogue epilogue, cudaStream_t stream) {
     if (const char* error = allow_shared_memory(kernel, bytes(BLOCK))) return error;
     const int64_t blocks = br.problems() * ((br.rows + BLOCK - 1) / BLOCK);
     if (blocks > INT_MAX) return "pychop: attention forward: more than 2**31 - 1 blocks";
-    kernel<<<static_cast<unsigned>(blocks), THREADS, bytes(BLOCK), stream>>>(br, epilogue);
+    kernel<<<static_cast<unsigned>(blocks), THREADS, bytes(BLOCK), stream>>>(br, add);
     return launch_error();
   });
 }
@@ -126,14 +111,8 @@ const char* launch(const Branch& br, Epilogue epilogue, cudaStream_t stream) {
 }  // namespace
 
 const char* launch_branch_fwd(const Branch& br, ScalarKind dtype, bool add, void* stream) {
-  return dispatch_dtype(dtype, [&](auto tag) {
-    return launch<decltype(tag)>(br, add ? Epilogue::Add : Epilogue::Store, static_cast<cudaStream_t>(stream));
-  });
-}
-
-const char* launch_branch_delta(const Branch& br, ScalarKind dtype, void* stream) {
-  return dispatch_dtype(
-      dtype, [&](auto tag) { return launch<decltype(tag)>(br, Epilogue::Delta, static_cast<cudaStream_t>(stream)); });
+  return dispatch_dtype(dtype,
+                        [&](auto tag) { return launch<decltype(tag)>(br, add, static_cast<cudaStream_t>(stream)); });
 }
 
 }  // namespace cuda

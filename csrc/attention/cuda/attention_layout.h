@@ -13,6 +13,9 @@ namespace cuda {
 
 constexpr int THREADS = 128;
 constexpr int WARPS = THREADS / 32;
+// Blocks per SM the kernels' register budget is for (__launch_bounds__): at 128 threads, any count up to 255
+// registers. Without it, ptxas trades registers for occupancy and spills (sm_80, 16-row blocks).
+constexpr int MIN_BLOCKS = 2;
 
 // Leading dimensions pad rows by 16 bytes (16-bit operands) or 16 bytes (fp32) against bank conflicts; every
 // row start stays a multiple of 16 bytes (16-byte copies) and every 16-row tile of 32 bytes (WMMA).
@@ -59,8 +62,9 @@ struct ForwardSmem {
   }
 };
 
-// Backward, per block of BLOCK key rows (and Dc of the gradients' columns), BLOCK query rows at a time. dq (one
-// query block's) takes the place of scores and dprobs where it fits: they are dead once P and dS are formed.
+// Backward key kernel, per block of BLOCK key rows (and Dc of the gradients' columns), BLOCK query rows at a
+// time. dq (one query block's, when one key block holds every row) takes the place of scores and dprobs where it
+// fits: they are dead once P and dS are formed.
 struct BackwardSmem {
   int ld_qkv, ld_scores, ld_probs, ld_grad;
   size_t k, v, q, dout, scores, dprobs, probs, dscores, dk, dv, dq, lse, delta, bytes;
@@ -88,9 +92,39 @@ struct BackwardSmem {
   }
 };
 
+// Backward query kernel (a problem spanning several key blocks), per block of BLOCK query rows: Q and dO tiles,
+// the K and V tiles of one key block at a time, scores and dprobs, dS, the dq accumulator, lse and delta.
+struct QuerySmem {
+  int ld_qkv, ld_scores, ld_probs, ld_grad;
+  size_t q, dout, k, v, scores, dprobs, dscores, dq, lse, delta, bytes;
+  PYCHOP_HOST_DEVICE QuerySmem(size_t elem, int BLOCK, int Dp) {
+    ld_qkv = operand_ld(Dp);
+    ld_scores = accum_ld(BLOCK);
+    ld_probs = operand_ld(BLOCK);
+    ld_grad = accum_ld(Dp);
+    SmemLayout s;
+    q = s.take(elem * BLOCK * ld_qkv);
+    dout = s.take(elem * BLOCK * ld_qkv);
+    k = s.take(elem * BLOCK * ld_qkv);
+    v = s.take(elem * BLOCK * ld_qkv);
+    scores = s.take(sizeof(float) * BLOCK * ld_scores);
+    dprobs = s.take(sizeof(float) * BLOCK * ld_scores);
+    dscores = s.take(elem * BLOCK * ld_probs);
+    dq = s.take(sizeof(float) * BLOCK * ld_grad);
+    lse = s.take(sizeof(float) * BLOCK);
+    delta = s.take(sizeof(float) * BLOCK);
+    bytes = s.bytes;
+  }
+};
+
 // The forward's block for `rows` rows (head_dim_switch.h), 0 when none fits `limit` bytes of shared memory.
 inline int forward_block(size_t elem, int rows, int Dp, size_t limit) {
   return choose_block(rows, [&](int block) { return ForwardSmem(elem, block, Dp).bytes <= limit; });
+}
+
+// The backward query kernel's block, likewise.
+inline int query_block(size_t elem, int rows, int Dp, size_t limit) {
+  return choose_block(rows, [&](int block) { return QuerySmem(elem, block, Dp).bytes <= limit; });
 }
 
 struct BackwardPlan {
@@ -98,7 +132,7 @@ struct BackwardPlan {
   int splits = 1;  // blocks sharing a key block, each computing slice_cols(Dp, splits) of the gradients' columns
 };
 
-// The backward's: the fewest head-dim splits (1, 2, 4), then the block (head_dim_switch.h), that fit.
+// The backward key kernel's: the fewest head-dim splits (1, 2, 4), then the block (head_dim_switch.h), that fit.
 inline BackwardPlan backward_plan(size_t elem, int rows, int Dp, size_t limit) {
   BackwardPlan plan;
   for (int splits = 1; splits <= 4 && (splits - 1) * slice_cols(Dp, splits) < Dp; splits *= 2) {

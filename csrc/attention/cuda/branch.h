@@ -36,7 +36,7 @@ struct Branch {
   AxisTensor q, k, v, out;        // out: the branch's output (forward), or o (backward, when delta is taken from it)
   AxisTensor lse;                 // float32 (B, T, H, S), one value per row
   AxisTensor dout, dq, dk, dv;    // backward
-  AxisTensor delta, dq_accum;     // backward float32 scratch (params.h)
+  AxisTensor delta;               // backward float32 scratch (params.h), one value per row
 
   PYCHOP_HOST_DEVICE int64_t problems() const { return static_cast<int64_t>(batch) * outer * heads; }
 
@@ -98,12 +98,6 @@ inline TensorRef stats_ref(float* data, const AttentionParams& p) {
   return {data, p.frames * H * S, H * S, 1, S};
 }
 
-// The contiguous float32 (B, T, S, H, D) dq scratch as a TensorRef.
-inline TensorRef accum_ref(float* data, const AttentionParams& p) {
-  const int64_t D = p.head_dim, H = p.heads, S = p.tokens;
-  return {data, p.frames * S * H * D, S * H * D, H * D, D};
-}
-
 // The branch `axis` of the call `p`; elem is the size of the input dtype.
 inline Branch make_branch(const AttentionParams& p, Axis axis, size_t elem) {
   const bool spatial = axis == Axis::Spatial;
@@ -127,7 +121,6 @@ inline Branch make_branch(const AttentionParams& p, Axis axis, size_t elem) {
   br.dk = along(spatial ? p.dk_s : p.dk_t, axis, elem);
   br.dv = along(spatial ? p.dv_s : p.dv_t, axis, elem);
   br.delta = along(stats_ref(p.delta, p), axis, sizeof(float));
-  br.dq_accum = along(accum_ref(p.dq_accum, p), axis, sizeof(float));
   return br;
 }
 

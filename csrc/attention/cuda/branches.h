@@ -10,15 +10,11 @@ namespace cuda {
 // Writes br.out (or, with add, adds the branch's output into it) and br.lse.
 const char* launch_branch_fwd(const Branch& br, ScalarKind dtype, bool add, void* stream);
 
-// Writes br.delta = rowsum(dout * o), o the branch's output recomputed in float32 (the forward's work again):
-// exact where only a rounded sum of the two branches was saved.
-const char* launch_branch_delta(const Branch& br, ScalarKind dtype, void* stream);
-
 // Writes br.dq, br.dk, br.dv. `output_saved`: br.out holds this branch's own output (rounded to its dtype), from
-// which delta may be taken; otherwise delta is exact (rowsum(P dP) in the kernel, or launch_branch_delta).
+// which delta may be taken; otherwise delta is exact: rowsum(P dP), in float32.
 const char* launch_branch_bwd(const Branch& br, ScalarKind dtype, bool output_saved, void* stream);
 
-// Whether launch_branch_bwd needs br.delta and br.dq_accum (it does when a problem spans several key blocks).
+// Whether launch_branch_bwd needs br.delta (it does when a problem spans several key blocks).
 const char* backward_needs_scratch(const Branch& br, ScalarKind dtype, bool& needs);
 
 }  // namespace cuda

@@ -24,7 +24,7 @@ const char* launch_parallel_st_attention_fwd(const AttentionParams& params, void
 }
 
 // Each branch on its own. out holds a branch's own output when it is the only branch, or (the spatial one's)
-// when stacked; a summed output serves neither branch's delta (cuda/attention_bwd.cu).
+// when stacked; a summed output serves neither branch's delta (attention_bwd.cu).
 const char* launch_parallel_st_attention_bwd(const AttentionParams& params, void* stream) {
   if (params.temporal)
     if (const char* error =

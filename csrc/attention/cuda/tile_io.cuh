@@ -16,6 +16,14 @@ __host__ __device__ constexpr int chunk_elems() {
   return 16 / static_cast<int>(sizeof(T));
 }
 
+// 16 bytes as elements or as one vector.
+template <typename T>
+union Chunk {
+  uint4 bits;
+  T elems[chunk_elems<T>()];
+  __device__ Chunk() {}
+};
+
 __device__ __forceinline__ void copy16_async(void* dst, const void* src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned shared = static_cast<unsigned>(__cvta_generic_to_shared(dst));
@@ -68,11 +76,11 @@ __device__ __forceinline__ void store_rows(const AxisTensor& y, int b, int xi, i
     if (row0 + r >= rows) continue;
     T* dst = base + (row0 + r) * y.srow + c;
     if (y.aligned && c + N <= c1) {
-      alignas(16) T chunk[N];
-      if (add) *reinterpret_cast<uint4*>(chunk) = *reinterpret_cast<const uint4*>(dst);
+      Chunk<T> chunk;
+      chunk.bits = add ? *reinterpret_cast<const uint4*>(dst) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-      for (int e = 0; e < N; ++e) chunk[e] = from_float<T>(value(r, c + e) + (add ? to_float(chunk[e]) : 0.f));
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(chunk);
+      for (int e = 0; e < N; ++e) chunk.elems[e] = from_float<T>(value(r, c + e) + to_float(chunk.elems[e]));
+      *reinterpret_cast<uint4*>(dst) = chunk.bits;
     } else {
       for (int e = 0; e < N && c + e < c1; ++e)
         dst[e] = from_float<T>(value(r, c + e) + (add ? to_float(dst[e]) : 0.f));
