@@ -134,14 +134,14 @@ template <typename T, int BLOCK>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) attention_bwd_kernel(const Branch br, int splits, bool one_key_block) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int L = br.rows, D = br.head_dim, Dp = padded_head_dim(D), Dc = slice_cols(Dp, splits);
-  const BackwardSmem S(sizeof(T), BLOCK, Dp, Dc);
+  const BackwardSmem S(sizeof(T), BLOCK, Dp, Dc, one_key_block);
   T* k_tile = reinterpret_cast<T*>(smem + S.k);
   T* v_tile = reinterpret_cast<T*>(smem + S.v);
   T* q_tile = reinterpret_cast<T*>(smem + S.q);
   T* dout_tile = reinterpret_cast<T*>(smem + S.dout);
-  float* scores = reinterpret_cast<float*>(smem + S.scores);  // then P, in float32
-  float* dprobs = reinterpret_cast<float*>(smem + S.dprobs);
-  T* probs = reinterpret_cast<T*>(smem + S.probs);  // P of the live pairs
+  float* scores = reinterpret_cast<float*>(smem + S.scores);  // then P, in float32; one pass: then dv, dk
+  float* dprobs = reinterpret_cast<float*>(smem + S.dprobs);  // one pass: then (partly) dq
+  T* probs = reinterpret_cast<T*>(smem + S.probs);            // P of the live pairs
   T* dscores = reinterpret_cast<T*>(smem + S.dscores);
   float* dk = reinterpret_cast<float*>(smem + S.dk);
   float* dv = reinterpret_cast<float*>(smem + S.dv);
@@ -159,10 +159,11 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) attention_bwd_kernel(cons
 
   load_tile<T, BLOCK, THREADS>(k_tile, S.ld_qkv, br.k, b, x, h, col0, L, Dp, D);
   load_tile<T, BLOCK, THREADS>(v_tile, S.ld_qkv, br.v, b, x, h, col0, L, Dp, D);
-  for (int i = threadIdx.x; i < BLOCK * cols; i += THREADS) {
-    dk[i / cols * S.ld_grad + i % cols] = 0.f;
-    dv[i / cols * S.ld_grad + i % cols] = 0.f;
-  }
+  if (!one_key_block)  // else there is one query block, and nothing to accumulate
+    for (int i = threadIdx.x; i < BLOCK * cols; i += THREADS) {
+      dk[i / cols * S.ld_grad + i % cols] = 0.f;
+      dv[i / cols * S.ld_grad + i % cols] = 0.f;
+    }
   int first_query, last_query;
   br.query_range(col0, min(col0 + BLOCK, L) - 1, first_query, last_query);
   for (int row0 = first_query / BLOCK * BLOCK; row0 <= last_query; row0 += BLOCK) {
@@ -203,12 +204,19 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) attention_bwd_kernel(cons
     }
     __syncthreads();
     BlockGemm<T, true, false, WARPS>::run(dv, S.ld_grad, probs, S.ld_probs, dout_tile + c0, S.ld_qkv, BLOCK, cols,
-                                          BLOCK, true);
+                                          BLOCK, !one_key_block);
     if (one_key_block)
       BlockGemm<T, false, false, WARPS>::run(dq, S.ld_grad, dscores, S.ld_probs, k_tile + c0, S.ld_qkv, BLOCK, cols,
                                              BLOCK, false);
-    if (br.detaches_any(min(row0 + BLOCK, L) - 1, col0)) {  // dk takes dS of the live pairs only
-      __syncthreads();
+    const bool detaches = br.detaches_any(min(row0 + BLOCK, L) - 1, col0);
+    if (one_key_block || detaches) __syncthreads();
+    if (one_key_block) {  // dv and dq out, before dk takes dv's place
+      store_rows<T, BLOCK, THREADS>(br.dv, b, x, h, col0, L, c0, c1, false,
+                                    [&](int r, int c) { return dv[r * S.ld_grad + c - c0]; });
+      store_rows<T, BLOCK, THREADS>(br.dq, b, x, h, row0, L, c0, c1, false,
+                                    [&](int r, int c) { return dq[r * S.ld_grad + c - c0] * br.scale; });
+    }
+    if (detaches) {  // dk takes dS of the live pairs only
       for (int r = warp; r < BLOCK; r += WARPS) {
         int first, last;
         attended_range(br.causal, br.window, L, row0 + r, first, last);
@@ -216,21 +224,17 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) attention_bwd_kernel(cons
         for (int c = lane; c < BLOCK; c += 32)
           if (col0 + c < first_live) dscores[r * S.ld_probs + c] = from_float<T>(0.f);
       }
-      __syncthreads();
     }
+    if (one_key_block || detaches) __syncthreads();
     BlockGemm<T, true, false, WARPS>::run(dk, S.ld_grad, dscores, S.ld_probs, q_tile + c0, S.ld_qkv, BLOCK, cols,
-                                          BLOCK, true);
-    if (one_key_block) {
-      __syncthreads();
-      store_rows<T, BLOCK, THREADS>(br.dq, b, x, h, row0, L, c0, c1, false,
-                                    [&](int r, int c) { return dq[r * S.ld_grad + c - c0] * br.scale; });
-    }
+                                          BLOCK, !one_key_block);
   }
   __syncthreads();
   store_rows<T, BLOCK, THREADS>(br.dk, b, x, h, col0, L, c0, c1, false,
                                 [&](int r, int c) { return dk[r * S.ld_grad + c - c0] * br.scale; });
-  store_rows<T, BLOCK, THREADS>(br.dv, b, x, h, col0, L, c0, c1, false,
-                                [&](int r, int c) { return dv[r * S.ld_grad + c - c0]; });
+  if (!one_key_block)
+    store_rows<T, BLOCK, THREADS>(br.dv, b, x, h, col0, L, c0, c1, false,
+                                  [&](int r, int c) { return dv[r * S.ld_grad + c - c0]; });
 }
 
 // The device's backward plan for `br` (attention_layout.h).
@@ -277,7 +281,7 @@ const char* launch(const Branch& br, bool output_saved, cudaStream_t stream) {
   return dispatch_block(p.block, [&](auto tag) -> const char* {
     constexpr int BLOCK = decltype(tag)::value;
     const auto kernel = attention_bwd_kernel<T, BLOCK>;
-    const size_t bytes = BackwardSmem(sizeof(T), BLOCK, Dp, slice_cols(Dp, p.splits)).bytes;
+    const size_t bytes = BackwardSmem(sizeof(T), BLOCK, Dp, slice_cols(Dp, p.splits), one_key_block).bytes;
     if (const char* error = allow_shared_memory(kernel, bytes)) return error;
     const int64_t blocks = br.problems() * ((br.rows + BLOCK - 1) / BLOCK) * p.splits;
     if (blocks > INT_MAX) return "pychop: attention backward: more than 2**31 - 1 blocks";

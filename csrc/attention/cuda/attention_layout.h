@@ -63,12 +63,13 @@ struct ForwardSmem {
 };
 
 // Backward key kernel, per block of BLOCK key rows (and Dc of the gradients' columns), BLOCK query rows at a
-// time. dq (one query block's, when one key block holds every row) takes the place of scores and dprobs where it
-// fits: they are dead once P and dS are formed.
+// time: dk and dv accumulate over the query blocks. In `one_pass` (one key block holds every row, so one query
+// block too) nothing accumulates: dv, then dk, and dq are formed in turn where scores and dprobs were (dead once
+// P and dS are formed), each written out before the next takes its place.
 struct BackwardSmem {
   int ld_qkv, ld_scores, ld_probs, ld_grad;
   size_t k, v, q, dout, scores, dprobs, probs, dscores, dk, dv, dq, lse, delta, bytes;
-  PYCHOP_HOST_DEVICE BackwardSmem(size_t elem, int BLOCK, int Dp, int Dc) {
+  PYCHOP_HOST_DEVICE BackwardSmem(size_t elem, int BLOCK, int Dp, int Dc, bool one_pass) {
     ld_qkv = operand_ld(Dp);
     ld_scores = accum_ld(BLOCK);
     ld_probs = operand_ld(BLOCK);
@@ -78,14 +79,20 @@ struct BackwardSmem {
     v = s.take(elem * BLOCK * ld_qkv);
     q = s.take(elem * BLOCK * ld_qkv);
     dout = s.take(elem * BLOCK * ld_qkv);
-    scores = s.take(sizeof(float) * BLOCK * ld_scores);
-    dprobs = s.take(sizeof(float) * BLOCK * ld_scores);
+    const size_t score_bytes = align128(sizeof(float) * BLOCK * ld_scores);
+    const size_t grad_bytes = align128(sizeof(float) * BLOCK * ld_grad);
+    scores = s.take(2 * (one_pass && grad_bytes > score_bytes ? grad_bytes : score_bytes));
+    dprobs = scores + score_bytes;
     probs = s.take(elem * BLOCK * ld_probs);
     dscores = s.take(elem * BLOCK * ld_probs);
-    dk = s.take(sizeof(float) * BLOCK * ld_grad);
-    dv = s.take(sizeof(float) * BLOCK * ld_grad);
-    const size_t dq_bytes = sizeof(float) * BLOCK * ld_grad;
-    dq = dq_bytes <= probs - scores ? scores : s.take(dq_bytes);
+    if (one_pass) {
+      dv = dk = scores;
+      dq = scores + grad_bytes;
+    } else {
+      dk = s.take(grad_bytes);
+      dv = s.take(grad_bytes);
+      dq = 0;  // the query kernel's
+    }
     lse = s.take(sizeof(float) * BLOCK);
     delta = s.take(sizeof(float) * BLOCK);
     bytes = s.bytes;
@@ -138,7 +145,9 @@ inline BackwardPlan backward_plan(size_t elem, int rows, int Dp, size_t limit) {
   for (int splits = 1; splits <= 4 && (splits - 1) * slice_cols(Dp, splits) < Dp; splits *= 2) {
     const int Dc = slice_cols(Dp, splits);
     plan.splits = splits;
-    plan.block = choose_block(rows, [&](int block) { return BackwardSmem(elem, block, Dp, Dc).bytes <= limit; });
+    plan.block = choose_block(rows, [&](int block) {
+      return BackwardSmem(elem, block, Dp, Dc, /*one_pass=*/rows <= block).bytes <= limit;
+    });
     if (plan.block) break;
   }
   return plan;
