@@ -209,7 +209,8 @@ void emulate_forward(const Branch& br, const Problem& pr, int BLOCK, Result& res
     std::vector<double> acc(BLOCK * D, 0.), row_max(BLOCK, -INFINITY), row_sum(BLOCK, 0.);
     int first_key, last_key;
     br.key_range(row0, std::min(row0 + BLOCK, L) - 1, first_key, last_key);
-    for (int col0 = first_key / BLOCK * BLOCK; col0 <= last_key; col0 += BLOCK)
+    const int first_col0 = first_key / BLOCK * BLOCK;
+    for (int col0 = first_col0; col0 <= last_key; col0 += BLOCK)
       for (int r = 0; r < BLOCK; ++r) {
         int first, last;
         attended_range(br.causal, br.window, L, row0 + r, first, last);
@@ -221,11 +222,16 @@ void emulate_forward(const Branch& br, const Problem& pr, int BLOCK, Result& res
         const double old_max = row_max[r], new_max = std::max(old_max, block_max);
         const double base = new_max == -INFINITY ? 0. : new_max;
         const double rescale = std::exp(old_max - base);
-        for (int c = 0; c < D; ++c) acc[r * D + c] *= rescale;
+        if (col0 != first_col0)  // the first block sets acc (the kernel's PV without accumulate)
+          for (int c = 0; c < D; ++c) acc[r * D + c] *= rescale;
+        else
+          for (int c = 0; c < D; ++c) acc[r * D + c] = NAN;  // what the kernel leaves there: nothing
+        const bool first_block = col0 == first_col0;
         for (int j = 0; j < BLOCK; ++j) {
           const double prob = attended(j) ? std::exp(score(j) * pr.scale - base) : 0.;
           block_sum += prob;
-          for (int c = 0; c < D; ++c) acc[r * D + c] += prob * pr.at(pr.v, col0 + j, c);
+          for (int c = 0; c < D; ++c)
+            acc[r * D + c] = (first_block && j == 0 ? 0. : acc[r * D + c]) + prob * pr.at(pr.v, col0 + j, c);
         }
         row_max[r] = new_max;
         row_sum[r] = row_sum[r] * rescale + block_sum;

@@ -40,14 +40,15 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) attention_fwd_kernel(cons
   const int row0 = blockIdx.x % query_blocks * BLOCK, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   load_tile<T, BLOCK, THREADS>(q_tile, S.ld_qkv, br.q, b, x, h, row0, L, Dp, D);
-  for (int i = threadIdx.x; i < BLOCK * Dp; i += THREADS) acc[i / Dp * S.ld_out + i % Dp] = 0.f;
   for (int i = threadIdx.x; i < BLOCK; i += THREADS) {
     row_max[i] = -INFINITY;
     row_sum[i] = 0.f;
   }
   int first_key, last_key;
   br.key_range(row0, min(row0 + BLOCK, L) - 1, first_key, last_key);
-  for (int col0 = first_key / BLOCK * BLOCK; col0 <= last_key; col0 += BLOCK) {
+  const int first_col0 = first_key / BLOCK * BLOCK;
+  for (int col0 = first_col0; col0 <= last_key; col0 += BLOCK) {
+    const bool first_block = col0 == first_col0;  // acc is not there yet: nothing to rescale or add to
     __syncthreads();  // the previous block's P V has read k_tile, v_tile, probs
     load_tile<T, BLOCK, THREADS>(k_tile, S.ld_qkv, br.k, b, x, h, col0, L, Dp, D);
     load_tile<T, BLOCK, THREADS>(v_tile, S.ld_qkv, br.v, b, x, h, col0, L, Dp, D);
@@ -73,7 +74,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) attention_fwd_kernel(cons
       }
       block_sum = group_sum(block_sum, 32);
       const float rescale = __expf(old_max - base);
-      for (int c = lane; c < Dp; c += 32) acc[r * S.ld_out + c] *= rescale;
+      if (!first_block)
+        for (int c = lane; c < Dp; c += 32) acc[r * S.ld_out + c] *= rescale;
       __syncwarp();
       if (lane == 0) {
         row_max[r] = new_max;
@@ -82,7 +84,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) attention_fwd_kernel(cons
     }
     __syncthreads();
     BlockGemm<T, false, false, WARPS>::run(acc, S.ld_out, probs, S.ld_probs, v_tile, S.ld_qkv, BLOCK, Dp, BLOCK,
-                                           true);
+                                           !first_block);
   }
   __syncthreads();
   store_rows<T, BLOCK, THREADS>(br.out, b, x, h, row0, L, 0, D, add,
