@@ -8,7 +8,8 @@
 //                     reference, every output element written;
 //   attention_layout.h every layout's regions aligned and disjoint (dq over scores and dprobs only), and a plan
 //                     for every head dim, dtype and shared-memory limit of the GPU families.
-// Prints "ok" and the shared memory of the benchmark shapes' blocks; exits 1 at the first failure.
+// Prints a model of the temporal kernels' time at the benchmark shapes E and C (print_model) and "ok"; exits 1 at
+// the first failure.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -470,21 +471,50 @@ void check_layouts() {
         }
 }
 
-void print_shapes() {  // the benchmark shapes' blocks on an H200 (232448 bytes per block)
-  struct Shape { const char* name; int rows, D; };
-  const Shape shapes[] = {{"E temporal (T = 64)", 64, 64}, {"C temporal (T = 32)", 32, 64},
-                          {"E spatial (S = 256)", 256, 64}, {"C spatial (S = 4096)", 4096, 64}};
+// A model of the 16-bit kernels' time on an H200 (132 SMs, 1.98 GHz, 128 bytes of shared memory per SM and
+// clock, 233,472 bytes of it per SM, 4.3 TB/s HBM), printed for docs/design.md: bytes through shared memory
+// per block (tile copies, WMMA fragment loads of 2 x 16 x 16 elements per m16n16k16 product, float32 tiles
+// stored and reread) against the bytes the kernel must move through HBM.
+double mma_bytes(double M, double N, double K, double e) { return M * N * K * 2 * e / 16; }
+
+void print_model() {
+  const double e = 2, sms = 132, smem_rate = 128 * 1.98e9, hbm = 4.3e12;
+  struct Shape { const char* name; double B, T, S, H, D; };
+  const Shape shapes[] = {{"E", 4, 64, 256, 8, 64}, {"C", 1, 32, 4096, 8, 64}};
   for (const Shape& sh : shapes) {
-    const int Dp = cuda::padded_head_dim(sh.D);
-    const int fb = cuda::forward_block(2, sh.rows, Dp, 232448);
-    const cuda::BackwardPlan plan = cuda::backward_plan(2, sh.rows, Dp, 232448);
-    const int qb = cuda::query_block(2, sh.rows, Dp, 232448);
-    std::printf("%s bf16 D %d: forward block %d, %zu bytes; backward key kernel block %d x %d splits, %zu bytes",
-                sh.name, sh.D, fb, cuda::ForwardSmem(2, fb, Dp).bytes, plan.block, plan.splits,
-                cuda::BackwardSmem(2, plan.block, Dp, cuda::slice_cols(Dp, plan.splits), sh.rows <= plan.block).bytes);
-    if (sh.rows > plan.block) std::printf("; query kernel block %d, %zu bytes", qb, cuda::QuerySmem(2, qb, Dp).bytes);
-    std::printf("\n");
+    const int T = int(sh.T), Dp = cuda::padded_head_dim(int(sh.D));
+    const double rows = sh.B * sh.T * sh.S * sh.H, tensor = rows * sh.D * e, stats = rows * 4;
+    const double problems = sh.B * sh.S * sh.H, Bk = cuda::forward_block(2, T, Dp, 232448), D = Dp;
+    const cuda::BackwardPlan plan = cuda::backward_plan(2, T, Dp, 232448);
+    CHECK(Bk >= sh.T && plan.block >= T && plan.splits == 1, "shape %s temporal is one block", sh.name);
+    const double fwd_smem = 3 * Bk * D * e + mma_bytes(Bk, Bk, D, e) + Bk * Bk * 4 + (2 * Bk * Bk * 4 + Bk * Bk * e) +
+                            mma_bytes(Bk, D, Bk, e) + 2 * Bk * D * 4;
+    const double bwd_smem = 4 * Bk * D * e + 2 * (mma_bytes(Bk, Bk, D, e) + Bk * Bk * 4) +
+                            (5 * Bk * Bk * 4 + 2 * Bk * Bk * e) + 3 * (mma_bytes(Bk, D, Bk, e) + 2 * Bk * D * 4);
+    const size_t fwd_layout = cuda::ForwardSmem(2, int(Bk), Dp).bytes;
+    const size_t bwd_layout = cuda::BackwardSmem(2, plan.block, Dp, Dp, true).bytes;
+    std::printf("shape %s temporal, block %d: forward %zu B shared memory, %d blocks/SM, %.0f B through shared "
+                "memory per block: %.1f us; HBM floor %.1f MB, %.1f us\n", sh.name, int(Bk), fwd_layout,
+                int(233472 / (fwd_layout + 1024)), fwd_smem, problems * fwd_smem / (sms * smem_rate) * 1e6,
+                (4 * tensor + stats) / 1e6, (4 * tensor + stats) / hbm * 1e6);
+    std::printf("shape %s temporal, block %d: backward %zu B shared memory, %d blocks/SM, %.0f B through shared "
+                "memory per block: %.1f us; HBM floor %.1f MB, %.1f us\n", sh.name, int(Bk), bwd_layout,
+                int(233472 / (bwd_layout + 1024)), bwd_smem, problems * bwd_smem / (sms * smem_rate) * 1e6,
+                (7 * tensor + stats) / 1e6, (7 * tensor + stats) / hbm * 1e6);
   }
+  // The spatial forward's step (one 64 x 64 key block for 64 query rows, D = 64; online softmax: rescale the
+  // accumulator, load and store it around P V) and the backward's key and query kernel steps, per FLOP.
+  const double B = 64, D = 64, flop = 2 * B * B * D;
+  const double fwd_step = 2 * B * D * e + mma_bytes(B, B, D, e) + B * B * 4 + (2 * B * B * 4 + B * B * e) +
+                          2 * B * D * 4 + mma_bytes(B, D, B, e) + 2 * B * D * 4;
+  const double key_step = 2 * B * D * e + 2 * (mma_bytes(B, B, D, e) + B * B * 4) + (5 * B * B * 4 + 2 * B * B * e) +
+                          2 * (mma_bytes(B, D, B, e) + 2 * B * D * 4);
+  const double query_step = 2 * B * D * e + 2 * (mma_bytes(B, B, D, e) + B * B * 4) + (2 * B * B * 4 + B * B * e) +
+                            mma_bytes(B, D, B, e) + 2 * B * D * 4;
+  std::printf("spatial, 64 x 64 blocks, D 64: forward %.0f B per %.0f FLOP step: at most %.0f TFLOP/s; backward "
+              "key kernel %.0f B per %.0f FLOP, query kernel %.0f B per %.0f FLOP: at most %.0f TFLOP/s\n",
+              fwd_step, 2 * flop, 2 * flop / fwd_step * sms * smem_rate / 1e12, key_step, 4 * flop, query_step,
+              3 * flop, 7 * flop / (key_step + query_step) * sms * smem_rate / 1e12);
 }
 
 }  // namespace
@@ -494,6 +524,6 @@ int main() {
   check_ranges();
   check_emulation();
   check_layouts();
-  print_shapes();
+  print_model();
   std::printf("ok\n");
 }
