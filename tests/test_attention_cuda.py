@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import pychop
+from tests.checks import check_against_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -32,6 +33,16 @@ def test_backward_is_deterministic(deterministic_setting, shape):
         first, second = (torch.autograd.grad(out, x, dout, retain_graph=True) for _ in range(2))
         for a, b in zip(first, second):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 3, 7, 1, 208), (1, 2, 70, 1, 256), (1, 70, 3, 1, 256), (1, 3, 40, 1, 160)],
+                         ids=str)
+def test_blocks_of_a_99_kib_gpu(monkeypatch, shape, dtype, seed):
+    """The blocks a GPU with 99 KiB of shared memory per block (sm_86, sm_89, sm_120) takes, forced on this one:
+    float32 D = 208 and 256 did not launch there before; D > 240 now splits the key kernel's gradient columns."""
+    monkeypatch.setenv("PYCHOP_CUDA_SHARED_MEMORY_LIMIT", "101376")
+    check_against_reference("parallel", "cuda", shape, dtype, "cuda", seed, causal=True, grad_window=2)
 
 
 def compute_sanitizer():
