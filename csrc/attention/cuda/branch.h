@@ -73,8 +73,8 @@ struct Branch {
     last = window > 0 && j1 + window - 1 < rows - 1 ? j1 + window - 1 : rows - 1;
   }
 
-  // False only if every pair of query rows [i0, i1] and key rows [j0, j1] that is attended is live, so that the
-  // backward may skip masking the grad window there.
+  // False only if every attended pair of a query row <= i1 and a key row >= j0 is live, so that the backward may
+  // skip masking the grad window for a query block ending at i1 and a key block starting at j0.
   PYCHOP_HOST_DEVICE bool detaches_any(int i1, int j0) const { return grad_window > 0 && j0 <= i1 - grad_window; }
 };
 
