@@ -105,7 +105,7 @@ def _up_to_date(directory: Path, sources: List[str]) -> bool:
     if not built:
         return False
     newest_build = max(path.stat().st_mtime for path in built)
-    headers = [str(path) for path in CSRC.rglob("*.h")]
+    headers = [str(path) for pattern in ("*.h", "*.cuh") for path in CSRC.rglob(pattern)]
     return all(os.path.getmtime(path) <= newest_build for path in sources + headers)
 
 

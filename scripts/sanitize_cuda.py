@@ -17,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pychop  # noqa: E402
 from pychop.ops import backends  # noqa: E402
 
-# S off the block sizes, head dims padded (40, 80) or not (64), 256 (the smallest blocks); T = 1 and 5.
-SHAPES = [(1, 5, 70, 2, 40), (1, 1, 17, 1, 64), (1, 3, 33, 1, 80), (1, 2, 20, 1, 256)]
+# S off the block sizes, head dims padded (40, 80) or not (64), 256 (the smallest blocks); T = 1 and 5, and 70
+# (the cuda temporal backward's query kernel).
+SHAPES = [(1, 5, 70, 2, 40), (1, 1, 17, 1, 64), (1, 3, 33, 1, 80), (1, 2, 20, 1, 256), (1, 70, 3, 1, 16)]
 # Every temporal mask (all frames, a window, causal) and grad window; the kernels take them as run-time values.
 OPTIONS = [{}, dict(temporal_window=2, temporal_grad_window=1), dict(temporal_causal=True, temporal_grad_window=2)]
 

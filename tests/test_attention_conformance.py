@@ -41,18 +41,16 @@ from tests.checks import (
 pytestmark = pytest.mark.numerics  # CI runs these once more on the AVX2 path (scripts/test.sh --avx2)
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CUDA_SPATIAL_DELTA_DEFECT = ("known defect: spatial_bwd.cu takes delta_s = rowsum(dout * out) - delta_t from the "
-                             "16-bit rounded sum out = o_s + o_t (cpp and triton take it from P dP)")
 
 
-def fused_backends(cuda_xfail: str = None, *, quick_interpreter: bool = False):
+def fused_backends(*, quick_interpreter: bool = False, interpreted_triton: bool = True):
     """(backend, device) parameters: cpp on the CPU, triton where it runs (a gpu test where that is a GPU; in the
-    CPU interpreter, seconds per case: slow unless `quick_interpreter`), cuda on a GPU (xfail with a reason)."""
-    cuda_marks = [pytest.mark.gpu] + ([pytest.mark.xfail(strict=True, reason=cuda_xfail)] if cuda_xfail else [])
+    CPU interpreter, seconds per case: slow unless `quick_interpreter`, left out when `interpreted_triton` is
+    False), cuda on a GPU."""
     triton_marks = [pytest.mark.gpu] if TRITON_DEVICE == "cuda" else [] if quick_interpreter else [pytest.mark.slow]
-    return [pytest.param(("cpp", "cpu"), id="cpp"), pytest.param(("triton", TRITON_DEVICE), id="triton",
-                                                                 marks=triton_marks),
-            pytest.param(("cuda", "cuda"), id="cuda", marks=cuda_marks)]
+    triton = [pytest.param(("triton", TRITON_DEVICE), id="triton", marks=triton_marks)]
+    return ([pytest.param(("cpp", "cpu"), id="cpp")] + (triton if interpreted_triton or TRITON_DEVICE == "cuda" else [])
+            + [pytest.param(("cuda", "cuda"), id="cuda", marks=[pytest.mark.gpu])])
 
 
 @pytest.fixture(params=fused_backends())
@@ -106,6 +104,28 @@ def test_head_dims(fused, head_dim, dtype, seed):
 def test_frame_counts(fused, frames, options, seed):
     """T = 17 and 19 span two blocks of frames in the interpreter (16) and three of the cpp kernels (8)."""
     check("parallel", fused, (1, frames, 5, 1, 40), torch.float32, seed, **options)
+
+
+@pytest.mark.parametrize("fused_compiled", fused_backends(interpreted_triton=False))
+@pytest.mark.parametrize("op", ["parallel", "stacked", "temporal"])
+@pytest.mark.parametrize("options", [{"causal": True, "grad_window": 5}, {"window": 40, "grad_window": 20}, {}],
+                         ids=options_id)
+def test_frames_across_key_blocks(fused_compiled, op, options, seed):
+    """T = 70 frames: more than one block of key frames in every fused kernel (cuda: 64; the interpreter's 16-frame
+    blocks meet T = 17 and 19 above, and take minutes here), so the cuda backward runs its query kernel before the
+    key kernel, with delta from out (temporal alone) or rowsum(P dP) (summed or stacked: the backward has no o_t
+    of its own); with window 40, rows of a query block that attend no key of a key block."""
+    check(op, fused_compiled, (1, 70, 3, 1, 16), torch.bfloat16, seed, **options)
+
+
+@pytest.mark.parametrize("op, options", [
+    ("temporal", {"window": 2**32 + 1}),
+    ("parallel", {"window": 2**33 + 7, "grad_window": 2**32 + 2}),
+], ids=["window2^32+1", "window2^33+7-grad2^32+2"])
+def test_windows_past_the_int32_range(fused, op, options, seed):
+    """A window of T frames or more means every frame: one past the int32 range is no window, not the low bits
+    of it (2**32 + 1 narrowed to an int is 1, 2**32 + 2 is 2)."""
+    check(op, fused, (1, 5, 7, 1, 16), torch.float32, seed, **options)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
@@ -184,14 +204,16 @@ def test_scores_falling_by_more_than_the_exponent_range(fused, op, seed):
     check(op, fused, shape, torch.float32, seed, inputs=inputs)
 
 
-@pytest.mark.parametrize("fused_xfail", fused_backends(cuda_xfail=CUDA_SPATIAL_DELTA_DEFECT))
+@pytest.mark.parametrize("tokens", [19, 70], ids=["one-key-block", "key-blocks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-def test_temporal_branch_dominating_the_saved_sum(fused_xfail, dtype, seed):
+def test_temporal_branch_dominating_the_saved_sum(fused, dtype, tokens, seed):
     """Summed, the backward reads only out = o_s + o_t rounded to 16 bits: the spatial backward must take the
-    exact delta_s = rowsum(P dP), never the one of the rounded sum (see temporal_dominated_inputs)."""
-    shape = (1, 3, 19, 1, 16)
+    exact delta_s = rowsum(P dP), never the one of the rounded sum (see temporal_dominated_inputs). S = 70 spans
+    several key blocks of every fused kernel (cuda: delta_s from o_s recomputed in float32; S = 19: in the key
+    kernel)."""
+    shape = (1, 3, tokens, 1, 16)
     inputs = temporal_dominated_inputs(shape, dtype, "cpu")
-    check("parallel", fused_xfail, shape, dtype, seed, inputs=inputs)
+    check("parallel", fused, shape, dtype, seed, inputs=inputs)
 
 
 @QUICK_IN_THE_INTERPRETER

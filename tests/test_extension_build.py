@@ -1,6 +1,7 @@
 """Building and loading pychop._C: clear reasons when it cannot, and the binding's own checks."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,42 +95,61 @@ SWITCH_PROBE = r"""
 #include <cstdio>
 #include "attention/cuda/head_dim_switch.h"
 int main() {
-  std::printf("max %d\n", pychop::MAX_HEAD_DIM);
-  for (int d = 1; d <= pychop::MAX_HEAD_DIM; ++d)
-    PYCHOP_TEMPORAL_LANES_SWITCH(d, [&] { std::printf("temporal %d %d %d\n", d, LANES, PER_LANE); return nullptr; });
   const int limits[] = {0, 15, 16, 31, 32, 63, 64, 1000};
-  for (int limit : limits) {
-    const auto bytes = [](int block) { return block; };  // a stand-in: shared memory grows with the block
-    const char* error = PYCHOP_SPATIAL_BLOCK_SWITCH(bytes, limit, "none fits", [&] {
-      std::printf("spatial %d %d\n", limit, BLOCK);
-      return nullptr;
-    });
-    if (error) std::printf("spatial %d 0\n", limit);
-  }
+  const int rows[] = {1, 16, 17, 32, 33, 4096};
+  for (int limit : limits)
+    for (int r : rows) {
+      const int block = pychop::choose_block(r, [&](int b) { return b <= limit; });  // memory grows with the block
+      const char* result = pychop::dispatch_block(block, [&](auto tag) {
+        std::printf("block %d %d %d\n", limit, r, decltype(tag)::value);
+        return static_cast<const char*>(nullptr);
+      });
+      if (result) std::printf("block %d %d 0\n", limit, r);
+    }
 }
 """
 
 
-def test_cuda_head_dim_switches(tmp_path):
-    """The switches of csrc/attention/cuda/head_dim_switch.h (plain C++), run on the host: every head dim up to
-    the C++ MAX_HEAD_DIM (which equals Python's) gets a temporal lane group of a power of two <= 32 lanes that
-    covers it, and the spatial blocks are the largest that fit, none when 16 does not."""
+def compile_and_run(tmp_path, source_text):
+    """Compiles a host C++ program (csrc/ on the include path) with warnings as errors, runs it: its stdout."""
     import shutil
     import subprocess
 
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         pytest.skip("no C++ compiler")
-    (tmp_path / "probe.cpp").write_text(SWITCH_PROBE)
-    build = subprocess.run([compiler, "-std=c++17", "-Wall", "-Werror", f"-I{_build.CSRC}", "probe.cpp", "-o", "probe"],
-                           cwd=tmp_path, capture_output=True, text=True)
+    source = tmp_path / "probe.cpp"
+    source.write_text(source_text)
+    build = subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-Werror", f"-I{_build.CSRC}", str(source), "-o",
+                            str(tmp_path / "probe")], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
-    lines = [line.split() for line in subprocess.run(["./probe"], cwd=tmp_path, check=True, capture_output=True,
-                                                     text=True).stdout.splitlines()]
-    assert lines[0] == ["max", str(MAX_HEAD_DIM)]
-    temporal = [tuple(map(int, line[1:])) for line in lines if line[0] == "temporal"]
-    assert [d for d, _, _ in temporal] == list(range(1, MAX_HEAD_DIM + 1))
-    for d, lanes, per_lane in temporal:
-        assert lanes in (1, 2, 4, 8, 16, 32) and lanes * per_lane >= d, (d, lanes, per_lane)
-    spatial = dict(tuple(map(int, line[1:])) for line in lines if line[0] == "spatial")
-    assert spatial == {0: 0, 15: 0, 16: 16, 31: 16, 32: 32, 63: 32, 64: 64, 1000: 64}
+    run = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:]
+    return run.stdout
+
+
+def test_cuda_block_choice(tmp_path):
+    """csrc/attention/cuda/head_dim_switch.h, run on the host: the largest block that fits, none when 16 does not,
+    and no block of more than twice the rows where a smaller one fits (T = 16 frames take 16-row blocks)."""
+    output = compile_and_run(tmp_path, SWITCH_PROBE)
+    lines = [tuple(map(int, line.split()[1:])) for line in output.splitlines()]
+    chosen = {(limit, rows): block for limit, rows, block in lines}
+    for (limit, rows), block in chosen.items():
+        fitting = [b for b in (64, 32, 16) if b <= limit]
+        expected = next((b for b in fitting if rows > b // 2), fitting[-1] if fitting else 0)
+        assert block == expected, (limit, rows, block)
+    assert chosen[(1000, 4096)] == 64 and chosen[(1000, 16)] == 16 and chosen[(1000, 17)] == 32
+    assert chosen[(15, 4096)] == 0 and chosen[(31, 4096)] == 16
+
+
+def test_cuda_kernel_arithmetic_on_the_host(tmp_path):
+    """tests/csrc/attention_host_checks.cpp: the CUDA kernels' plain-C++ parts without a GPU. Each branch's row
+    offsets against the (B, T, S, H, D) strides of random layouts; masks and block ranges against brute force; the
+    kernels' loops (query and key blocks, online softmax, in-kernel or precomputed delta, grad window, dq
+    written once or accumulated, head-dim splits) emulated in double precision against a direct reference, for
+    causal, window and grad-window masks, 1 to 130 rows, blocks 16, 32, 64; every shared-memory layout aligned
+    and disjoint, and a plan for every head dim up to MAX_HEAD_DIM, dtype and GPU family's shared memory
+    (float32 D >= 208 on 99 KiB: head-dim splits)."""
+    out = compile_and_run(tmp_path, (Path(__file__).parent / "csrc" / "attention_host_checks.cpp").read_text())
+    assert out.splitlines()[-1] == "ok", out[-2000:]
+    assert int(out.split("emulated ")[1].split()[0]) > 500

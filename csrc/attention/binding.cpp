@@ -9,6 +9,8 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+
 #include "attention/kernels.h"
 
 namespace pychop {
@@ -61,6 +63,10 @@ struct Group {  // the tensors of one call, checked against the first
   }
 };
 
+// A window or grad window (>= 0, 0: none) as the kernels' int: one of T frames or more means the same as T
+// (every lag t - t' < T), so it is clamped to T before narrowing (2**32 + 1 must not become 1).
+int frame_count_clamp(int64_t window, int frames) { return static_cast<int>(std::min<int64_t>(window, frames)); }
+
 ScalarKind scalar_kind(at::ScalarType type) {
   switch (type) {
     case at::kHalf: return ScalarKind::Float16;
@@ -101,7 +107,7 @@ AttentionParams make_params(Group& group, const OptTensor& q_s, const OptTensor&
   p.temporal = temporal;
   p.stacked = stacked;
   p.causal = causal || window > 0;
-  p.window = static_cast<int>(window);
+  p.window = frame_count_clamp(window, p.frames);
   p.lse_s = group.stats(lse_s, "lse_s");
   p.lse_t = group.stats(lse_t, "lse_t");
   TORCH_CHECK(p.spatial == (p.lse_s != nullptr) && p.temporal == (p.lse_t != nullptr),
@@ -149,7 +155,7 @@ void backward(const at::Tensor& dout, const OptTensor& dout_t, const OptTensor& 
   AttentionParams p = make_params(group, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, scale, causal, window,
                                   dout_t.has_value());
   TORCH_CHECK(grad_window >= 0, "temporal_grad_window must be >= 1 or 0 (none), got ", grad_window);
-  p.grad_window = static_cast<int>(grad_window);
+  p.grad_window = frame_count_clamp(grad_window, p.frames);
   p.dout = group.ref(dout, "dout");
   p.dout_t = p.stacked ? group.ref(dout_t, "dout_t") : p.dout;
   p.dq_s = group.ref(dq_s, "dq_s");
@@ -162,23 +168,17 @@ void backward(const at::Tensor& dout, const OptTensor& dout_t, const OptTensor& 
                   p.temporal == (p.dq_t.data && p.dk_t.data && p.dv_t.data),
               "the gradients must be given exactly for the branches computed");
 
-  const auto stats = out.options().dtype(at::kFloat);
-  const auto B = p.batch, T = p.frames, S = p.tokens, H = p.heads;
-  at::Tensor delta_t, delta_s, dq_accum;  // scratch, alive until the kernels are enqueued (stream-ordered)
-  if (p.temporal && out.is_cuda()) {  // the CUDA temporal backward keeps delta_t there
-    delta_t = at::empty({B, T, H, S}, stats);
-    p.delta_t = delta_t.data_ptr<float>();
-  }
   if (out.is_cpu()) {
     parallel_st_attention_bwd_cpu(p);
     return;
   }
 #ifdef PYCHOP_WITH_CUDA
-  if (p.spatial) {
-    delta_s = at::empty({B, T, H, S}, stats);
-    dq_accum = at::empty({B, T, S, H, static_cast<int64_t>(p.head_dim)}, stats);
-    p.delta_s = delta_s.data_ptr<float>();
-    p.dq_accum = dq_accum.data_ptr<float>();
+  bool needs_scratch = false;
+  check_launch(cuda_backward_needs_scratch(p, needs_scratch));
+  at::Tensor delta;  // scratch, alive until the kernels are enqueued (stream-ordered)
+  if (needs_scratch) {
+    delta = at::empty({p.batch, p.frames, p.heads, p.tokens}, out.options().dtype(at::kFloat));
+    p.delta = delta.data_ptr<float>();
   }
   check_launch(launch_parallel_st_attention_bwd(p, reinterpret_cast<void*>(stream)));
 #else

@@ -14,5 +14,8 @@ void parallel_st_attention_bwd_cpu(const AttentionParams& params);
 // Return an error string on a launch failure, or nullptr.
 const char* launch_parallel_st_attention_fwd(const AttentionParams& params, void* stream);
 const char* launch_parallel_st_attention_bwd(const AttentionParams& params, void* stream);
+// Whether the backward needs the scratch params.delta (a branch's rows span several key blocks on the current
+// device); an error string if the device could not be queried.
+const char* cuda_backward_needs_scratch(const AttentionParams& params, bool& needs);
 
 }  // namespace pychop

@@ -43,29 +43,36 @@ struct AttentionParams {
   // gradients (written, never accumulated into) and scratch.
   TensorRef dout, dout_t;
   TensorRef dq_s, dk_s, dv_s, dq_t, dk_t, dv_t;
-  float* delta_t = nullptr;   // scratch (B, T, H, S), CUDA only: rowsum(dout_t * o_t), o_t recomputed
-  float* delta_s = nullptr;   // scratch (B, T, H, S), CUDA only: rowsum(dout * o_s)
-  float* dq_accum = nullptr;  // scratch (B, T, S, H, D) contiguous float32, CUDA only: spatial dq partial sums
+  float* delta = nullptr;  // scratch (B, T, H, S), CUDA only: delta = rowsum(dO * o) of a branch whose rows span
+                           // several key blocks (one branch at a time)
 };
 
-// Inclusive range [first, last] of key frames that query frame t attends to.
-inline
 #ifdef __CUDACC__
-__host__ __device__
+#define PYCHOP_HOST_DEVICE __host__ __device__
+#else
+#define PYCHOP_HOST_DEVICE
 #endif
-void attended_frames(const AttentionParams& p, int t, int& first, int& last) {
-  first = 0;
-  last = p.causal ? t : p.frames - 1;
-  if (p.window > 0 && t - p.window + 1 > first) first = t - p.window + 1;
+
+// Inclusive range [first, last] of the key rows that query row i of `rows` attends to, along an axis with these
+// masks (the temporal one; the spatial axis has none: every row).
+inline PYCHOP_HOST_DEVICE void attended_range(bool causal, int window, int rows, int i, int& first, int& last) {
+  first = window > 0 && i - window + 1 > 0 ? i - window + 1 : 0;
+  last = causal ? i : rows - 1;
+}
+
+// First key row whose keys and values receive gradient from query row i (rows before it are constants).
+inline PYCHOP_HOST_DEVICE int first_live_row(int grad_window, int i, int first) {
+  return grad_window > 0 && i - grad_window + 1 > first ? i - grad_window + 1 : first;
+}
+
+// Inclusive range [first, last] of key frames that query frame t attends to.
+inline PYCHOP_HOST_DEVICE void attended_frames(const AttentionParams& p, int t, int& first, int& last) {
+  attended_range(p.causal, p.window, p.frames, t, first, last);
 }
 
 // First key frame whose k_t, v_t receive gradient from query frame t (frames before it are constants).
-inline
-#ifdef __CUDACC__
-__host__ __device__
-#endif
-int first_live_frame(const AttentionParams& p, int t, int first) {
-  return (p.grad_window > 0 && t - p.grad_window + 1 > first) ? t - p.grad_window + 1 : first;
+inline PYCHOP_HOST_DEVICE int first_live_frame(const AttentionParams& p, int t, int first) {
+  return first_live_row(p.grad_window, t, first);
 }
 
 }  // namespace pychop

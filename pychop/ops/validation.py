@@ -10,7 +10,7 @@ import math
 import numbers
 import sys
 import warnings
-from typing import Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -126,7 +126,9 @@ def check_combine(combine: str) -> bool:
     return combine == "stack"
 
 
-NONDETERMINISTIC_BACKWARD = {"cuda": "accumulates the spatial query gradient with floating-point atomics"}
+# Backends whose backward is not deterministic, each with the reason (none today: the cuda backend's dq has no
+# atomics); check_deterministic refuses them under torch.use_deterministic_algorithms, and "auto" skips them.
+NONDETERMINISTIC_BACKWARD: Dict[str, str] = {}
 
 
 def check_deterministic(backend: str, spatial: bool) -> None:

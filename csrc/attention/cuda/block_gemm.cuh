@@ -62,16 +62,5 @@ struct BlockGemm<float, TRANS_A, TRANS_B, WARPS> {
   }
 };
 
-// Loads rows [row0, row0 + rows) of frame (b, t), head h, into a tile of `rows_tile` x `cols_tile` (ld)
-// elements of shared memory, zero-filling rows >= S and columns >= D. All threads of the block take part.
-template <typename T, int THREADS>
-__device__ __forceinline__ void load_tile(T* tile, int ld, const Rows<T>& x, int b, int t, int h, int row0,
-                                          int rows_tile, int cols_tile, int S, int D) {
-  for (int i = threadIdx.x; i < rows_tile * cols_tile; i += THREADS) {
-    const int r = i / cols_tile, c = i % cols_tile;
-    tile[r * ld + c] = (row0 + r < S && c < D) ? x.at(b, t, row0 + r, h)[c] : from_float<T>(0.f);
-  }
-}
-
 }  // namespace cuda
 }  // namespace pychop

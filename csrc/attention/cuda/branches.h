@@ -1,19 +1,21 @@
-// The per-branch CUDA launchers that launch.cu strings together (one .cu file each).
+// The per-branch CUDA launchers that launch.cu strings together. One kernel family serves both branches
+// (branch.h): attention_fwd.cu and attention_bwd.cu.
 #pragma once
 
-#include "attention/params.h"
+#include "attention/cuda/branch.h"
 
 namespace pychop {
 namespace cuda {
 
-// Temporal branch: writes out_t = o_t and lse_t (forward); dq_t, dk_t, dv_t and delta_t (backward).
-const char* launch_temporal_fwd(const AttentionParams& p, void* stream);
-const char* launch_temporal_bwd(const AttentionParams& p, void* stream);
+// Writes br.out (or, with add, adds the branch's output into it) and br.lse.
+const char* launch_branch_fwd(const Branch& br, ScalarKind dtype, bool add, void* stream);
 
-// Spatial branch: writes (or, with accumulate, adds o_s into) out and lse_s (forward); dq_s, dk_s, dv_s from
-// delta_s = rowsum(dout * o_s): rowsum(dout * out) - delta_t when out holds the sum (backward).
-const char* launch_spatial_fwd(const AttentionParams& p, bool accumulate, void* stream);
-const char* launch_spatial_bwd(const AttentionParams& p, void* stream);
+// Writes br.dq, br.dk, br.dv. `output_saved`: br.out holds this branch's own output (rounded to its dtype), from
+// which delta may be taken; otherwise delta is exact: rowsum(P dP), in float32.
+const char* launch_branch_bwd(const Branch& br, ScalarKind dtype, bool output_saved, void* stream);
+
+// Whether launch_branch_bwd needs br.delta (it does when a problem spans several key blocks).
+const char* backward_needs_scratch(const Branch& br, ScalarKind dtype, bool& needs);
 
 }  // namespace cuda
 }  // namespace pychop

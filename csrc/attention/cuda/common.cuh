@@ -1,5 +1,5 @@
-// Device helpers shared by the CUDA kernels of the fused attention: element types, strided (B, T, S, H, D)
-// access, statistics indexing, warp reductions. No torch headers.
+// Helpers shared by the CUDA kernels of the fused attention: element types, warp reductions, runtime errors.
+// No torch headers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 
 #include "attention/params.h"
 
@@ -31,23 +33,6 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// Element (b, t, s, h, 0) of a TensorRef, typed.
-template <typename T>
-struct Rows {
-  T* data;
-  int64_t sb, st, ss, sh;
-  __host__ __device__ explicit Rows(const TensorRef& r)
-      : data(static_cast<T*>(r.data)), sb(r.stride_b), st(r.stride_t), ss(r.stride_s), sh(r.stride_h) {}
-  __device__ __forceinline__ T* at(int b, int t, int s, int h) const {
-    return data + b * sb + t * st + s * ss + h * sh;
-  }
-};
-
-// Index of row (b, t, h, s) in a contiguous (B, T, H, S) statistics tensor.
-__device__ __forceinline__ int64_t stat_index(const AttentionParams& p, int b, int t, int h, int s) {
-  return ((static_cast<int64_t>(b) * p.frames + t) * p.heads + h) * p.tokens + s;
-}
-
 // Sum over aligned groups of `width` lanes (a power of two <= 32); every lane of the warp must call it.
 __device__ __forceinline__ float group_sum(float x, int width) {
   for (int offset = width / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
@@ -59,9 +44,44 @@ __device__ __forceinline__ float group_max(float x, int width) {
   return x;
 }
 
+// The launch error of the last kernel, or nullptr; clears the runtime's error slot either way.
 inline const char* launch_error() {
   const cudaError_t error = cudaGetLastError();
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+}
+
+// A failed runtime call as the launchers report it: "<call>: <CUDA's reason>". The failure is also cleared from
+// the runtime's error slot, where the next kernel launch (torch's) would otherwise find it and fail.
+inline const char* runtime_error(const char* call, cudaError_t error) {
+  if (error == cudaSuccess) return nullptr;
+  cudaGetLastError();
+  static thread_local char message[256];
+  std::snprintf(message, sizeof(message), "%s: %s", call, cudaGetErrorString(error));
+  return message;
+}
+
+// The most dynamic shared memory a block may opt in to on the current device (cudaDevAttrMaxSharedMemoryPerBlockOptin:
+// 227 KiB on sm_90 and sm_100, 163 KiB on sm_80, 99 KiB on sm_86, sm_89 and sm_120), or less where the environment
+// variable PYCHOP_CUDA_SHARED_MEMORY_LIMIT (bytes) says so: the tests take a 99 KiB GPU's blocks on any GPU.
+inline const char* max_shared_memory(int& bytes) {
+  int device = 0;
+  if (const char* error = runtime_error("cudaGetDevice", cudaGetDevice(&device))) return error;
+  if (const char* error = runtime_error("cudaDeviceGetAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)",
+                                        cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)))
+    return error;
+  if (const char* limit = std::getenv("PYCHOP_CUDA_SHARED_MEMORY_LIMIT")) {
+    const long value = std::strtol(limit, nullptr, 10);
+    if (value > 0 && value < bytes) bytes = static_cast<int>(value);
+  }
+  return nullptr;
+}
+
+// Lets `kernel` take `bytes` of dynamic shared memory (needed past 48 KiB).
+template <typename Kernel>
+const char* allow_shared_memory(Kernel kernel, size_t bytes) {
+  return runtime_error("cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize)",
+                       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(bytes)));
 }
 
 // Calls fn.template operator()<T>() with the element type of `dtype`.

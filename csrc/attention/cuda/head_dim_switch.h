@@ -1,52 +1,33 @@
-// The head-dim dispatch of the CUDA kernels: each decision is one switch, here, turning a runtime size into the
-// compile-time constants of a kernel's template (in the manner of FlashAttention's HEADDIM_SWITCH). Each macro
-// is an expression: it runs its last argument, a lambda returning const char* (a launch error or nullptr),
-// with the constants in scope, and yields what the lambda returns. Adding a bucket is adding a line here.
+// The block-size choice of the CUDA kernels, host side, and the one switch turning it into the compile-time
+// BLOCK of a kernel's template (in the manner of FlashAttention's HEADDIM_SWITCH). Plain C++:
+// tests/test_extension_build.py runs it on the host. Adding a block size is adding a case to both functions.
 #pragma once
 
-#include "attention/params.h"
+#include <type_traits>
 
-// Temporal branch: a group of LANES lanes (a power of two <= 32) owns one token-head, each lane PER_LANE
-// elements of the head dim, LANES * PER_LANE >= HEAD_DIM, so that few lanes idle (D = 40: 16 x 4).
-#define PYCHOP_TEMPORAL_LANES_SWITCH(HEAD_DIM, ...)                                                   \
-  [&]() -> const char* {                                                                              \
-    if ((HEAD_DIM) <= 16) {                                                                           \
-      constexpr static int LANES = 4, PER_LANE = 4;                                                   \
-      return __VA_ARGS__();                                                                           \
-    }                                                                                                 \
-    if ((HEAD_DIM) <= 32) {                                                                           \
-      constexpr static int LANES = 8, PER_LANE = 4;                                                   \
-      return __VA_ARGS__();                                                                           \
-    }                                                                                                 \
-    if ((HEAD_DIM) <= 64) {                                                                           \
-      constexpr static int LANES = 16, PER_LANE = 4;                                                  \
-      return __VA_ARGS__();                                                                           \
-    }                                                                                                 \
-    if ((HEAD_DIM) <= 128) {                                                                          \
-      constexpr static int LANES = 32, PER_LANE = 4;                                                  \
-      return __VA_ARGS__();                                                                           \
-    }                                                                                                 \
-    constexpr static int LANES = 32, PER_LANE = 8; /* every head dim the binding lets through */      \
-    static_assert(LANES * PER_LANE >= ::pychop::MAX_HEAD_DIM, "the last bucket must hold MAX_HEAD_DIM"); \
-    return __VA_ARGS__();                                                                             \
-  }()
+namespace pychop {
 
-// Spatial branch, forward and backward alike: the query and key blocks (BLOCK x BLOCK) of the largest block
-// size whose shared memory, SMEM_BYTES(block) (a callable), fits in LIMIT bytes; NONE_FITS (an error string)
-// when even 16 does not.
-#define PYCHOP_SPATIAL_BLOCK_SWITCH(SMEM_BYTES, LIMIT, NONE_FITS, ...) \
-  [&]() -> const char* {                                               \
-    if ((SMEM_BYTES)(64) <= (LIMIT)) {                                 \
-      constexpr static int BLOCK = 64;                                 \
-      return __VA_ARGS__();                                            \
-    }                                                                  \
-    if ((SMEM_BYTES)(32) <= (LIMIT)) {                                 \
-      constexpr static int BLOCK = 32;                                 \
-      return __VA_ARGS__();                                            \
-    }                                                                  \
-    if ((SMEM_BYTES)(16) <= (LIMIT)) {                                 \
-      constexpr static int BLOCK = 16;                                 \
-      return __VA_ARGS__();                                            \
-    }                                                                  \
-    return NONE_FITS;                                                  \
-  }()
+// Query and key blocks of BLOCK x BLOCK rows for an attention over `rows` rows (S tokens or T frames): the
+// largest of 64, 32, 16 for which fits(block) (the kernel's shared memory fits the device), except that a
+// block of more than twice `rows` is passed over for a smaller one that fits (T = 16 frames take 16-row
+// blocks, not 64 mostly empty ones). 0 when even 16 does not fit.
+template <typename Fits>
+int choose_block(int rows, Fits&& fits) {
+  if (fits(64) && rows > 32) return 64;
+  if (fits(32) && rows > 16) return 32;
+  if (fits(16)) return 16;
+  return 0;
+}
+
+// fn(std::integral_constant<int, block>{}) for a block that choose_block returned; for 0 (none fits), the error.
+template <typename Fn>
+const char* dispatch_block(int block, Fn&& fn) {
+  switch (block) {
+    case 64: return fn(std::integral_constant<int, 64>{});
+    case 32: return fn(std::integral_constant<int, 32>{});
+    case 16: return fn(std::integral_constant<int, 16>{});
+    default: return "pychop: no block size fits this head dim in the device's shared memory";
+  }
+}
+
+}  // namespace pychop
