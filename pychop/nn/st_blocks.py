@@ -53,6 +53,15 @@ class AttentionBranch(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(n, length, dim))
 
+    def over_frames(self, x: torch.Tensor, frame_group, backend: str = "auto") -> torch.Tensor:
+        """``forward`` on the (B*S, T, C) pixel sequences of x (B, T, S, C), returned as (B, T, S, C), through
+        ``pychop.temporal_attention`` with the frames sharded over ``frame_group`` (x: this rank's frames)."""
+        B, T, S, C = x.shape
+        normed = self.norm(x)
+        q, k, v = (proj(normed).view(B, T, S, self.heads, -1) for proj in (self.to_q, self.to_k, self.to_v))
+        out = pychop.temporal_attention(q, k, v, backend=backend, frame_group=frame_group)
+        return self.to_out(out.reshape(B, T, S, C))
+
     def qkv_blocks(self):
         """The (gamma, beta, W, b) blocks of q, k and v for ``layer_norm_packed_linear``: one shared affine."""
         return [(self.norm.weight, self.norm.bias, proj.weight, proj.bias)
@@ -66,11 +75,15 @@ def check_tokens(x: torch.Tensor, dim: int) -> None:
 
 
 class SerialSTBlock(nn.Module):
-    """Spatial then temporal self-attention, each with its own residual: (B, T, S, C) -> (B, T, S, C)."""
+    """Spatial then temporal self-attention, each with its own residual: (B, T, S, C) -> (B, T, S, C).
+
+    ``frame_group`` (None, or a process group / ``FrameShards`` set by ``pychop.distributed.shard_frames``): x
+    holds this rank's frames of videos sharded over it, and the temporal branch attends over all of them."""
 
     def __init__(self, dim: int, heads: int, *, qkv_bias: bool = False, eps: float = 1e-5):
         super().__init__()
         self.dim, self.heads = dim, heads
+        self.frame_group = None
         self.spatial = AttentionBranch(dim, heads, qkv_bias=qkv_bias, eps=eps)
         self.temporal = AttentionBranch(dim, heads, qkv_bias=qkv_bias, eps=eps)
 
@@ -79,6 +92,9 @@ class SerialSTBlock(nn.Module):
         B, T, S, C = x.shape
         frames = x.reshape(B * T, S, C)
         frames = frames + self.spatial(frames)
+        if self.frame_group is not None:
+            y = frames.view(B, T, S, C)
+            return y + self.temporal.over_frames(y, self.frame_group)
         pixels = frames.view(B, T, S, C).transpose(1, 2).reshape(B * S, T, C)
         pixels = pixels + self.temporal(pixels)
         return pixels.view(B, S, T, C).transpose(1, 2).contiguous()
@@ -90,7 +106,8 @@ class ParallelSTBlock(nn.Module):
     ``backend`` selects the attention backend (``"auto"``: the fastest available, ``"torch"``: the unfused
     reference); the temporal options are those of ``pychop.parallel_st_attention``. ``recompute_projection``
     trades one more C -> 6C GEMM in the backward for not keeping the (B, T, S, 6C) projection (see the module
-    docstring); it can be switched on an existing block.
+    docstring); it can be switched on an existing block. ``frame_group`` as for ``SerialSTBlock``: passed to the
+    attention op.
     """
 
     def __init__(self, dim: int, heads: int, *, qkv_bias: bool = False, eps: float = 1e-5, backend: str = "auto",
@@ -99,6 +116,7 @@ class ParallelSTBlock(nn.Module):
         super().__init__()
         self.dim, self.heads, self.eps, self.backend = dim, heads, eps, backend
         self.recompute_projection = recompute_projection
+        self.frame_group = None
         self.temporal_options = dict(temporal_causal=temporal_causal, temporal_window=temporal_window,
                                      temporal_grad_window=temporal_grad_window)
         self.spatial = AttentionBranch(dim, heads, qkv_bias=qkv_bias, eps=eps)
@@ -112,7 +130,8 @@ class ParallelSTBlock(nn.Module):
         saving = RecomputedViews(self.project, x, packed) if self.recompute_projection else contextlib.nullcontext()
         with saving:
             branches = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, combine="stack",
-                                                    backend=self.backend, **self.temporal_options)
+                                                    backend=self.backend, frame_group=self.frame_group,
+                                                    **self.temporal_options)
         o_s, o_t = (branch.reshape(-1, C) for branch in branches.unbind(3))  # (N, C) views, row stride 2C
         residual = x.reshape(-1, C)
         # The residual is added in the first GEMM, except under autocast, whose GEMMs would round it to their
