@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 import pychop
 from pychop import autocast_state
+from pychop.ops.frame_parallel import frame_parallel_attention
 from pychop.ops.layer_norm_linear import layer_norm_packed_linear
+from pychop.ops.validation import check_flag, check_window
 
 ST_MODES = ("serial", "parallel")
 
@@ -125,14 +127,16 @@ class ParallelSTBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tokens(x, self.dim)
         B, T, S, C = x.shape
-        packed = self.project(x)
-        q_s, k_s, v_s, q_t, k_t, v_t = packed.view(B, T, S, 6, self.heads, C // self.heads).unbind(3)
-        saving = RecomputedViews(self.project, x, packed) if self.recompute_projection else contextlib.nullcontext()
-        with saving:
-            branches = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, combine="stack",
-                                                    backend=self.backend, frame_group=self.frame_group,
-                                                    **self.temporal_options)
-        o_s, o_t = (branch.reshape(-1, C) for branch in branches.unbind(3))  # (N, C) views, row stride 2C
+        if self.frame_group is not None:
+            o_s, o_t = self._frame_parallel_branches(x)
+        else:
+            packed = self.project(x)
+            q_s, k_s, v_s, q_t, k_t, v_t = packed.view(B, T, S, 6, self.heads, C // self.heads).unbind(3)
+            saving = RecomputedViews(self.project, x, packed) if self.recompute_projection else contextlib.nullcontext()
+            with saving:
+                o_s, o_t = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, combine="stack",
+                                                        backend=self.backend, **self.temporal_options).unbind(3)
+        o_s, o_t = (branch.reshape(-1, C) for branch in (o_s, o_t))  # (N, C) views (of a stacked output: stride 2C)
         residual = x.reshape(-1, C)
         # The residual is added in the first GEMM, except under autocast, whose GEMMs would round it to their
         # lower precision: there it is added after them, in x's dtype, as the serial form adds it.
@@ -148,6 +152,30 @@ class ParallelSTBlock(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The packed (B, T, S, 6C) projection q_s, k_s, v_s, q_t, k_t, v_t of LayerNorm(x)."""
         return layer_norm_packed_linear(x, self.spatial.qkv_blocks() + self.temporal.qkv_blocks(), self.eps)
+
+    def project_spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """The packed (B, T, S, 3C) projection q_s, k_s, v_s of LayerNorm(x)."""
+        return layer_norm_packed_linear(x, self.spatial.qkv_blocks(), self.eps)
+
+    def _frame_parallel_branches(self, x: torch.Tensor):
+        """(o_s, o_t) of this rank's frames, the frames sharded over ``frame_group``. The spatial and the temporal
+        q, k, v are projected apart (two 3C GEMMs for one 6C): the temporal ones, copied out by the all-to-all
+        that regroups them, are then kept by nothing; and the branches come back apart, with no stacked copy."""
+        B, T, S, C = x.shape
+        heads = (B, T, S, 3, self.heads, C // self.heads)
+        spatial = self.project_spatial(x)
+        temporal = layer_norm_packed_linear(x, self.temporal.qkv_blocks(), self.eps)
+        options = self.temporal_options
+        checked = dict(causal=check_flag("temporal_causal", options["temporal_causal"]),
+                       window=check_window("temporal_window", options["temporal_window"]),
+                       grad_window=check_window("temporal_grad_window", options["temporal_grad_window"]))
+        saving = (RecomputedViews(self.project_spatial, x, spatial) if self.recompute_projection
+                  else contextlib.nullcontext())
+        with saving:
+            return frame_parallel_attention(dict(zip(("q_s", "k_s", "v_s"), spatial.view(heads).unbind(3))),
+                                            dict(zip(("q_t", "k_t", "v_t"), temporal.view(heads).unbind(3))),
+                                            frame_group=self.frame_group, scale=None, temporal_options=checked,
+                                            backend=self.backend, combine="pair")
 
 
 class RecomputedViews(torch.autograd.graph.saved_tensors_hooks):

@@ -292,4 +292,4 @@ def _frame_parallel(spatial, temporal, frame_group, scale, causal, window, grad_
     from pychop.ops.frame_parallel import frame_parallel_attention
     return frame_parallel_attention(spatial, temporal, frame_group=frame_group, scale=scale, backend=backend,
                                     temporal_options=dict(causal=causal, window=window, grad_window=grad_window),
-                                    stacked=stacked)
+                                    combine="stack" if stacked else "sum")

@@ -200,10 +200,13 @@ def check_frame_group(frame_group) -> None:
 
 @torch.compiler.disable  # collectives issued and waited on across autograd Functions: run eagerly
 def frame_parallel_attention(spatial: Optional[dict], temporal: dict, *, frame_group, scale, temporal_options: dict,
-                             backend: str, stacked: bool = False) -> torch.Tensor:
+                             backend: str, combine: str = "sum"):
     """The temporal branch (``temporal``: q, k, v by argument name) and optionally the spatial branch, on this
-    rank's frames of videos sharded over ``frame_group`` (see the module docstring); options as the public
-    ops take them. Returns this rank's frames of the output, as the public op would on all frames."""
+    rank's frames of videos sharded over ``frame_group`` (see the module docstring); ``temporal_options``
+    (``causal``, ``window``, ``grad_window``) checked, as ``temporal_attention`` takes them. Returns this rank's
+    frames of the output as the public op would on all frames: the temporal branch alone, or with the spatial
+    one ``o_s + o_t`` (``combine="sum"``), stacked (``"stack"``) or the pair ``(o_s, o_t)`` (``"pair"``: two
+    tensors, no copy into a stacked one; ``ParallelSTBlock`` feeds them to its two output GEMMs)."""
     from pychop.ops.attention import spatial_attention, temporal_attention  # it routes here: import at call
 
     check_frame_group(frame_group)
@@ -224,4 +227,6 @@ def frame_parallel_attention(spatial: Optional[dict], temporal: dict, *, frame_g
                                                                   **temporal_options))
     if o_s is None:
         return o_t
-    return torch.stack([o_s, o_t], dim=3) if stacked else o_s + o_t
+    if combine == "pair":
+        return o_s, o_t
+    return torch.stack([o_s, o_t], dim=3) if combine == "stack" else o_s + o_t
