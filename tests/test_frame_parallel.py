@@ -8,6 +8,7 @@ summed over the ranks, the single process's, to 1e-12 relative. Spawning process
 machine, so one spawn per world size runs every check (``results``) and the tests read its report.
 """
 
+import copy
 import warnings
 
 import pytest
@@ -19,6 +20,7 @@ import pychop
 from pychop.distributed import FrameShards, frame_mean, local_frames, shard_frames
 from pychop.memory import lean_frozen
 from pychop.models import TINY, VideoUNet
+from pychop.nn import ParallelSTBlock
 from pychop.ops.frame_mixing import frame_group_norm, frame_halo
 from tests.checks import TEMPORAL_OPTIONS, input_count, make_inputs, mixed_layout_inputs, op_call, relative_error
 from tests.distributed import run_ranks
@@ -197,6 +199,25 @@ def video_unet_checks(world, group):
     return found
 
 
+def block_checks(world, group):
+    """(name, error) of a ParallelSTBlock with temporal options, with and without recompute_projection, its
+    frame_group set (as shard_frames sets it) against the block on all frames."""
+    found = []
+    shards = FrameShards.split(group, MODEL_FRAMES[world] + 1)
+    for recompute in (False, True):
+        torch.manual_seed(4)
+        block = ParallelSTBlock(16, 2, backend="torch", temporal_causal=True, temporal_window=3,
+                                temporal_grad_window=2).double()
+        sharded = copy.deepcopy(block)
+        sharded.recompute_projection = recompute
+        sharded.frame_group = group
+        (x,), (x_local,) = full_and_local([torch.randn(2, shards.num_frames, 6, 16, dtype=torch.float64)], shards)
+        error, _ = model_errors(block, sharded, [x], [x_local], (1,), lambda m, inputs: m(inputs[0]), group,
+                                        shards)
+        found.append((f"ParallelSTBlock temporal options, recompute_projection={recompute}", error))
+    return found
+
+
 def tiny_motion_unet():
     from diffusers import UNetMotionModel
     torch.manual_seed(0)
@@ -284,7 +305,7 @@ def mesh_unet():
     torch.manual_seed(0)
     model = VideoUNet(TINY, "parallel", backend="torch").double().freeze_spatial()
     for module in model.modules():
-        if isinstance(module, pychop.nn.ParallelSTBlock):
+        if isinstance(module, ParallelSTBlock):
             module.recompute_projection = True
     return model
 
@@ -347,7 +368,7 @@ def mesh_checks():
 def worker(rank, world):
     group = dist.group.WORLD
     found = op_checks(world, group) + fused_checks(group) + mixing_checks(world, group)
-    found += video_unet_checks(world, group) + motion_unet_checks(world, group)
+    found += block_checks(world, group) + video_unet_checks(world, group) + motion_unet_checks(world, group)
     found += refusal_checks(world, group)
     if world == 4:
         found += mesh_checks()
@@ -390,8 +411,8 @@ def test_frame_mixing_equals_one_process(results, prefix):
     assert not failures(results, prefix)
 
 
-@pytest.mark.parametrize("prefix", ["VideoUNet serial", "VideoUNet parallel", "UNetMotionModel serial",
-                                    "UNetMotionModel converted"])
+@pytest.mark.parametrize("prefix", ["ParallelSTBlock", "VideoUNet serial", "VideoUNet parallel",
+                                    "UNetMotionModel serial", "UNetMotionModel converted"])
 def test_sharded_model_equals_one_process(results, prefix):
     assert not failures(results, prefix)
 

@@ -12,6 +12,10 @@ output projections with the residual. Saved for backward with a fused backend: x
 packed projection and the stacked attention output (9 (B, T, S, C) activations); with
 ``recompute_projection=True`` the packed projection is recomputed in the backward instead (3). The design and
 its memory arithmetic: docs/design.md, section 7.
+
+With ``frame_group`` set (``pychop.distributed.shard_frames``), x holds this rank's frames of videos sharded over a
+process group and the temporal branch attends over all of them (``pychop.ops.frame_parallel``; docs/design.md,
+section 9).
 """
 
 

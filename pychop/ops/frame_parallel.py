@@ -169,11 +169,9 @@ class _ReceiveTemporalInputs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         _no_double_backward()
-        like = next(g for g in grads if g is not None)
-        grads = [torch.zeros(like.shape, dtype=like.dtype, device=like.device) if g is None else g for g in grads]
-        flight = ctx.flight
+        flight = ctx.flight  # grads: three tensors (autograd gives zeros for an output without gradient)
         flight.recv, flight.work = ctx.regroup.sequences_to_frames(grads, async_op=True)
-        return None, None, like.new_zeros(()).expand(ctx.recv_shape)
+        return None, None, grads[0].new_zeros(()).expand(ctx.recv_shape)
 
 
 class _ReturnTemporalOutput(torch.autograd.Function):
