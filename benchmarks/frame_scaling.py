@@ -136,16 +136,18 @@ def predict(config: VideoUNetConfig = SD15_VIDEO, frames: int = 64, ranks: int =
             # q, k, v (3 tensors) behind the spatial forward; dq, dk, dv behind the spatial backward
             exposed_ms += max(0.0, 3 * moved - forward_s) + max(0.0, 3 * moved - backward_s) + 2 * moved
             hidden_ms += min(3 * moved, forward_s) + min(3 * moved, backward_s)
-        else:
+        else:  # a frame to each neighbour (an interior rank's two), forward and backward
             B, _, C, H, W = shape
-            exposed_ms += 2 * 2 * B * C * H * W * itemsize / link  # a frame to each neighbour, both passes
-    exposed_ms += collectives(layers) * latency_us / 1e3
+            exposed_ms += 2 * min(2, ranks - 1) * B * C * H * W * itemsize / link
+    latency_ms = collectives(layers) * latency_us / 1e3 if ranks > 1 else 0.0
+    exposed_ms += latency_ms
     sent = sum(traffic(layers, ranks, ranks // 2, itemsize).values())  # an interior rank
     step_ms = compute_ms + attention_ms + exposed_ms
     return {"frames": frames, "ranks": ranks, "gpu": ceilings.name, "link_GBps": link_gbps,
             "latency_us": latency_us, "compute_ms": compute_ms, "attention_ms": attention_ms,
-            "comm_hidden_ms": hidden_ms, "comm_exposed_ms": exposed_ms, "step_ms": step_ms,
-            "comm_share": exposed_ms / step_ms, "sent_GB": sent / 1e9, "collectives": collectives(layers)}
+            "comm_hidden_ms": hidden_ms, "comm_exposed_ms": exposed_ms, "latency_ms": latency_ms, "step_ms": step_ms,
+            "comm_share": exposed_ms / step_ms, "sent_GB": sent / 1e9,
+            "collectives": collectives(layers) if ranks > 1 else 0}
 
 
 def main(argv=None) -> None:
@@ -159,17 +161,18 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     print(f"VideoUNet SD15_VIDEO (parallel form, spatial frozen), bf16, batch 1, {args.ranks} GPUs ({args.gpu}), "
           f"link {args.link_gbps:g} GB/s each way, {args.latency_us:g} us per collective")
-    print("| frames | frames per GPU | compute ms | attention ms | comm hidden ms | comm exposed ms | step ms | "
-          "comm share | sent per GPU GB | collectives |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| frames | GPUs | frames per GPU | compute ms | attention ms | comm hidden ms | comm exposed ms | "
+          "of which latency ms | step ms | comm share | sent per GPU GB | collectives | speed-up |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for frames in args.frames:
-        p = predict(frames=frames, ranks=args.ranks, gpu=args.gpu, link_gbps=args.link_gbps,
-                    latency_us=args.latency_us)
-        one = predict(frames=frames, ranks=1, gpu=args.gpu, link_gbps=args.link_gbps, latency_us=0.0)
-        print(f"| {frames} | {frames // args.ranks} | {p['compute_ms']:.1f} | {p['attention_ms']:.1f} | "
-              f"{p['comm_hidden_ms']:.1f} | {p['comm_exposed_ms']:.1f} | {p['step_ms']:.1f} | "
-              f"{100 * p['comm_share']:.1f}% | {p['sent_GB']:.2f} | {p['collectives']} |")
-        print(f"|   one GPU, all {frames} frames (if it fitted) | | | | | | {one['step_ms']:.1f} | | | |")
+        one = predict(frames=frames, ranks=1, gpu=args.gpu, link_gbps=args.link_gbps, latency_us=args.latency_us)
+        for p in (one, predict(frames=frames, ranks=args.ranks, gpu=args.gpu, link_gbps=args.link_gbps,
+                               latency_us=args.latency_us)):
+            print(f"| {frames} | {p['ranks']} | {frames // p['ranks']} | {p['compute_ms']:.1f} | "
+                  f"{p['attention_ms']:.1f} | {p['comm_hidden_ms']:.1f} | {p['comm_exposed_ms']:.1f} | "
+                  f"{p['latency_ms']:.1f} | "
+                  f"{p['step_ms']:.1f} | {100 * p['comm_share']:.1f}% | {p['sent_GB']:.2f} | "
+                  f"{p['collectives']} | {one['step_ms'] / p['step_ms']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ of one video (``CONFIG``: the mobius suite's CPU_CONFIG at 16 frames; smoke: TIN
   the layers' shapes (``benchmarks.frame_scaling.traffic``); ``reduced_kb``: the payload of the small
   all-reduces and gathers (GroupNorm statistics, frame counts).
 - ``time``: the median of the step time (forward, backward, SGD step) over the steps, each step's time the
-  slowest rank's, with its p10-p90, at P = 1 and 2 only. Informational: gloo over loopback on a shared CPU, one
-  thread per process; it says nothing of GPUs (docs/distributed.md has the NVLink prediction). These times come
-  from the processes' own clocks, not from ``ctx.compare`` (one step spans several processes).
+  slowest rank's, with its p10-p90, at P = 1 and 2, the parallel form only. Informational: gloo over loopback on
+  a shared CPU, one thread per process; it says nothing of GPUs (docs/distributed.md has the NVLink prediction).
+  These times come from the processes' own clocks, not from ``ctx.compare`` (one step spans several processes).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import pychop
 from benchmarks.frame_scaling import sharded_layers, traffic
 from benchmarks.processes import run_ranks
 from benchmarks.suites.mobius import CPU_CONFIG, saved_tensor_account
@@ -40,8 +41,8 @@ DESCRIPTION = "frames sharded over P gloo processes: saved bytes per rank, bytes
 
 CONFIG = dataclasses.replace(CPU_CONFIG, num_frames=16)
 SMOKE_CONFIG = dataclasses.replace(TINY, num_frames=4)
-FORMS = (("parallel", "auto"), ("serial", "torch"))  # (st_mode, attention backend)
-TIMED_RANKS = (1, 2)
+FORMS = (("parallel", "auto"), ("serial", "torch"))  # (st_mode, attention backend; serial blocks use SDPA)
+TIMED_RANKS, TIMED_FORM = (1, 2), "parallel"
 
 
 def _counting_collectives(sent, reduced):
@@ -121,11 +122,11 @@ def _quantile(values, q):
 def run(ctx):
     config, config_name = (SMOKE_CONFIG, "TINY, 4 frames") if ctx.smoke else (CONFIG, "CPU_CONFIG, 16 frames")
     all_ranks = (1, 2) if ctx.smoke else (1, 2, 4)
-    steps = 3 if ctx.smoke else (5 if ctx.quick else 10)
+    steps = 3 if ctx.smoke else (3 if ctx.quick else 5)
     rows, saved_one = [], {}
     measured = defaultdict(dict)
     for (st_mode, backend), ranks in ctx.progress([(f, p) for f in FORMS for p in all_ranks], "frame_parallel"):
-        timed = steps if ranks in TIMED_RANKS else 0
+        timed = steps if ranks in TIMED_RANKS and st_mode == TIMED_FORM else 0
         results = run_ranks(_worker, config, st_mode, backend, timed, world=ranks, timeout=1800)
         for rank, result in results:
             if not isinstance(result, dict):
@@ -134,7 +135,8 @@ def run(ctx):
     for st_mode, backend in FORMS:
         saved_one = max(r["saved_bytes"] for r in measured[st_mode][1])
         for ranks, results in measured[st_mode].items():
-            base = {"form": st_mode, "attention": backend, "config": config_name, "ranks": ranks}
+            attention = "sdpa" if st_mode == "serial" else pychop.ops.backends.resolve(backend, ctx.device)
+            base = {"form": st_mode, "attention": attention, "config": config_name, "ranks": ranks}
             saved = max(r["saved_bytes"] for r in results)
             rows.append({"table": "saved", **base, "saved_mb": saved / 2 ** 20, "x_of_1/P": saved * ranks / saved_one})
             if ranks > 1:
@@ -146,7 +148,7 @@ def run(ctx):
             if "step_ms" in results[0]:
                 times = results[0]["step_ms"]  # every rank holds the per-step maxima
                 rows.append({"table": "time", **base, "step_ms": statistics.median(times),
-                             "step_ms_p10": _quantile(times, 0.1), "step_ms_p90": _quantile(times, 0.9)})
+                             "p10_ms": _quantile(times, 0.1), "p90_ms": _quantile(times, 0.9)})
     return rows
 
 
@@ -175,5 +177,5 @@ def report(result: dict) -> str:
                  "shared CPU says nothing of GPUs:\n\n" +
                  _table(["form", "P", "step ms"], by_table["time"], lambda r: [
                      r["form"], str(r["ranks"]),
-                     f"{r['step_ms']:.0f} ({r['step_ms_p10']:.0f}-{r['step_ms_p90']:.0f})"]))
+                     f"{r['step_ms']:.0f} ({r['p10_ms']:.0f}-{r['p90_ms']:.0f})"]))
     return "\n\n".join(parts) + "\n"

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from pychop import autocast_state
 from pychop.kernels.outputs import new_output
 from pychop.ops import frame_shards
+from pychop.ops.attention import spatial_attention, temporal_attention
 from pychop.ops.frame_shards import FrameShards, split_sizes
 from pychop.ops.validation import check_attention_inputs
 
@@ -205,8 +206,6 @@ def frame_parallel_attention(spatial: Optional[dict], temporal: dict, *, frame_g
     frames of the output as the public op would on all frames: the temporal branch alone, or with the spatial
     one ``o_s + o_t`` (``combine="sum"``), stacked (``"stack"``) or the pair ``(o_s, o_t)`` (``"pair"``: two
     tensors, no copy into a stacked one; ``ParallelSTBlock`` feeds them to its two output GEMMs)."""
-    from pychop.ops.attention import spatial_attention, temporal_attention  # it routes here: import at call
-
     check_frame_group(frame_group)
     tensors = {**(spatial or {}), **temporal}
     check_attention_inputs(tensors)
