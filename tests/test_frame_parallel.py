@@ -10,6 +10,7 @@ machine, so one spawn per world size runs every check (``results``) and the test
 
 import copy
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -95,6 +96,59 @@ def op_checks(world, group):
                                                      [frames_error(a.grad, b.grad, shards)
                                                       for a, b in zip(local, whole)])))
     return found
+
+
+class _Logged(torch.autograd.Function):
+    """Identity that logs when the gradient reaches it (the spatial branch's backward is then done)."""
+
+    @staticmethod
+    def forward(ctx, log, x):
+        ctx.log = log
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.log.append("spatial backward done")
+        return None, grad
+
+
+def overlap_checks(group):
+    """(name, 0 if the events came in the order of the module docstring of pychop.ops.frame_parallel, else 1): the
+    q, k, v all-to-all issued asynchronously before the spatial branch and waited on after it; in the backward the
+    gradients' all-to-all issued before the spatial backward and waited on after it."""
+    from pychop.ops import frame_parallel
+
+    log = []
+    all_to_all, spatial = dist.all_to_all_single, frame_parallel.spatial_attention
+
+    class LoggedWork:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self):
+            log.append("wait")
+            return self.work.wait()
+
+    def logged_all_to_all(*args, async_op=False, **kwargs):
+        log.append(f"all-to-all {'async' if async_op else 'sync'}")
+        work = all_to_all(*args, async_op=async_op, **kwargs)
+        return LoggedWork(work) if async_op else work
+
+    def logged_spatial(q, k, v, **kwargs):  # the gradient reaches the logging identity when the branch's is done
+        out = spatial(_Logged.apply(log, q), k, v, **kwargs)
+        log.append("spatial forward done")
+        return out
+
+    torch.manual_seed(9)
+    q_s, k_s, v_s, q_t, k_t, v_t = make_inputs((1, 2, 4, 2, 4), torch.float64, "cpu", 6)
+    with mock.patch.object(dist, "all_to_all_single", logged_all_to_all), \
+            mock.patch.object(frame_parallel, "spatial_attention", logged_spatial):
+        out = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, frame_group=group)
+        log.append("forward returned")
+        out.sum().backward()
+    expected = ["all-to-all async", "spatial forward done", "wait", "all-to-all sync", "forward returned",
+                "all-to-all sync", "all-to-all async", "spatial backward done", "wait"]
+    return [(f"overlap: events {log}", 0.0 if log == expected else 1.0)]
 
 
 def fused_checks(group):
@@ -367,7 +421,7 @@ def mesh_checks():
 
 def worker(rank, world):
     group = dist.group.WORLD
-    found = op_checks(world, group) + fused_checks(group) + mixing_checks(world, group)
+    found = op_checks(world, group) + overlap_checks(group) + fused_checks(group) + mixing_checks(world, group)
     found += block_checks(world, group) + video_unet_checks(world, group) + motion_unet_checks(world, group)
     found += refusal_checks(world, group)
     if world == 4:
@@ -392,7 +446,7 @@ def failures(results, prefix):
     return [f"rank {rank} of {world}: {name}: {error:.3g}" for rank, name, error in rows if not error <= BOUND]
 
 
-@pytest.mark.parametrize("prefix", ["parallel", "stacked", "temporal", "spatial", "mixed layouts"])
+@pytest.mark.parametrize("prefix", ["parallel", "stacked", "temporal", "spatial", "mixed layouts", "overlap"])
 def test_op_equals_one_process(results, prefix):
     assert not failures(results, prefix)
 
