@@ -5,6 +5,7 @@
 - ``pychop.chopgrad``: truncated backpropagation through causal-cache video decoders.
 - ``pychop.nn``, ``pychop.models``, ``pychop.integrations``: blocks, reference models and diffusers adapters.
 - ``pychop.memory``: ``lean_frozen``, less memory for the frozen layers of a model being fine-tuned.
+- ``pychop.distributed``: ``shard_frames``, a model's frames sharded over a process group (long videos).
 
 Submodules are imported on first use, so ``import pychop`` stays light.
 """
@@ -16,7 +17,7 @@ from pychop.ops import available as available_backends
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("chopgrad", "nn", "models", "integrations", "kernels", "ops", "memory")
+_SUBMODULES = ("chopgrad", "nn", "models", "integrations", "kernels", "ops", "memory", "distributed")
 
 __all__ = ["parallel_st_attention", "spatial_attention", "temporal_attention", "BACKENDS",
            "BackendUnavailable", "available_backends", *_SUBMODULES]

@@ -79,18 +79,18 @@ def input_count(op: str) -> int:
     return 3 if op in ("temporal", "spatial") else 6
 
 
-def op_call(op: str, inputs, *, backend, scale=None, causal=False, window=None, grad_window=None):
+def op_call(op: str, inputs, *, backend, scale=None, causal=False, window=None, grad_window=None, frame_group=None):
     """Calls pychop's op `op` with neutral option names: "parallel" (branches summed), "stacked" (the parallel
-    op with ``combine="stack"``), "temporal" or "spatial"."""
+    op with ``combine="stack"``), "temporal" or "spatial"; ``frame_group`` as the ops take it."""
     if op in ("parallel", "stacked"):
         return pychop.parallel_st_attention(*inputs, scale=scale, temporal_causal=causal, temporal_window=window,
                                             temporal_grad_window=grad_window, backend=backend,
-                                            combine="stack" if op == "stacked" else "sum")
+                                            combine="stack" if op == "stacked" else "sum", frame_group=frame_group)
     if op == "temporal":
         return pychop.temporal_attention(*inputs, scale=scale, causal=causal, window=window,
-                                         grad_window=grad_window, backend=backend)
+                                         grad_window=grad_window, backend=backend, frame_group=frame_group)
     assert not (causal or window or grad_window), "spatial attention takes no temporal options"
-    return pychop.spatial_attention(*inputs, scale=scale, backend=backend)
+    return pychop.spatial_attention(*inputs, scale=scale, backend=backend, frame_group=frame_group)
 
 
 def reference_call(op: str, inputs, *, scale=None, causal=False, window=None, grad_window=None):

@@ -18,21 +18,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pychop.ops.frame_mixing import frame_group_norm, frame_halo
+
 CONV_MODES = ("serial", "parallel")
 
 
 class TemporalConv(nn.Module):
-    """GroupNorm, SiLU, Conv3d with kernel (3, 1, 1) across frames: (B*T, C, H, W) -> update of that shape."""
+    """GroupNorm, SiLU, Conv3d with kernel (3, 1, 1) across frames: (B*T, C, H, W) -> update of that shape.
+
+    ``frame_group`` (None, or a process group / ``FrameShards`` set by ``pychop.distributed.shard_frames``): x
+    holds this rank's frames of videos sharded over it; the GroupNorm statistics span every rank's frames
+    (``frame_group_norm``) and the convolution reads one frame of each neighbouring rank (``frame_halo``)."""
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels)
         self.conv = nn.Conv3d(channels, channels, kernel_size=(3, 1, 1), padding=(1, 0, 0))
+        self.frame_group = None
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         frames, channels, height, width = x.shape
         video = x.view(frames // num_frames, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
-        update = self.conv(F.silu(self.norm(video)))
+        if self.frame_group is None:
+            update = self.conv(F.silu(self.norm(video)))
+        else:
+            group, norm = self.frame_group, self.norm
+            normed = frame_group_norm(video, norm.num_groups, norm.weight, norm.bias, norm.eps, frame_group=group)
+            update = F.conv3d(frame_halo(F.silu(normed), 2, 1, frame_group=group), self.conv.weight, self.conv.bias)
         return update.permute(0, 2, 1, 3, 4).reshape(frames, channels, height, width)
 
 

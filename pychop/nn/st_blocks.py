@@ -12,6 +12,10 @@ output projections with the residual. Saved for backward with a fused backend: x
 packed projection and the stacked attention output (9 (B, T, S, C) activations); with
 ``recompute_projection=True`` the packed projection is recomputed in the backward instead (3). The design and
 its memory arithmetic: docs/design.md, section 7.
+
+With ``frame_group`` set (``pychop.distributed.shard_frames``), x holds this rank's frames of videos sharded over a
+process group and the temporal branch attends over all of them (``pychop.ops.frame_parallel``; docs/design.md,
+section 9).
 """
 
 
@@ -25,7 +29,9 @@ import torch.nn.functional as F
 
 import pychop
 from pychop import autocast_state
+from pychop.ops.frame_parallel import frame_parallel_attention
 from pychop.ops.layer_norm_linear import layer_norm_packed_linear
+from pychop.ops.validation import check_flag, check_window
 
 ST_MODES = ("serial", "parallel")
 
@@ -53,6 +59,15 @@ class AttentionBranch(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(n, length, dim))
 
+    def over_frames(self, x: torch.Tensor, frame_group, backend: str = "auto") -> torch.Tensor:
+        """``forward`` on the (B*S, T, C) pixel sequences of x (B, T, S, C), returned as (B, T, S, C), through
+        ``pychop.temporal_attention`` with the frames sharded over ``frame_group`` (x: this rank's frames)."""
+        B, T, S, C = x.shape
+        normed = self.norm(x)
+        q, k, v = (proj(normed).view(B, T, S, self.heads, -1) for proj in (self.to_q, self.to_k, self.to_v))
+        out = pychop.temporal_attention(q, k, v, backend=backend, frame_group=frame_group)
+        return self.to_out(out.reshape(B, T, S, C))
+
     def qkv_blocks(self):
         """The (gamma, beta, W, b) blocks of q, k and v for ``layer_norm_packed_linear``: one shared affine."""
         return [(self.norm.weight, self.norm.bias, proj.weight, proj.bias)
@@ -66,11 +81,15 @@ def check_tokens(x: torch.Tensor, dim: int) -> None:
 
 
 class SerialSTBlock(nn.Module):
-    """Spatial then temporal self-attention, each with its own residual: (B, T, S, C) -> (B, T, S, C)."""
+    """Spatial then temporal self-attention, each with its own residual: (B, T, S, C) -> (B, T, S, C).
+
+    ``frame_group`` (None, or a process group / ``FrameShards`` set by ``pychop.distributed.shard_frames``): x
+    holds this rank's frames of videos sharded over it, and the temporal branch attends over all of them."""
 
     def __init__(self, dim: int, heads: int, *, qkv_bias: bool = False, eps: float = 1e-5):
         super().__init__()
         self.dim, self.heads = dim, heads
+        self.frame_group = None
         self.spatial = AttentionBranch(dim, heads, qkv_bias=qkv_bias, eps=eps)
         self.temporal = AttentionBranch(dim, heads, qkv_bias=qkv_bias, eps=eps)
 
@@ -79,6 +98,9 @@ class SerialSTBlock(nn.Module):
         B, T, S, C = x.shape
         frames = x.reshape(B * T, S, C)
         frames = frames + self.spatial(frames)
+        if self.frame_group is not None:
+            y = frames.view(B, T, S, C)
+            return y + self.temporal.over_frames(y, self.frame_group)
         pixels = frames.view(B, T, S, C).transpose(1, 2).reshape(B * S, T, C)
         pixels = pixels + self.temporal(pixels)
         return pixels.view(B, S, T, C).transpose(1, 2).contiguous()
@@ -90,7 +112,8 @@ class ParallelSTBlock(nn.Module):
     ``backend`` selects the attention backend (``"auto"``: the fastest available, ``"torch"``: the unfused
     reference); the temporal options are those of ``pychop.parallel_st_attention``. ``recompute_projection``
     trades one more C -> 6C GEMM in the backward for not keeping the (B, T, S, 6C) projection (see the module
-    docstring); it can be switched on an existing block.
+    docstring); it can be switched on an existing block. ``frame_group`` as for ``SerialSTBlock``: passed to the
+    attention op.
     """
 
     def __init__(self, dim: int, heads: int, *, qkv_bias: bool = False, eps: float = 1e-5, backend: str = "auto",
@@ -99,6 +122,7 @@ class ParallelSTBlock(nn.Module):
         super().__init__()
         self.dim, self.heads, self.eps, self.backend = dim, heads, eps, backend
         self.recompute_projection = recompute_projection
+        self.frame_group = None
         self.temporal_options = dict(temporal_causal=temporal_causal, temporal_window=temporal_window,
                                      temporal_grad_window=temporal_grad_window)
         self.spatial = AttentionBranch(dim, heads, qkv_bias=qkv_bias, eps=eps)
@@ -107,13 +131,16 @@ class ParallelSTBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tokens(x, self.dim)
         B, T, S, C = x.shape
-        packed = self.project(x)
-        q_s, k_s, v_s, q_t, k_t, v_t = packed.view(B, T, S, 6, self.heads, C // self.heads).unbind(3)
-        saving = RecomputedViews(self.project, x, packed) if self.recompute_projection else contextlib.nullcontext()
-        with saving:
-            branches = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, combine="stack",
-                                                    backend=self.backend, **self.temporal_options)
-        o_s, o_t = (branch.reshape(-1, C) for branch in branches.unbind(3))  # (N, C) views, row stride 2C
+        if self.frame_group is not None:
+            o_s, o_t = self._frame_parallel_branches(x)
+        else:
+            packed = self.project(x)
+            q_s, k_s, v_s, q_t, k_t, v_t = packed.view(B, T, S, 6, self.heads, C // self.heads).unbind(3)
+            saving = RecomputedViews(self.project, x, packed) if self.recompute_projection else contextlib.nullcontext()
+            with saving:
+                o_s, o_t = pychop.parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, combine="stack",
+                                                        backend=self.backend, **self.temporal_options).unbind(3)
+        o_s, o_t = (branch.reshape(-1, C) for branch in (o_s, o_t))  # (N, C) views (of a stacked output: stride 2C)
         residual = x.reshape(-1, C)
         # The residual is added in the first GEMM, except under autocast, whose GEMMs would round it to their
         # lower precision: there it is added after them, in x's dtype, as the serial form adds it.
@@ -129,6 +156,30 @@ class ParallelSTBlock(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The packed (B, T, S, 6C) projection q_s, k_s, v_s, q_t, k_t, v_t of LayerNorm(x)."""
         return layer_norm_packed_linear(x, self.spatial.qkv_blocks() + self.temporal.qkv_blocks(), self.eps)
+
+    def project_spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """The packed (B, T, S, 3C) projection q_s, k_s, v_s of LayerNorm(x)."""
+        return layer_norm_packed_linear(x, self.spatial.qkv_blocks(), self.eps)
+
+    def _frame_parallel_branches(self, x: torch.Tensor):
+        """(o_s, o_t) of this rank's frames, the frames sharded over ``frame_group``. The spatial and the temporal
+        q, k, v are projected apart (two 3C GEMMs for one 6C): the temporal ones, copied out by the all-to-all
+        that regroups them, are then kept by nothing; and the branches come back apart, with no stacked copy."""
+        B, T, S, C = x.shape
+        heads = (B, T, S, 3, self.heads, C // self.heads)
+        spatial = self.project_spatial(x)
+        temporal = layer_norm_packed_linear(x, self.temporal.qkv_blocks(), self.eps)
+        options = self.temporal_options
+        checked = dict(causal=check_flag("temporal_causal", options["temporal_causal"]),
+                       window=check_window("temporal_window", options["temporal_window"]),
+                       grad_window=check_window("temporal_grad_window", options["temporal_grad_window"]))
+        saving = (RecomputedViews(self.project_spatial, x, spatial) if self.recompute_projection
+                  else contextlib.nullcontext())
+        with saving:
+            return frame_parallel_attention(dict(zip(("q_s", "k_s", "v_s"), spatial.view(heads).unbind(3))),
+                                            dict(zip(("q_t", "k_t", "v_t"), temporal.view(heads).unbind(3))),
+                                            frame_group=self.frame_group, scale=None, temporal_options=checked,
+                                            backend=self.backend, combine="pair")
 
 
 class RecomputedViews(torch.autograd.graph.saved_tensors_hooks):

@@ -237,7 +237,8 @@ def _attention(spatial: Optional[dict], temporal: Optional[dict], *, scale, caus
 
 
 def parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, *, scale=None, temporal_causal=False,
-                          temporal_window=None, temporal_grad_window=None, combine="sum", backend="auto"):
+                          temporal_window=None, temporal_grad_window=None, combine="sum", backend="auto",
+                          frame_group=None):
     """Spatial attention plus temporal attention, summed: the fused Mobius attention.
 
     All six inputs have shape (B, T, S, H, D), one dtype (float16, bfloat16 or float32), one device, and a
@@ -247,22 +248,48 @@ def parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, *, scale=None, temporal_
     temporal, whose ``.flatten(3)`` is the (B, T, S, 2C) input of one GEMM for both output projections
     (``o_s W_s + o_t W_t = [o_s, o_t] [W_s; W_t]``). Under autocast the inputs are cast to its dtype, as
     ``scaled_dot_product_attention`` casts them. See the module docstring for the exact semantics.
+
+    ``frame_group``: a ``torch.distributed`` process group (or a ``pychop.ops.frame_shards.FrameShards``) over
+    which the frames are sharded: the inputs are this rank's contiguous block of frames, the output too, and the
+    temporal options refer to global frame indices (``pychop.ops.frame_parallel``). None: one process.
     """
-    return _attention(dict(q_s=q_s, k_s=k_s, v_s=v_s), dict(q_t=q_t, k_t=k_t, v_t=v_t), scale=scale,
-                      causal=check_flag("temporal_causal", temporal_causal),
-                      window=check_window("temporal_window", temporal_window),
-                      grad_window=check_window("temporal_grad_window", temporal_grad_window), backend=backend,
-                      stacked=check_combine(combine))
+    causal = check_flag("temporal_causal", temporal_causal)
+    window = check_window("temporal_window", temporal_window)
+    grad_window = check_window("temporal_grad_window", temporal_grad_window)
+    stacked = check_combine(combine)
+    spatial, temporal = dict(q_s=q_s, k_s=k_s, v_s=v_s), dict(q_t=q_t, k_t=k_t, v_t=v_t)
+    if frame_group is not None:
+        return _frame_parallel(spatial, temporal, frame_group, scale, causal, window, grad_window, backend, stacked)
+    return _attention(spatial, temporal, scale=scale, causal=causal, window=window, grad_window=grad_window,
+                      backend=backend, stacked=stacked)
 
 
-def temporal_attention(q, k, v, *, scale=None, causal=False, window=None, grad_window=None, backend="auto"):
-    """The temporal branch alone: each token attends over frames. Inputs and options as parallel_st_attention."""
-    return _attention(None, dict(q=q, k=k, v=v), scale=scale, causal=check_flag("causal", causal),
-                      window=check_window("window", window), grad_window=check_window("grad_window", grad_window),
+def temporal_attention(q, k, v, *, scale=None, causal=False, window=None, grad_window=None, backend="auto",
+                       frame_group=None):
+    """The temporal branch alone: each token attends over frames. Inputs and options (``frame_group`` too) as
+    parallel_st_attention."""
+    causal, window = check_flag("causal", causal), check_window("window", window)
+    grad_window = check_window("grad_window", grad_window)
+    if frame_group is not None:
+        return _frame_parallel(None, dict(q=q, k=k, v=v), frame_group, scale, causal, window, grad_window, backend)
+    return _attention(None, dict(q=q, k=k, v=v), scale=scale, causal=causal, window=window, grad_window=grad_window,
                       backend=backend)
 
 
-def spatial_attention(q, k, v, *, scale=None, backend="auto"):
-    """The spatial branch alone: each frame's tokens attend to each other. Inputs as parallel_st_attention."""
+def spatial_attention(q, k, v, *, scale=None, backend="auto", frame_group=None):
+    """The spatial branch alone: each frame's tokens attend to each other. Inputs as parallel_st_attention; with a
+    ``frame_group`` it runs on this rank's frames alone (a frame's tokens never leave it)."""
+    if frame_group is not None:
+        from pychop.ops.frame_parallel import check_frame_group
+        check_frame_group(frame_group)
     return _attention(dict(q=q, k=k, v=v), None, scale=scale, causal=False, window=None, grad_window=None,
                       backend=backend)
+
+
+def _frame_parallel(spatial, temporal, frame_group, scale, causal, window, grad_window, backend, stacked=False):
+    """Routes a call with a ``frame_group`` to ``pychop.ops.frame_parallel`` (imported here: it imports this
+    module)."""
+    from pychop.ops.frame_parallel import frame_parallel_attention
+    return frame_parallel_attention(spatial, temporal, frame_group=frame_group, scale=scale, backend=backend,
+                                    temporal_options=dict(causal=causal, window=window, grad_window=grad_window),
+                                    combine="stack" if stacked else "sum")

@@ -43,11 +43,13 @@ import pychop
 
 class TemporalAttentionProcessor(AttnProcessor2_0):
     """A diffusers attention processor for temporal self-attention on (B*S, T, C) hidden states: diffusers'
-    ``AttnProcessor2_0`` with pychop's attention op."""
+    ``AttnProcessor2_0`` with pychop's attention op. ``frame_group`` (None, or set by
+    ``pychop.distributed.shard_frames``): T is this rank's frames of videos sharded over it."""
 
     def __init__(self, backend: str = "auto"):
         super().__init__()
         self.backend = backend
+        self.frame_group = None
 
     @property
     def __class__(self):
@@ -76,7 +78,7 @@ class TemporalAttentionProcessor(AttnProcessor2_0):
         else:
             q, k, v = (proj(hidden_states).view(sequences, frames, 1, heads, -1)
                        for proj in (attn.to_q, attn.to_k, attn.to_v))
-        out = pychop.temporal_attention(q, k, v, scale=attn.scale, backend=self.backend)
+        out = pychop.temporal_attention(q, k, v, scale=attn.scale, backend=self.backend, frame_group=self.frame_group)
         out = out.reshape(sequences, frames, -1).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -101,7 +103,7 @@ def temporal_attention_modules(model: nn.Module) -> List[Tuple[str, Attention]]:
     return list(found.items())
 
 
-def _check_supported(name: str, attn: Attention) -> None:
+def check_supported(name: str, attn: Attention) -> None:
     for feature in ("spatial_norm", "group_norm", "norm_q", "norm_k"):
         if getattr(attn, feature, None) is not None:
             raise ValueError(f"{name}: attention with {feature} is not supported by TemporalAttentionProcessor")
@@ -146,7 +148,7 @@ def patch_temporal_attention(model: nn.Module, backend: str = "auto") -> Tempora
                          "modules, TransformerTemporalModel, TransformerSpatioTemporalModel or "
                          "LatteTransformer3DModel)")
     for name, attn in modules:
-        _check_supported(name, attn)
+        check_supported(name, attn)
     processor = TemporalAttentionProcessor(backend)
     originals = []
     for name, attn in modules:
