@@ -2,35 +2,38 @@
 on ChopGrad's (video super-resolution and video inpainting), trained with each method for the same steps and
 seeds, judged on held-out videos.
 
-Set-up (CPU sizes, float32, one thread):
+Set-up (float32, one thread; sizes in ``FULL_SIZE``, ``QUICK_SIZE``, ``SMOKE_SIZE``):
 
 - Data: ``benchmarks.synthetic_video.moving_shapes``: textured discs and squares moving over a drifting
-  textured background, ``SIZE`` x ``SIZE`` pixels, generated from a seed (training clips from the method's
-  seed, held-out clips from a seed of their own).
-- A frozen causal video decoder: ``pychop.models.CausalVideoDecoder`` (tiny config: latent frame -> 4 video
-  frames, 1 for the first; 4x in space), first trained as an autoencoder with a small encoder (full
-  backpropagation on short clips), then frozen. ``autoencoder`` row: its held-out PSNR (a ceiling of sorts).
+  textured background (16 x 16 pixels, 33 frames at the full size), generated from a seed (training clips
+  from the run's seed, held-out clips from a seed of their own).
+- A frozen causal video decoder: ``pychop.models.CausalVideoDecoder`` (tiny config: a latent frame decodes to
+  4 video frames, the first to 1; 4x in space), first trained as an autoencoder with a small encoder (full
+  backpropagation on short clips), then frozen. ``autoencoder`` row: its held-out PSNR on the encoder's latents.
 - A generator (three 3D convolutions) maps a degraded clip to latents: ``super-resolution``, the clip at half
   resolution; ``inpainting``, the clip with a square hole (a fixed position per clip) and the hole's mask.
 - Methods, the same steps, batches and seeds (Adam): ``latent``: MSE to the encoder's latents of the clean
   clip (the usual practice, the baseline); ``pixel full``: MSE of the decoded clip to the clean clip,
   backpropagated through the whole decoder recurrence; ``chopgrad k``: the same pixel loss through
-  ``pychop.chopgrad.stream`` (strategy ``recompute``) with window k, so segment i's loss reaches the latents of
-  segments i-k+1 .. i only.
+  ``pychop.chopgrad.stream`` with window k, so segment i's loss reaches the latents of segments i-k+1 .. i only
+  (trained with strategy ``retain``, whose gradients are ``recompute``'s, tests/test_chopgrad.py, in less CPU
+  time).
 
 Reported: per method, the held-out PSNR (dB) and the temporal error (RMS over the clip of the error of frame
 differences, (y[t+1] - y[t]) - (x[t+1] - x[t]); ``seam``: only across the decoder's segment boundaries) after
-training, mean and range over seeds, and their ratios to the baseline and to ``pixel full`` (held-out MSE
-ratios, per seed, median with the p10-p90 spread over seeds); the curve of held-out PSNR against steps; the
-bytes a training step saves for backward at its peak (``SavedActivationMeter``) and its time
-(``ctx.compare``, all methods interleaved), with ratios to ``pixel full``. The decoder is trained once, from
-seed 0; the seeds vary the generator's initialisation and its training clips.
+training, mean and range over seeds, and ratios to the baseline and to ``pixel full`` (of held-out MSE and of
+temporal error, per seed, median with the p10-p90 spread over seeds); the curve of held-out PSNR against
+steps; ``fidelity``: the latent gradient each window gives against full backpropagation on one held-out clip
+(``pychop.chopgrad.fidelity``); the bytes a training step saves for backward at its peak
+(``SavedActivationMeter``) and its time (``ctx.compare``, all methods and both strategies interleaved), with
+ratios to ``pixel full``. The decoder is trained once, from seed 0; the seeds vary the generator's
+initialisation and its training clips.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Dict, List
 
 import torch
@@ -40,7 +43,7 @@ from einops import rearrange
 
 from benchmarks.outcomes import plot_curves, range_cell, ratio_cell, summary_rows
 from benchmarks.synthetic_video import moving_shapes
-from pychop.chopgrad import stream
+from pychop.chopgrad import fidelity, stream
 from pychop.chopgrad.memory import SavedActivationMeter
 from pychop.models import CausalDecoderConfig, CausalVideoDecoder
 
@@ -69,9 +72,9 @@ class Size:
     lr: float = 2e-3
 
 
-FULL_SIZE = Size(size=16, segments=9, batch=2, steps=240, eval_every=40, seeds=3, heldout=8, ae_steps=400,
+FULL_SIZE = Size(size=16, segments=9, batch=2, steps=150, eval_every=25, seeds=3, heldout=6, ae_steps=1000,
                  ae_segments=3, width=48)
-QUICK_SIZE = Size(size=16, segments=9, batch=1, steps=40, eval_every=20, seeds=3, heldout=4, ae_steps=120,
+QUICK_SIZE = Size(size=16, segments=9, batch=1, steps=10, eval_every=5, seeds=2, heldout=2, ae_steps=60,
                   ae_segments=3, width=32)
 SMOKE_SIZE = Size(size=8, segments=3, batch=1, steps=2, eval_every=1, seeds=2, heldout=1, ae_steps=2,
                   ae_segments=2, width=8)
@@ -137,17 +140,17 @@ def pixel_loss(video: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tenso
     return lambda y, i: F.mse_loss(y, targets[i], reduction="sum") / video.numel()
 
 
-def train_autoencoder(size: Size, config: CausalDecoderConfig):
+def train_autoencoder(size: Size, config: CausalDecoderConfig, device: torch.device):
     """Encoder and decoder trained together (Adam, full backpropagation) on short clips; both returned frozen,
     with the first and last training loss."""
     torch.manual_seed(0)
-    encoder, decoder = Encoder(config.latent_channels), CausalVideoDecoder(config)
+    encoder, decoder = Encoder(config.latent_channels).to(device), CausalVideoDecoder(config).to(device)
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=3e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, size.ae_steps)
     data = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(size.ae_steps):
-        video = moving_shapes(4, frames_of(size.ae_segments), size.size, data)
+        video = moving_shapes(4, frames_of(size.ae_segments), size.size, data).to(device)
         loss = F.mse_loss(decoder(encoder(video)), video)
         loss.backward()
         optimizer.step()
@@ -162,17 +165,22 @@ class Task:
 
     def __init__(self, name: str, size: Size, encoder: Encoder, decoder: CausalVideoDecoder):
         self.name, self.size, self.encoder, self.decoder = name, size, encoder, decoder
-        heldout = torch.Generator().manual_seed(HELDOUT_SEED + TASKS.index(name))
-        self.heldout = moving_shapes(size.heldout, frames_of(size.segments), size.size, heldout)
-        self.heldout_input = degrade(name, self.heldout, heldout)
+        self.device = next(decoder.parameters()).device
+        self.heldout, self.heldout_input = self.clips(size.heldout,
+                                                      torch.Generator().manual_seed(HELDOUT_SEED + TASKS.index(name)))
+
+    def clips(self, count: int, data: torch.Generator):
+        """``count`` clean clips and their degraded versions, from ``data``."""
+        video = moving_shapes(count, frames_of(self.size.segments), self.size.size, data)
+        return video.to(self.device), degrade(self.name, video, data).to(self.device)
 
     def batch(self, data: torch.Generator):
-        video = moving_shapes(self.size.batch, frames_of(self.size.segments), self.size.size, data)
-        return video, degrade(self.name, video, data)
+        return self.clips(self.size.batch, data)
 
     def generator(self, seed: int) -> Generator:
         torch.manual_seed(seed)
-        return Generator(input_channels(self.name), self.decoder.config.latent_channels, self.size.width)
+        model = Generator(input_channels(self.name), self.decoder.config.latent_channels, self.size.width)
+        return model.to(self.device)
 
     def step(self, method: str, model: Generator, video: torch.Tensor, degraded: torch.Tensor,
              strategy: str = "retain") -> None:
@@ -232,7 +240,9 @@ def outcome_rows(ctx, task: Task) -> List[dict]:
         finals[method].append(final)
         curves[method].append(curve)
         rows.append({"kind": "seed", "task": task.name, "method": method, "seed": seed, **final})
-    return rows + summary_rows({"task": task.name, "steps": task.size.steps}, finals, curves,
+    common = {"task": task.name, "frames": frames_of(task.size.segments), "batch": task.size.batch,
+              "steps": task.size.steps}
+    return rows + summary_rows(common, finals, curves,
                                metrics=("psnr_db", "tdiff", "seam_tdiff"), ratios=("mse", "tdiff"),
                                references={"latent": BASELINE, "full": FULL}, curve_metric="psnr_db")
 
@@ -267,18 +277,30 @@ def cost_rows(ctx, task: Task) -> List[dict]:
     return rows
 
 
+def fidelity_rows(task: Task) -> List[dict]:
+    """``pychop.chopgrad.fidelity`` of the pixel loss through the frozen decoder at the encoder's latents of one
+    held-out clip: how much of the latent gradient each window keeps (the whole clip's row)."""
+    video = task.heldout[:1]
+    with torch.no_grad():
+        z = task.encoder(video)
+    found = fidelity(task.decoder.step, task.decoder.init_state(), list(z.split(1, dim=2)), pixel_loss(video),
+                     WINDOWS, params=[])
+    return [{"kind": "fidelity", "method": f"chopgrad {r['window']}", "frames": video.shape[2],
+             "latent_cosine": r["latent_cosine"], "latent_norm_ratio": r["latent_norm_ratio"]}
+            for r in found if r["segment"] is None]
+
+
 def run(ctx):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is as fast and far steadier on a shared CPU
     try:
         size = SMOKE_SIZE if ctx.smoke else QUICK_SIZE if ctx.quick else FULL_SIZE
-        config = CausalDecoderConfig.tiny()
-        encoder, decoder, first, last = train_autoencoder(size, config)
-        encoder, decoder = encoder.to(ctx.device), decoder.to(ctx.device)
+        encoder, decoder, first, last = train_autoencoder(size, CausalDecoderConfig.tiny(), ctx.device)
         tasks = [Task(name, size, encoder, decoder) for name in TASKS]
-        quality = tasks[0].evaluate(encoder, tasks[0].heldout)
-        rows = [{"kind": "autoencoder", "steps": size.ae_steps, "loss_first": first, "loss_last": last, **quality,
-                 "note": f"the decoder of the clean clips' latents; sizes {asdict(size)}"}]
+        rows = [{"kind": "autoencoder", "steps": size.ae_steps, "frames": frames_of(size.ae_segments),
+                 "loss_first": first, "loss_last": last, **tasks[0].evaluate(encoder, tasks[0].heldout),
+                 "note": "decoded encoder latents of the held-out clips"}]
+        rows += fidelity_rows(tasks[0])
         rows += cost_rows(ctx, tasks[0])
         for task in tasks:
             rows += outcome_rows(ctx, task)
@@ -316,14 +338,29 @@ def report(result: dict) -> str:
         outcome = [r for r in rows if r["kind"] == "outcome" and r["task"] == task]
         if not outcome:
             continue
-        lines += [f"**{task}** ({outcome[0]['steps']} steps, {outcome[0]['seeds']} seeds; mean and range over seeds;"
-                  " ratios of held-out MSE per seed, median and p10-p90)", "",
+        first = outcome[0]
+        lines += [f"**{task}**: {first['steps']} steps of batch {first['batch']} at {first['frames']} frames, "
+                  f"{first['seeds']} seeds (mean and range over seeds; ratios of held-out MSE per seed, median and "
+                  "p10-p90)", "",
                   "| method | PSNR (dB) | temporal error | seam temporal error | MSE vs latent | MSE vs pixel full |",
                   "|---|---|---|---|---|---|"]
         for r in outcome:
             lines.append(f"| {r['method']} | {range_cell(r, 'psnr_db', '.2f')} | {range_cell(r, 'tdiff', '.4f')} | "
                          f"{range_cell(r, 'seam_tdiff', '.4f')} | {ratio_cell(r, 'mse_vs_latent')} | "
                          f"{ratio_cell(r, 'mse_vs_full')} |")
+        lines.append("")
+    autoencoder = next((r for r in rows if r["kind"] == "autoencoder"), None)
+    if autoencoder:
+        lines += [f"The frozen decoder (autoencoder trained {autoencoder['steps']} steps on "
+                  f"{autoencoder['frames']}-frame clips) decodes the encoder's latents of the held-out clips at "
+                  f"{autoencoder['psnr_db']:.2f} dB.", ""]
+    found = [r for r in rows if r["kind"] == "fidelity"]
+    if found:
+        lines += [f"Latent gradient of the pixel loss through the frozen decoder against full backpropagation "
+                  f"(`pychop.chopgrad.fidelity`, one held-out clip of {found[0]['frames']} frames):", "",
+                  "| window | cosine | norm ratio |", "|---|---|---|"]
+        lines += [f"| {r['method'].split()[-1]} | {r['latent_cosine']:.3f} | {r['latent_norm_ratio']:.3f} |"
+                  for r in found]
         lines.append("")
     costs = [r for r in rows if r["kind"] == "cost"]
     if costs:

@@ -73,8 +73,8 @@ class Size:
     lr: float = 1e-3
 
 
-FULL_SIZE = Size(size=16, frames=8, batch=2, pretrain_steps=200, steps=200, eval_every=40, seeds=3, heldout=4)
-QUICK_SIZE = Size(size=8, frames=8, batch=2, pretrain_steps=40, steps=20, eval_every=10, seeds=2, heldout=2)
+FULL_SIZE = Size(size=8, frames=8, batch=2, pretrain_steps=200, steps=160, eval_every=40, seeds=3, heldout=2)
+QUICK_SIZE = Size(size=8, frames=8, batch=2, pretrain_steps=30, steps=12, eval_every=6, seeds=2, heldout=1)
 SMOKE_SIZE = Size(size=8, frames=3, batch=1, pretrain_steps=2, steps=2, eval_every=1, seeds=2, heldout=1)
 
 ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0).float()
@@ -82,13 +82,13 @@ ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.
 
 def noised(clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t of clean (B, C, T, H, W) videos at timesteps t (B,)."""
-    a = ALPHAS_CUMPROD[t].view(-1, 1, 1, 1, 1)
+    a = ALPHAS_CUMPROD.to(t.device)[t].view(-1, 1, 1, 1, 1)
     return a.sqrt() * clean + (1 - a).sqrt() * noise
 
 
 def denoised(noisy: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The x0 estimate from a noise prediction."""
-    a = ALPHAS_CUMPROD[t].view(-1, 1, 1, 1, 1)
+    a = ALPHAS_CUMPROD.to(t.device)[t].view(-1, 1, 1, 1, 1)
     return (noisy - (1 - a).sqrt() * noise) / a.sqrt()
 
 
