@@ -107,3 +107,19 @@ def test_mobius_outcome_smoke(mobius_rows, tmp_path):
     assert "| parallel+lean_frozen |" in text
     mobius_outcome.plot(rows, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_full_size_runs_through_the_runner(monkeypatch, tmp_path):
+    """`python -m benchmarks.suites.<suite>` is the full size: the suite's full_run set, the runner called."""
+    from benchmarks import outcomes, runner
+    from benchmarks.suites import mobius_outcome
+    seen = {}
+    monkeypatch.setattr(runner, "run_suites", lambda names, device, quick, out, settings: seen.update(
+        names=names, device=device, out=out, full=mobius_outcome.full_run))
+    monkeypatch.setattr(mobius_outcome, "full_run", False)
+    threads = torch.get_num_threads()
+    try:
+        outcomes.run_full("mobius_outcome", ["--device", "cpu", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {"names": ["mobius_outcome"], "device": torch.device("cpu"), "out": tmp_path, "full": True}

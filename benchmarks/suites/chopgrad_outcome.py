@@ -2,7 +2,11 @@
 on ChopGrad's (video super-resolution and video inpainting), trained with each method for the same steps and
 seeds, judged on held-out videos.
 
-Set-up (float32, one thread; sizes in ``FULL_SIZE``, ``QUICK_SIZE``, ``SMOKE_SIZE``):
+Sizes: ``BENCH_SIZE`` for ``python -m benchmarks`` on a CPU (what ``scripts/bench.sh`` runs: minutes),
+``FULL_SIZE`` for ``python -m benchmarks.suites.chopgrad_outcome [--out DIR]`` (tens of minutes on 2 cores),
+``SMOKE_SIZE`` with ``--smoke``.
+
+Set-up (float32, one thread):
 
 - Data: ``benchmarks.synthetic_video.moving_shapes``: textured discs and squares moving over a drifting
   textured background (16 x 16 pixels, 33 frames at the full size), generated from a seed (training clips
@@ -41,7 +45,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from benchmarks.outcomes import plot_curves, range_cell, ratio_cell, summary_rows
+from benchmarks.outcomes import (
+    add_costs,
+    cost_table,
+    markdown_table,
+    plot_outcomes,
+    range_cell,
+    ratio_cell,
+    run_full,
+    trained_rows,
+)
 from benchmarks.synthetic_video import moving_shapes
 from pychop.chopgrad import fidelity, stream
 from pychop.chopgrad.memory import SavedActivationMeter
@@ -74,10 +87,11 @@ class Size:
 
 FULL_SIZE = Size(size=16, segments=9, batch=2, steps=150, eval_every=25, seeds=3, heldout=6, ae_steps=1000,
                  ae_segments=3, width=48)
-QUICK_SIZE = Size(size=16, segments=9, batch=1, steps=10, eval_every=5, seeds=2, heldout=2, ae_steps=60,
+BENCH_SIZE = Size(size=16, segments=9, batch=1, steps=10, eval_every=5, seeds=2, heldout=2, ae_steps=60,
                   ae_segments=3, width=32)
 SMOKE_SIZE = Size(size=8, segments=3, batch=1, steps=2, eval_every=1, seeds=2, heldout=1, ae_steps=2,
                   ae_segments=2, width=8)
+full_run = False  # FULL_SIZE: set by `python -m benchmarks.suites.chopgrad_outcome` (outcomes.run_full)
 
 
 def frames_of(segments: int) -> int:
@@ -230,21 +244,12 @@ def train(task: Task, method: str, seed: int):
 
 
 def outcome_rows(ctx, task: Task) -> List[dict]:
-    """Per seed, per method and per curve point (mean and range over seeds) for one task."""
-    finals: Dict[str, list] = {method: [] for method in METHODS}
-    curves: Dict[str, list] = {method: [] for method in METHODS}
-    rows = []
-    runs = [(method, seed) for seed in range(task.size.seeds) for method in METHODS]
-    for method, seed in ctx.progress(runs, f"{task.name} runs"):
-        final, curve = train(task, method, seed)
-        finals[method].append(final)
-        curves[method].append(curve)
-        rows.append({"kind": "seed", "task": task.name, "method": method, "seed": seed, **final})
+    """Every method trained from every seed on ``task``: per run, per method and per curve point."""
     common = {"task": task.name, "frames": frames_of(task.size.segments), "batch": task.size.batch,
               "steps": task.size.steps}
-    return rows + summary_rows(common, finals, curves,
-                               metrics=("psnr_db", "tdiff", "seam_tdiff"), ratios=("mse", "tdiff"),
-                               references={"latent": BASELINE, "full": FULL}, curve_metric="psnr_db")
+    return trained_rows(ctx, common, METHODS, task.size.seeds, lambda method, seed: train(task, method, seed),
+                        metrics=("psnr_db", "tdiff", "seam_tdiff"), ratios=("mse", "tdiff"),
+                        references={"latent": BASELINE, "full": FULL}, curve_metric="psnr_db")
 
 
 def cost_rows(ctx, task: Task) -> List[dict]:
@@ -267,13 +272,7 @@ def cost_rows(ctx, task: Task) -> List[dict]:
         rows.append({"kind": "cost", "task": task.name, "method": label, "frames": frames_of(task.size.segments),
                      "saved_mb": saved / 2 ** 20})
         steps[label] = step
-    timed = ctx.compare(steps, baseline=FULL)
-    full = next(row for row in rows if row["method"] == FULL)
-    for row in rows:
-        row["step_ms"] = timed.ms[row["method"]]
-        if row is not full:
-            row["saved_vs_full"] = row["saved_mb"] / full["saved_mb"]
-            row.update(timed.ratio(row["method"], FULL).columns("time_vs_full"))
+    add_costs(ctx, rows, steps, FULL, "full")
     return rows
 
 
@@ -294,7 +293,7 @@ def run(ctx):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is as fast and far steadier on a shared CPU
     try:
-        size = SMOKE_SIZE if ctx.smoke else QUICK_SIZE if ctx.quick else FULL_SIZE
+        size = SMOKE_SIZE if ctx.smoke else FULL_SIZE if full_run else BENCH_SIZE
         encoder, decoder, first, last = train_autoencoder(size, CausalDecoderConfig.tiny(), ctx.device)
         tasks = [Task(name, size, encoder, decoder) for name in TASKS]
         rows = [{"kind": "autoencoder", "steps": size.ae_steps, "frames": frames_of(size.ae_segments),
@@ -310,28 +309,12 @@ def run(ctx):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(TASKS) + 1, figsize=(6 * (len(TASKS) + 1), 4.5))
-    for ax, task in zip(axes, TASKS):
-        plot_curves(ax, rows, METHODS, "psnr_db", task=task)
-        ax.set(xlabel="training step", ylabel="held-out PSNR (dB)", title=f"{task}: mean and range over seeds")
-    costs = [r for r in rows if r["kind"] == "cost"]
-    ax = axes[-1]
-    ax.bar(range(len(costs)), [r["saved_mb"] for r in costs])
-    ax.set_xticks(range(len(costs)), [r["method"] for r in costs], rotation=15)
-    ax.set(ylabel="peak saved for backward (MiB)", title="training step memory")
-    for i, r in enumerate(costs):
-        ax.annotate(f"{r['step_ms']:.0f} ms", (i, r["saved_mb"]), ha="center", va="bottom", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_outcomes(rows, path, "task", "psnr_db", "training step", "held-out PSNR (dB)")
 
 
 def report(result: dict) -> str:
-    """Markdown for docs/benchmarks.md: the outcome table per task and the cost table."""
+    """Markdown for docs/benchmarks.md: the outcome table per task, the decoder's quality, the fidelity of
+    each window's latent gradient, and the cost table."""
     rows = result["rows"]
     lines = []
     for task in TASKS:
@@ -341,13 +324,12 @@ def report(result: dict) -> str:
         first = outcome[0]
         lines += [f"**{task}**: {first['steps']} steps of batch {first['batch']} at {first['frames']} frames, "
                   f"{first['seeds']} seeds (mean and range over seeds; ratios of held-out MSE per seed, median and "
-                  "p10-p90)", "",
-                  "| method | PSNR (dB) | temporal error | seam temporal error | MSE vs latent | MSE vs pixel full |",
-                  "|---|---|---|---|---|---|"]
-        for r in outcome:
-            lines.append(f"| {r['method']} | {range_cell(r, 'psnr_db', '.2f')} | {range_cell(r, 'tdiff', '.4f')} | "
-                         f"{range_cell(r, 'seam_tdiff', '.4f')} | {ratio_cell(r, 'mse_vs_latent')} | "
-                         f"{ratio_cell(r, 'mse_vs_full')} |")
+                  "p10-p90):", ""]
+        lines += markdown_table(
+            ("method", "PSNR (dB)", "temporal error", "seam temporal error", "MSE vs latent", "MSE vs pixel full"),
+            [(r["method"], range_cell(r, "psnr_db", ".2f"), range_cell(r, "tdiff", ".4f"),
+              range_cell(r, "seam_tdiff", ".4f"), ratio_cell(r, "mse_vs_latent"), ratio_cell(r, "mse_vs_full"))
+             for r in outcome])
         lines.append("")
     autoencoder = next((r for r in rows if r["kind"] == "autoencoder"), None)
     if autoencoder:
@@ -357,18 +339,18 @@ def report(result: dict) -> str:
     found = [r for r in rows if r["kind"] == "fidelity"]
     if found:
         lines += [f"Latent gradient of the pixel loss through the frozen decoder against full backpropagation "
-                  f"(`pychop.chopgrad.fidelity`, one held-out clip of {found[0]['frames']} frames):", "",
-                  "| window | cosine | norm ratio |", "|---|---|---|"]
-        lines += [f"| {r['method'].split()[-1]} | {r['latent_cosine']:.3f} | {r['latent_norm_ratio']:.3f} |"
-                  for r in found]
+                  f"(`pychop.chopgrad.fidelity`, one held-out clip of {found[0]['frames']} frames):", ""]
+        lines += markdown_table(("window", "cosine", "norm ratio"),
+                                [(r["method"].split()[-1], f"{r['latent_cosine']:.3f}",
+                                  f"{r['latent_norm_ratio']:.3f}") for r in found])
         lines.append("")
     costs = [r for r in rows if r["kind"] == "cost"]
     if costs:
         lines += [f"Training step cost at {costs[0]['frames']} frames (peak bytes saved for backward, step time):",
-                  "", "| method | saved (MiB) | saved vs pixel full | step (ms) | time vs pixel full |",
-                  "|---|---|---|---|---|"]
-        for r in costs:
-            saved_vs = f"{r['saved_vs_full']:.2f}x" if "saved_vs_full" in r else "1"
-            lines.append(f"| {r['method']} | {r['saved_mb']:.2f} | {saved_vs} | {r['step_ms']:.1f} | "
-                         f"{ratio_cell(r, 'time_vs_full')} |")
-    return "\n".join(lines)
+                  ""]
+        lines += cost_table(costs, "pixel full", "full")
+    return "\n".join(lines).rstrip()
+
+
+if __name__ == "__main__":
+    run_full("chopgrad_outcome")

@@ -2,7 +2,11 @@
 and parallel forms trained from the same starting function for the same steps and seeds, judged on held-out
 denoising.
 
-Set-up (CPU sizes, float32, one thread):
+Sizes: ``BENCH_SIZE`` for ``python -m benchmarks`` on a CPU (what ``scripts/bench.sh`` runs: minutes),
+``FULL_SIZE`` for ``python -m benchmarks.suites.mobius_outcome [--out DIR]`` (tens of minutes on 2 cores),
+``SMOKE_SIZE`` with ``--smoke``.
+
+Set-up (float32, one thread):
 
 - Data: ``benchmarks.synthetic_video.moving_shapes`` with 4 channels, read as latent videos: textured shapes
   moving over a drifting textured background, generated from a seed (training clips from the run's seed,
@@ -40,7 +44,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.outcomes import plot_curves, range_cell, ratio_cell, summary_rows
+from benchmarks.outcomes import (
+    add_costs,
+    cost_table,
+    markdown_table,
+    plot_outcomes,
+    range_cell,
+    ratio_cell,
+    run_full,
+    trained_rows,
+)
 from benchmarks.suites.mobius import build
 from benchmarks.synthetic_video import moving_shapes
 from pychop.chopgrad.memory import SavedActivationMeter
@@ -74,8 +87,9 @@ class Size:
 
 
 FULL_SIZE = Size(size=8, frames=8, batch=2, pretrain_steps=200, steps=160, eval_every=40, seeds=3, heldout=2)
-QUICK_SIZE = Size(size=8, frames=8, batch=2, pretrain_steps=30, steps=12, eval_every=6, seeds=2, heldout=1)
+BENCH_SIZE = Size(size=8, frames=8, batch=2, pretrain_steps=30, steps=12, eval_every=6, seeds=2, heldout=1)
 SMOKE_SIZE = Size(size=8, frames=3, batch=1, pretrain_steps=2, steps=2, eval_every=1, seeds=2, heldout=1)
+full_run = False  # FULL_SIZE: set by `python -m benchmarks.suites.mobius_outcome` (outcomes.run_full)
 
 ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0).float()
 
@@ -273,21 +287,12 @@ def train(setting: Setting, form: str, seed: int):
 
 
 def outcome_rows(ctx, setting: Setting) -> List[dict]:
-    family = setting.family
-    finals: Dict[str, list] = {form: [] for form in family.forms}
-    curves: Dict[str, list] = {form: [] for form in family.forms}
-    rows = []
-    runs = [(form, seed) for seed in range(setting.size.seeds) for form in family.forms]
-    for form, seed in ctx.progress(runs, f"{family.name} runs"):
-        final, curve = train(setting, form, seed)
-        finals[form].append(final)
-        curves[form].append(curve)
-        rows.append({"kind": "seed", "model": family.name, "method": form, "seed": seed, **final})
-    common = {"model": family.name, "frames": setting.size.frames, "batch": setting.size.batch,
-              "steps": setting.size.steps}
-    return rows + summary_rows(common, finals, curves,
-                               metrics=("loss", "tdiff"), ratios=("loss", "tdiff"),
-                               references={"serial": family.forms[0]}, curve_metric="loss")
+    """Every form trained from every seed: per run, per form and per curve point."""
+    family, size = setting.family, setting.size
+    common = {"model": family.name, "frames": size.frames, "batch": size.batch, "steps": size.steps}
+    return trained_rows(ctx, common, family.forms, size.seeds, lambda form, seed: train(setting, form, seed),
+                        metrics=("loss", "tdiff"), ratios=("loss", "tdiff"), references={"serial": family.forms[0]},
+                        curve_metric="loss")
 
 
 def cost_rows(ctx, setting: Setting) -> List[dict]:
@@ -310,13 +315,7 @@ def cost_rows(ctx, setting: Setting) -> List[dict]:
         rows.append({"kind": "cost", "model": family.name, "method": form, "frames": setting.size.frames,
                      "saved_mb": saved / 2 ** 20})
         steps[form] = step
-    timed = ctx.compare(steps, baseline=family.forms[0])
-    serial = rows[0]
-    for row in rows:
-        row["step_ms"] = timed.ms[row["method"]]
-        if row is not serial:
-            row["saved_vs_serial"] = row["saved_mb"] / serial["saved_mb"]
-            row.update(timed.ratio(row["method"], serial["method"]).columns("time_vs_serial"))
+    add_costs(ctx, rows, steps, family.forms[0], "serial")
     return rows
 
 
@@ -334,7 +333,7 @@ def run(ctx):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is as fast and far steadier on a shared CPU
     try:
-        size = SMOKE_SIZE if ctx.smoke else QUICK_SIZE if ctx.quick else FULL_SIZE
+        size = SMOKE_SIZE if ctx.smoke else FULL_SIZE if full_run else BENCH_SIZE
         rows = []
         for family in families(ctx.device):
             setting = Setting(family, size, ctx.device)
@@ -352,27 +351,7 @@ def run(ctx):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in rows if r["kind"] == "curve"))
-    fig, axes = plt.subplots(1, len(models) + 1, figsize=(6 * (len(models) + 1), 4.5))
-    for ax, model in zip(axes, models):
-        forms = list(dict.fromkeys(r["method"] for r in rows if r["kind"] == "curve" and r["model"] == model))
-        plot_curves(ax, rows, forms, "loss", model=model)
-        ax.set(xlabel="training step (temporal layers)", ylabel="held-out denoising loss",
-               title=f"{model}: mean and range over seeds")
-    costs = [r for r in rows if r["kind"] == "cost"]
-    ax = axes[-1]
-    ax.bar(range(len(costs)), [r["saved_mb"] for r in costs])
-    ax.set_xticks(range(len(costs)), [r["method"] for r in costs], rotation=20, ha="right", fontsize=8)
-    ax.set(ylabel="peak saved for backward (MiB)", title="training step memory (time above each bar)")
-    for i, r in enumerate(costs):
-        ax.annotate(f"{r['step_ms']:.0f} ms", (i, r["saved_mb"]), ha="center", va="bottom", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_outcomes(rows, path, "model", "loss", "training step (temporal layers)", "held-out denoising loss")
 
 
 def report(result: dict) -> str:
@@ -381,21 +360,21 @@ def report(result: dict) -> str:
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows if r["kind"] == "outcome"):
         outcome = [r for r in rows if r["kind"] == "outcome" and r["model"] == model]
-        lines += [f"**{model}**, temporal layers trained {outcome[0]['steps']} steps, {outcome[0]['seeds']} seeds "
-                  "(mean and range over seeds; ratios per seed to the serial form, median and p10-p90):", "",
-                  "| form | held-out loss | temporal error | loss vs serial | temporal error vs serial |",
-                  "|---|---|---|---|---|"]
-        for r in outcome:
-            lines.append(f"| {r['method']} | {range_cell(r, 'loss', '.4f')} | {range_cell(r, 'tdiff', '.4f')} | "
-                         f"{ratio_cell(r, 'loss_vs_serial')} | {ratio_cell(r, 'tdiff_vs_serial')} |")
+        first = outcome[0]
+        lines += [f"**{model}**: temporal layers trained {first['steps']} steps of batch {first['batch']} at "
+                  f"{first['frames']} frames, {first['seeds']} seeds (mean and range over seeds; ratios per seed "
+                  "to the serial form, median and p10-p90):", ""]
+        lines += markdown_table(
+            ("form", "held-out loss", "temporal error", "loss vs serial", "temporal error vs serial"),
+            [(r["method"], range_cell(r, "loss", ".4f"), range_cell(r, "tdiff", ".4f"),
+              ratio_cell(r, "loss_vs_serial"), ratio_cell(r, "tdiff_vs_serial")) for r in outcome])
         lines.append("")
         costs = [r for r in rows if r["kind"] == "cost" and r["model"] == model]
         if costs:
-            lines += [f"Training step cost, {costs[0]['frames']} frames:", "",
-                      "| form | saved (MiB) | saved vs serial | step (ms) | time vs serial |", "|---|---|---|---|---|"]
-            for r in costs:
-                saved_vs = f"{r['saved_vs_serial']:.2f}x" if "saved_vs_serial" in r else "1"
-                lines.append(f"| {r['method']} | {r['saved_mb']:.2f} | {saved_vs} | {r['step_ms']:.1f} | "
-                             f"{ratio_cell(r, 'time_vs_serial')} |")
-            lines.append("")
+            lines += [f"Training step cost, {costs[0]['frames']} frames:", ""]
+            lines += cost_table(costs, costs[0]["method"], "serial") + [""]
     return "\n".join(lines).rstrip()
+
+
+if __name__ == "__main__":
+    run_full("mobius_outcome")

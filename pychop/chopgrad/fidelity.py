@@ -13,7 +13,15 @@ import torch
 
 from pychop.chopgrad.replay import RunState, cuda_devices
 from pychop.chopgrad.scan import _grad_leaves
-from pychop.chopgrad.state import Step, call_step, check_segments, check_window, detach_state, tensor_leaves
+from pychop.chopgrad.state import (
+    Step,
+    call_step,
+    check_callables,
+    check_segments,
+    check_window,
+    detach_state,
+    tensor_leaves,
+)
 from pychop.chopgrad.stream import STRATEGIES, stream
 from pychop.chopgrad.window import _checked_loss
 
@@ -72,7 +80,8 @@ def _check_params(params: Iterable[torch.Tensor]) -> List[torch.Tensor]:
 def fidelity(step: Step, state: Any, segments: Sequence[torch.Tensor], loss_fn: Callable[[Any, int], torch.Tensor],
              windows: Sequence[int] = (1, 2, 4), *, params: Optional[Iterable[torch.Tensor]] = None,
              strategy: str = "recompute") -> List[Dict[str, Any]]:
-    """Compare ``stream``'s gradients at each window in ``windows`` with full backpropagation through time.
+    """Compare ``stream``'s gradients at each window in ``windows`` with full backpropagation through time:
+    the first thing to run, on your own decoder, latents and loss, before choosing a window.
 
     ``step``, ``state``, ``segments`` and ``loss_fn`` are what you would pass to ``stream``: the recurrence
     ``state, y_i = step(state, segments[i])`` and the per-segment loss ``loss_fn(y_i, i)`` (a scalar tensor).
@@ -84,9 +93,10 @@ def fidelity(step: Step, state: Any, segments: Sequence[torch.Tensor], loss_fn: 
 
     - ``windows``: the windows to compare (ints >= 1; a window of ``len(segments)`` or more is full
       backpropagation, so its rows read cosine 1, norm ratio 1, relative error 0).
-    - ``params``: the tensors whose gradients count as the parameter gradient (e.g. ``decoder.parameters()``,
-      those that require grad). Default: every leaf tensor requiring grad that the full run's graph reaches,
-      other than the segments (the step's trainable parameters).
+    - ``params``: the tensors whose gradients count as the parameter gradient, each requiring grad (e.g.
+      ``decoder.parameters()`` of a decoder being trained; ``[]`` for a frozen decoder, to compare the latent
+      gradient alone). Default: every leaf tensor requiring grad that the full run's graph reaches, other
+      than the segments (the step's trainable parameters).
     - ``strategy``: ``stream``'s strategy, ``"recompute"`` or ``"retain"`` (the gradients are the same).
 
     Returns one dict per window and segment, windows in the order given, for each window first the whole clip
@@ -104,7 +114,7 @@ def fidelity(step: Step, state: Any, segments: Sequence[torch.Tensor], loss_fn: 
     loss) and one ``stream`` per window; it holds one copy of the parameter gradient per segment. Nothing of
     the caller's changes: ``.grad`` of the parameters is restored, the segments and the state are read
     through detached copies (no gradient reaches them or anything upstream), and the global random-number
-    state is left as it was.
+    state is left as it was. Run it in one process, on the module itself (not a DDP or FSDP wrapper).
     """
     if not torch.is_grad_enabled():
         raise RuntimeError("fidelity was called with gradients disabled (inside torch.no_grad() or "
@@ -114,10 +124,7 @@ def fidelity(step: Step, state: Any, segments: Sequence[torch.Tensor], loss_fn: 
     windows = [check_window(window) for window in windows]
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if not callable(step):
-        raise TypeError(f"step must be callable as step(state, x_seg), got {type(step).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(y_seg, index), got {type(loss_fn).__name__}")
+    check_callables(step, loss_fn)
     segments = check_segments(segments)
     n = len(segments)
     state = detach_state(state)
