@@ -126,6 +126,7 @@ def fidelity(step: Step, state: Any, segments: Sequence[torch.Tensor], loss_fn: 
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     check_callables(step, loss_fn)
     segments = check_segments(segments)
+    params = None if params is None else _check_params(params)
     n = len(segments)
     state = detach_state(state)
     start = RunState(cuda_devices(segments + tensor_leaves(state)))
@@ -171,7 +172,7 @@ def _truncated_gradients(step: Step, state: Any, segments: Sequence[torch.Tensor
 
 
 def _full_gradients(step: Step, state: Any, segments: Sequence[torch.Tensor],
-                    loss_fn: Callable[[Any, int], torch.Tensor], params: Optional[Iterable[torch.Tensor]]):
+                    loss_fn: Callable[[Any, int], torch.Tensor], params: Optional[List[torch.Tensor]]):
     """Full backpropagation: the whole clip's graph, then one backward per loss. Returns the parameters (found
     in the graph when ``params`` is None), each loss's parameter gradient, and each segment's input gradient
     from the summed loss."""
@@ -186,7 +187,6 @@ def _full_gradients(step: Step, state: Any, segments: Sequence[torch.Tensor],
             _grad_leaves([loss for loss in losses if loss.requires_grad], found)
             latent_ids = {id(x) for x in latents}
             params = [t for key, t in found.items() if key not in latent_ids]
-        params = _check_params(params)
         differentiable = [x for x in latents if x.requires_grad]
         full_params: List[Grads] = []
         full_latent: Grads = [None] * len(latents)
