@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from pychop.chopgrad import stream
+from pychop.chopgrad import fidelity, stream
 from pychop.chopgrad.memory import SavedActivationMeter
 from pychop.models import CausalDecoderConfig, CausalVideoDecoder
 
@@ -343,30 +343,6 @@ def train_decoder(decoder, setup, projection, generator):
     return losses[0], losses[-1]
 
 
-def gradients(decoder, z, loss_fn, window=None):
-    """The decoder's parameter gradient (flat) and the latent gradient after ``stream`` with ``window``, or
-    after full backpropagation (window None)."""
-    z = z.detach().requires_grad_()
-    if window is None:
-        state, total = decoder.init_state(), 0
-        for i, z_t in enumerate(z.split(1, dim=2)):
-            state, y = decoder.step(state, z_t)
-            total = total + loss_fn(y, i)
-        total.backward()
-    else:
-        stream(decoder.step, decoder.init_state(), list(z.split(1, dim=2)), loss_fn, window=window)
-    grads = torch.cat([p.grad.flatten() for p in decoder.parameters()])
-    decoder.zero_grad(set_to_none=True)
-    return grads, z.grad[0]  # (C, T, h, w)
-
-
-def compare(grad, full):
-    """Cosine, relative error and norm ratio of ``grad`` to ``full``."""
-    grad, full = grad.flatten(), full.flatten()
-    return {"cosine": (grad @ full / (grad.norm() * full.norm())).item(),
-            "rel_error": ((grad - full).norm() / full.norm()).item(), "norm_ratio": (grad.norm() / full.norm()).item()}
-
-
 def fidelity_rows(ctx, setup=FIDELITY):
     """Per window k: cosine and relative error to full backpropagation of the parameter gradient and of the
     latent gradient (whole and per segment), float64, on the tiny decoder randomly initialised and trained."""
@@ -388,15 +364,16 @@ def fidelity_rows(ctx, setup=FIDELITY):
     decoders.append(("trained", decoder))
     for label, model in ctx.progress(decoders, "chopgrad fidelity"):
         model = model.double()
-        full_params, full_latent = gradients(model, z, loss_fn)
-        for window in setup["windows"]:
-            params, latent = gradients(model, z, loss_fn, window)
+        for found in fidelity(model.step, model.init_state(), list(z.split(1, dim=2)), loss_fn, setup["windows"],
+                              params=model.parameters()):
+            window = found["window"]
             base = {"kind": "fidelity", "decoder": label, "method": f"recompute {window}", "window": window,
                     "segments": n, "frames": frames_of(n)}
-            rows.append({**base, "grad": "params", **compare(params, full_params)})
-            rows.append({**base, "grad": "latent", **compare(latent, full_latent)})
-            for i in range(n):
-                rows.append({**base, "grad": f"latent {i}", **compare(latent[:, i], full_latent[:, i])})
+            grads = ("params", "latent") if found["segment"] is None else ("latent",)
+            for grad in grads:
+                name = grad if found["segment"] is None else f"{grad} {found['segment']}"
+                rows.append({**base, "grad": name, **{key: found[f"{grad}_{key}"]
+                                                      for key in ("cosine", "rel_error", "norm_ratio")}})
     return rows
 
 

@@ -29,10 +29,13 @@ Semantics, for a window ``k >= 1``:
   segments, whatever their lengths.
 
 Entry points: ``stream`` (loss per segment, constant memory, strategies ``"recompute"`` and ``"retain"``)
-and ``scan`` (differentiable, returns all outputs; the backward recomputes window by window).
+and ``scan`` (differentiable, returns all outputs; the backward recomputes window by window). Before choosing
+a window, run ``fidelity`` on your own recurrence, latents and loss: per window and segment, the cosine and norm
+ratio of the truncated parameter and latent gradients against full backpropagation.
 """
 
+from pychop.chopgrad.fidelity import fidelity
 from pychop.chopgrad.scan import scan
 from pychop.chopgrad.stream import STRATEGIES, stream
 
-__all__ = ["stream", "scan", "STRATEGIES"]
+__all__ = ["stream", "scan", "fidelity", "STRATEGIES"]

@@ -81,6 +81,14 @@ def call_step(step: Step, state: Any, x_seg: torch.Tensor, index: int) -> Tuple[
     return result
 
 
+def check_callables(step: Any, loss_fn: Any) -> None:
+    """A step callable as ``step(state, x_seg)`` and a loss callable as ``loss_fn(y_seg, index)``."""
+    if not callable(step):
+        raise TypeError(f"step must be callable as step(state, x_seg), got {type(step).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(y_seg, index), got {type(loss_fn).__name__}")
+
+
 def check_window(window: Any) -> int:
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an int >= 1 (the number of segments a loss backpropagates "

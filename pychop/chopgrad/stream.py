@@ -8,7 +8,15 @@ from typing import Any, Callable, List, Sequence, Tuple, Union
 import torch
 
 from pychop.chopgrad.replay import SegmentReplay, cuda_devices
-from pychop.chopgrad.state import Step, call_step, check_segments, check_window, detach_state, tensor_leaves
+from pychop.chopgrad.state import (
+    Step,
+    call_step,
+    check_callables,
+    check_segments,
+    check_window,
+    detach_state,
+    tensor_leaves,
+)
 from pychop.chopgrad.window import recompute_sweep, retain_sweep
 
 STRATEGIES = ("recompute", "retain")
@@ -54,10 +62,7 @@ def stream(step: Step, state: Any, segments: Sequence[torch.Tensor],
     window = check_window(window)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if not callable(step):
-        raise TypeError(f"step must be callable as step(state, x_seg), got {type(step).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(y_seg, index), got {type(loss_fn).__name__}")
+    check_callables(step, loss_fn)
     segments = check_segments(segments)
     n = len(segments)
 
