@@ -269,14 +269,24 @@ def plot(rows, path):
     steps = [r for r in rows if r["table"] == "step" and r.get("step_ms") is not None]
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.8 + 0.45 * max(len(steps), 4)))
     positions = range(len(steps))
-    for ax, key, title in zip(axes, ("step_ms", "peak_mb", "saved_mb"),
-                              ("step time (ms)", "peak memory (MiB)", "saved for backward (MiB)")):
+    # step time as the paired ratio to the serial form's (its median and p10-p90 bar): on a loaded machine the
+    # ratio of interleaved samples is steadier than either time
+    ratios = [(r.get("time_vs_serial", 1.0), r.get("time_vs_serial_p10", 1.0), r.get("time_vs_serial_p90", 1.0))
+              for r in steps]
+    panels = (("time_vs_serial", "step time / serial form's (p10-p90)"), ("peak_mb", "peak memory (MiB)"),
+              ("saved_mb", "saved for backward (MiB)"))
+    for ax, (key, title) in zip(axes, panels):
         ax.set_title(title)
-        values = [r.get(key) for r in steps]
+        if key == "time_vs_serial":
+            values = [median for median, _, _ in ratios]
+            spread = [[median - low for median, low, _ in ratios], [high - median for median, _, high in ratios]]
+            ax.axvline(1.0, color="0.6", linewidth=1)
+        else:
+            values, spread = [r.get(key) for r in steps], None
         if not any(value is not None for value in values):
             no_data(ax, "the allocator's peak is measured on a GPU" if key == "peak_mb" else "not measured")
             continue
-        ax.barh(positions, [value or 0.0 for value in values])
+        ax.barh(positions, [value or 0.0 for value in values], xerr=spread, capsize=3)
         # the forms' names once, on the left panel; every panel lists them in the same order, the serial on top
         ax.set_yticks(positions, [r["form"] for r in steps] if ax is axes[0] else [])
         ax.invert_yaxis()
