@@ -1,11 +1,12 @@
 """python -m benchmarks.report [--results DIR] [--out FILE] [--check]: rebuilds docs/benchmarks.md from the
 committed results, ``benchmarks/results/<machine-id>/<name>.json``.
 
-Each result file becomes one section: its suite's ``report(result)`` (Markdown; the suite's tables when it has
-no ``report``), stamped with the command, the machine and the date from the file's ``machine`` record, and its
-plot (``<name>.png`` beside it) when there is one. ``--check`` writes nothing and exits 1 when FILE differs
-from what the results give (tests/test_benchmark_report.py checks the same), so the figures in the docs
-cannot drift from the results silently.
+Each result becomes one section: its suite's ``report(result)`` (Markdown; the suite's tables when it has no
+``report``), stamped with the command, the machine and the date from its ``machine`` record, and its plot
+(``<name>.png`` beside it) when there is one. A GPU check's ``<call>.json`` (scripts/gpu_check.py), committed
+as it came back with its PNGs, gives a section per suite it ran. ``--check`` writes nothing and exits 1 when
+FILE differs from what the results give (tests/test_benchmark_report.py checks the same), so the figures in the
+docs cannot drift from the results silently.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import List, Tuple
+from urllib.parse import quote
 
 from benchmarks.machine import describe
 from benchmarks.runner import discover, suite_tables
@@ -40,17 +43,26 @@ and other jobs on a machine slow timed code unevenly: each section gives the mac
 Byte counts (memory saved for backward) do not depend on the load."""
 
 
-def load(path: Path) -> dict:
-    result = json.loads(path.read_text())
-    if "machine" not in result:
-        raise SystemExit(f"{path}: no machine record; rerun its command (python -m benchmarks ... --out "
-                         f"{path.parent}) so the docs can name the machine, command and date")
-    return result
+def results_in(path: Path) -> List[Tuple[str, dict]]:
+    """(name, result) of each suite result a file holds: a suite's JSON (``python -m benchmarks``, or the mobius
+    account) holds one, named by the file; a GPU check's ``<call>.json`` (scripts/gpu_check.py) one per suite
+    stage that brought rows back, named by the suite."""
+    data = json.loads(path.read_text())
+    if "stages" in data:
+        found = [(stage["results"]["suite"], stage["results"]) for stage in data["stages"].values()
+                 if isinstance(stage.get("results"), dict) and "rows" in stage["results"]]
+    else:
+        found = [(path.stem, data)]
+    for name, result in found:
+        if "machine" not in result:
+            raise SystemExit(f"{path} ({name}): no machine record; rerun its command (python -m benchmarks ... "
+                             f"--out {path.parent}) so the docs can name the machine, command and date")
+    return found
 
 
-def section(path: Path, doc_dir: Path = DOC.parent) -> str:
-    """One result file as a section: heading, stamp, the suite's report, its plot (linked from doc_dir)."""
-    result = load(path)
+def section(name: str, result: dict, folder: Path, doc_dir: Path = DOC.parent) -> str:
+    """One result as a section: heading, stamp, the suite's report, its plot (``folder/<name>.png``, linked from
+    doc_dir)."""
     machine = result["machine"]
     module = discover().get(result["suite"])
     if module is not None and callable(getattr(module, "report", None)):
@@ -66,10 +78,10 @@ def section(path: Path, doc_dir: Path = DOC.parent) -> str:
                                  if result.get("smoke") else "--quick, fewer timed rounds"))
     if "timing" in result:
         stamp.append("Timing: " + result["timing"]["summary"].removeprefix("timing: "))
-    parts = [f"## {path.parent.name}: {path.stem}", "\n".join(f"- {line}" for line in stamp), body]
-    plot = path.with_suffix(".png")
+    parts = [f"## {folder.name}: {name}", "\n".join(f"- {line}" for line in stamp), body]
+    plot = folder / f"{name}.png"
     if plot.exists():
-        parts.append(f"![{path.stem}]({Path(os.path.relpath(plot, doc_dir)).as_posix()})")
+        parts.append(f"![{name}]({quote(Path(os.path.relpath(plot, doc_dir)).as_posix())})")  # a GPU's name has spaces
     return "\n\n".join(parts)
 
 
@@ -78,7 +90,9 @@ def generate(results: Path = RESULTS, doc: Path = DOC) -> str:
     paths = sorted(results.glob("*/*.json"))
     machines = sorted({path.parent.name for path in paths})
     contents = ["Results held: " + (", ".join(f"`{machine}`" for machine in machines) or "none") + "."]
-    return "\n\n".join([HEADER, *contents, *(section(path, doc.parent) for path in paths)]) + "\n"
+    sections = [section(name, result, path.parent, doc.parent) for path in paths
+                for name, result in results_in(path)]
+    return "\n\n".join([HEADER, *contents, *sections]) + "\n"
 
 
 def main(argv=None) -> int:

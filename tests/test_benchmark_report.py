@@ -31,7 +31,8 @@ def test_committed_results_name_their_machine_command_and_date(path):
     record = json.loads(path.read_text())["machine"]
     assert record["command"].startswith("python -m benchmarks")
     assert record["cpu"] and record["cpu_capability"] and record["date"] and record["torch"]
-    section = report.section(path)
+    ((name, result),) = report.results_in(path)
+    section = report.section(name, result, path.parent)
     assert record["command"] in section and record["date"] in section and machine.describe(record) in section
 
 
@@ -41,6 +42,25 @@ def test_a_result_without_machine_record_is_refused(tmp_path):
     (folder / "chopgrad.json").write_text(json.dumps({"suite": "chopgrad", "rows": []}))
     with pytest.raises(SystemExit, match="no machine record"):
         report.generate(tmp_path)
+
+
+def test_a_gpu_check_call_gives_a_section_per_suite(tmp_path):
+    """scripts/gpu_check.py's <call>.json, committed as it comes back: each suite stage's result is a section,
+    with the PNG the check copied beside it."""
+    folder = tmp_path / "NVIDIA H200"
+    folder.mkdir()
+    record = dict(machine.machine_record(torch.device("cpu"), ["python", "-m", "benchmarks", "--suite",
+                                                               "attention_sweep"]), gpu="NVIDIA H200")
+    call = {"stages": {"environment": {"status": "done", "results": {"gpu": "NVIDIA H200"}},
+                       "attention-sweep": {"status": "done", "results": {"suite": "attention_sweep",
+                                                                         "machine": record, "rows": sweep_rows()}},
+                       "attention-suite": {"status": "cut off by its 60 s limit", "results": None}}}
+    (folder / "first.json").write_text(json.dumps(call))
+    (folder / "attention_sweep.png").write_bytes(b"png")
+    text = report.generate(tmp_path, tmp_path / "benchmarks.md")
+    assert text.count("\n## ") == 1 and "## NVIDIA H200: attention_sweep" in text
+    assert "Machine: NVIDIA H200" in text and "| triton | 1 |" in text
+    assert "![attention_sweep](NVIDIA%20H200/attention_sweep.png)" in text
 
 
 def test_check_fails_when_the_doc_is_stale(tmp_path):
