@@ -26,7 +26,8 @@ timed side by side in one interleaved comparison (``ctx.compare``); time_vs_seri
 per-round ratios, with its spread.
 
 The account alone, at any config and on any device (saved bytes do not depend on the device):
-``python -m benchmarks.suites.mobius --config SD15_VIDEO --batch 1`` (about half an hour on a 2-core CPU).
+``python -m benchmarks.suites.mobius --config SD15_VIDEO --batch 1 [--out FILE.json]`` (an hour and a half on a
+2-core CPU shared with other jobs, one thread; ``--out`` writes the JSON that docs/benchmarks.md quotes).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 
 import pychop
 from benchmarks.plots import no_data
-from benchmarks.tables import Table, markdown
+from benchmarks.tables import Table, markdown, text
 from pychop.chopgrad.memory import is_activation, module_storages, storage_key
 from pychop.memory import lean_frozen
 from pychop.models import SD15_VIDEO, TINY, VideoUNet
@@ -227,10 +228,15 @@ def account_tables(rows):
     def by_component(labels):
         return [{"component": r["component"], **{label: r.get(f"{label} MiB") for label in labels}} for r in account]
 
+    def share(*prefixes):  # of the serial form's bytes
+        return sum(r[f"{FORMS[0][0]} MiB"] for r in account if r["component"].startswith(prefixes)) / serial
     return [Table(f"Saved for backward, relative to the serial form's {serial:.4g} MiB", ratios,
                   "Bytes autograd keeps for backward during one forward: unique storages, parameters and buffers "
                   "excluded. Columns: the model as it is, with pychop.memory.lean_frozen, with "
-                  "lean_frozen(recompute=True)."),
+                  f"lean_frozen(recompute=True). Of the serial form's bytes the spatial-temporal attention blocks "
+                  f"hold {share('st_attention'):.0%}, and the frozen layers the temporal gradient passes through, "
+                  f"which lean_frozen shrinks (feed-forward, the residual blocks' spatial part, cross-attention), "
+                  f"{share('feed_forward', 'res_conv', 'cross_attention'):.0%}."),
             Table("Saved for backward per component (MiB), by form", by_component([f[0] for f in BASE_FORMS])),
             Table("Saved for backward per component (MiB), serial form with lean_frozen",
                   by_component([FORMS[0][0] + suffix for _, suffix in LEAN]))]
@@ -314,7 +320,6 @@ def account_main(argv=None):
     from concurrent.futures import ProcessPoolExecutor
 
     from benchmarks.machine import finish, machine_record
-    from benchmarks.runner import format_table
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.suites.mobius", description=account_main.__doc__)
     parser.add_argument("--config", default="SD15_VIDEO", choices=sorted(CONFIGS))
@@ -342,11 +347,7 @@ def account_main(argv=None):
                        "machine": finish(record), "rows": account_rows(accounts)}
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(payload, indent=1))
-    rows = account_rows(accounts)
-    serial = rows[-1]["serial+reference MiB"]
-    for label in accounts:
-        print(f"{label}: {rows[-1][f'{label} MiB'] / serial:.3f} of serial+reference")
-    print(format_table([{k: v for k, v in row.items() if k not in ("table", "form")} for row in rows]))
+    print("\n\n".join(text(table) for table in account_tables(account_rows(accounts))))
 
 
 if __name__ == "__main__":
