@@ -3,6 +3,7 @@
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
@@ -48,7 +49,8 @@ def main(argv=None):
         settings = dataclasses.replace(default_settings(device, args.quick, args.smoke), **overrides)
     except ValueError as error:
         parser.error(str(error))
-    run_suites(args.suite, device, args.quick, args.out, settings, smoke=args.smoke)
+    run_suites(args.suite, device, args.quick, args.out, settings, smoke=args.smoke,
+               command=["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

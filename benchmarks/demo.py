@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import pychop
+from benchmarks.machine import describe, machine_record
 from pychop.chopgrad import stream
 from pychop.chopgrad.memory import SavedActivationMeter
 from pychop.models import SD15_VIDEO, TINY, CausalDecoderConfig, CausalVideoDecoder, VideoUNet
@@ -66,7 +67,8 @@ def chopgrad_decode(device):
 def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"pychop {pychop.__version__} demo on {device}")
+    where = describe(machine_record(device, ["python", "-m", "benchmarks.demo"]))
+    print(f"pychop {pychop.__version__} demo on {device}: {where}")
     fused_attention(device, dtype)
     mobius_step(device, dtype)
     chopgrad_decode(device)

@@ -3,6 +3,10 @@ input it reads once, every output written once) and the time those take at a GPU
 
     python -m benchmarks.floors [--causal] [--dtype bfloat16|float16|float32] [--gpu h200|h100]
 
+The shapes A-F (``DESIGN_SHAPES``, printed first with what each stands for) are the attention calls every GPU
+benchmark and GPU test of pychop uses, bf16: (B, T, S, H, D) = batch, frames, tokens per frame (the latent
+grid's height x width), heads, head dim, as in the attention layers of Stable-Diffusion-family video UNets.
+
 A kernel's floor is the larger of FLOPs / matmul ceiling and bytes / copy ceiling (the copy ceiling counts
 reads and writes). The op's floor is the sum over its kernels. On a GPU the attention suite divides measured
 times by these floors. The temporal FLOPs are the useful ones (each token's T x T scores); the temporal kernels
@@ -25,6 +29,24 @@ DESIGN_SHAPES: Dict[str, Tuple[int, int, int, int, int]] = {
     "E": (4, 64, 16 * 16, 8, 64),
     "F": (2, 16, 32 * 32, 8, 40),
 }
+# What each shape stands for (a latent grid of h x w is S = h * w tokens; an 8x VAE makes 8h x 8w pixels; SD:
+# Stable Diffusion, whose UNets the text-to-video UNets extend).
+SHAPE_NOTES: Dict[str, str] = {
+    "A": "16 frames of a 64x64 latent grid (512x512 video), 320 channels as 5 heads of 64 (SD 2's first stage)",
+    "B": "batch 2, 16 frames of 32x32 latents (256x256 video), 640 channels as 10 heads of 64 (SD 2's second)",
+    "C": "32 frames of 64x64 latents, 512 channels as 8 heads of 64: the largest spatial work",
+    "D": "16 frames of 32x32 latents, head dim 128 (8 heads, 1024 channels): the largest head dim",
+    "E": "batch 4, 64 frames of 16x16 latents: many frames, few tokens (the temporal branch's largest share)",
+    "F": "batch 2, 16 frames of 32x32 latents, head dim 40 (8 heads, 320 channels: SD 1.5's first stage)",
+}
+
+
+def describe_shapes() -> str:
+    """The shapes A-F as lines: name, (B, T, S, H, D) and what the shape stands for."""
+    lines = ["benchmark shapes (B, T, S, H, D): batch, frames, tokens per frame (latent height x width), heads, "
+             "head dim"]
+    lines += [f"{name:<3}{str(shape):<24}{SHAPE_NOTES[name]}" for name, shape in DESIGN_SHAPES.items()]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,7 @@ def main(argv=None) -> None:
     parser.add_argument("--gpu", default="h200", choices=sorted(GPUS))
     args = parser.parse_args(argv)
     gpu, itemsize = GPUS[args.gpu], 4 if args.dtype == "float32" else 2
+    print(describe_shapes() + "\n")
     print(f"floors on {gpu.name}: {gpu.matmul_tflops:g} TFLOP/s matmul, {gpu.copy_tbps:g} TB/s copy; "
           f"{args.dtype}, temporal {'causal' if args.causal else 'over every frame'}")
     print(f"{'shape':<6}{'kernel':<26}{'GFLOP':>9}{'MB':>9}{'compute ms':>12}{'memory ms':>11}{'floor ms':>10}"

@@ -4,39 +4,41 @@ A suite is a module in ``benchmarks/suites`` that defines:
 
     DESCRIPTION = "one line"
     def run(ctx: Context) -> list[dict]     # one row per measurement, flat dicts of str / int / float / None
+    def tables(rows) -> list[Table]         # optional: the rows as one table per comparison (benchmarks.tables)
     def plot(rows, path) -> None            # optional: one PNG figure of the rows
+    def report(result) -> str               # optional: Markdown for docs/benchmarks.md (benchmarks.report)
 
 and uses ``ctx.device``, ``ctx.quick``, ``ctx.smoke`` (the smallest sizes: every code path runs, no figure
 means anything; the GPU check's rehearsal), ``ctx.progress(items, desc)``, ``ctx.compare(candidates,
-baseline)`` and ``ctx.peak_memory_mb(fn)``. Every time a suite reports comes from ``ctx.compare``: the candidates of one
-comparison timed interleaved in one process, repeated, warmed up (``benchmarks.timing``); a ratio goes into a
-row as three columns (``Ratio.columns``: the median, ``_p10`` and ``_p90`` of the per-round ratios), which the
-printed table shows as one cell, ``1.52x (1.41-1.60)``, marked ``~`` when the spread straddles 1.0. Each
-suite's JSON holds its rows, the timing settings, the CPU thread counts the comparisons ran with and an
-account of every comparison (candidates, calls per sample, rounds, seconds).
+baseline)``, ``ctx.peak_memory_mb(fn)`` and ``ctx.print_rows(rows, title)`` (a table printed as it is measured,
+kept in a log when a run is cut off; the runner then prints no tables of its own). Every time a suite reports
+comes from ``ctx.compare``: the candidates of one comparison timed interleaved in one process, repeated, warmed
+up (``benchmarks.timing``); a ratio goes into a row as three columns (``Ratio.columns``: the median, ``_p10``
+and ``_p90`` of the per-round ratios), which a table shows as one cell, ``1.52x (1.41-1.60)``, marked ``~``
+when the spread straddles 1.0. Each suite's JSON holds its rows, the ``machine`` record
+(``benchmarks.machine``: CPU model and capability, GPU, versions, date, command, load average), the timing
+settings, the CPU thread counts the comparisons ran with and an account of every comparison (candidates, calls
+per sample, rounds, seconds).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import math
 import pkgutil
-import platform
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 import benchmarks.suites
-from benchmarks.timing import MIN_ROUNDS, Comparison, CpuClock, CudaClock, Settings, format_ratio, measure
+from benchmarks.machine import finish, machine_record
+from benchmarks.tables import Table, format_table, text
+from benchmarks.timing import MIN_ROUNDS, Comparison, CpuClock, CudaClock, Settings, measure
 
-RATIO_LEGEND = ("ratios: median over paired rounds (p10-p90 of the per-round ratios); "
-                "~: the spread straddles 1.0, no clear difference")
-
+__all__ = ["Context", "default_settings", "discover", "format_table", "run_suites", "suite_tables"]
 
 def default_settings(device: torch.device, quick: bool = False, smoke: bool = False) -> Settings:
     """20 timed rounds (8 with quick) after one warm-up round. GPU: samples of at least 1 ms (CUDA events), no
@@ -56,6 +58,7 @@ class Context:
     settings: Optional[Settings] = None  # default_settings(device, quick, smoke) when not given
     smoke: bool = False
     comparisons: List[dict] = field(default_factory=list)  # Comparison.record() of each compare, in order
+    printed: bool = False  # whether the suite printed its tables as it went (print_rows)
 
     def __post_init__(self):
         if self.settings is None:
@@ -68,6 +71,12 @@ class Context:
     def progress(self, items: Iterable, desc: str):
         items = list(items)
         return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # no bar off a terminal
+
+    def print_rows(self, rows: List[dict], title: str) -> None:
+        """Prints a table of rows now, so that a run cut off keeps in its log what it measured; the runner then
+        leaves out the tables it prints at the end of a suite (one table per comparison: call it per comparison)."""
+        print(text(Table(title, rows)), flush=True)
+        self.printed = True
 
     def compare(self, candidates: Mapping[str, Callable[[], object]], baseline: Optional[str] = None) -> Comparison:
         """Times the candidates side by side (benchmarks.timing.measure with this context's settings): on a GPU
@@ -116,51 +125,18 @@ def discover() -> Dict[str, object]:
     return suites
 
 
-def format_table(rows: List[dict]) -> str:
-    """A plain-text table of rows (columns in first-seen order; floats to 4 significant digits). A column NAME
-    with columns NAME_p10 and NAME_p90 beside it is a ratio (Ratio.columns) and shows as one cell."""
-    if not rows:
-        return "(no rows)"
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    ratios = {column for column in columns if f"{column}_p10" in columns and f"{column}_p90" in columns}
-    columns = [c for c in columns if not any(c in (f"{r}_p10", f"{r}_p90") for r in ratios)]
-
-    def cell(row, column):
-        value = row.get(column)
-        if value is None:
-            return "-"
-        if column in ratios and row.get(f"{column}_p10") is not None and row.get(f"{column}_p90") is not None:
-            return format_ratio(value, row[f"{column}_p10"], row[f"{column}_p90"])
-        if isinstance(value, float):
-            return "nan" if math.isnan(value) else f"{value:.4g}"
-        return str(value)
-
-    cells = [[cell(row, column) for column in columns] for row in rows]
-    widths = [max(len(column), *(len(r[i]) for r in cells)) for i, column in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    if ratios:
-        lines.append(RATIO_LEGEND)
-    return "\n".join(lines)
-
-
-def environment(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "machine": platform.machine(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
+def suite_tables(module, rows: List[dict]) -> List[Table]:
+    """The suite's rows as tables, one per comparison (its ``tables(rows)``), or all of them as one table."""
+    if callable(getattr(module, "tables", None)):
+        return module.tables(rows)
+    return [Table(module.__name__.rsplit(".", 1)[-1], rows)]
 
 
 def run_suites(names: List[str], device: torch.device, quick: bool, out_dir: Path,
-               settings: Optional[Settings] = None, smoke: bool = False) -> Dict[str, List[dict]]:
-    """Runs the named suites (all when empty); settings default to default_settings(device, quick, smoke)."""
+               settings: Optional[Settings] = None, smoke: bool = False,
+               command: Sequence[str] = ("python", "-m", "benchmarks")) -> Dict[str, List[dict]]:
+    """Runs the named suites (all when empty); settings default to default_settings(device, quick, smoke).
+    ``command``: the words of the command line, for each JSON's machine record."""
     suites = discover()
     unknown = [name for name in names if name not in suites]
     if unknown:
@@ -173,11 +149,13 @@ def run_suites(names: List[str], device: torch.device, quick: bool, out_dir: Pat
         module = suites[name]
         ctx = Context(device=device, quick=quick, settings=settings, smoke=smoke)
         print(f"\n== {name}: {module.DESCRIPTION} ({device}, {size})", flush=True)
+        machine = machine_record(device, command)
         rows = module.run(ctx)
         results[name] = rows
-        print(format_table(rows), flush=True)
+        if not ctx.printed:
+            print("\n\n".join(text(table) for table in suite_tables(module, rows)), flush=True)
         print(ctx.timing_summary(), flush=True)
-        payload = {"suite": name, "environment": environment(device), "quick": quick, "smoke": smoke,
+        payload = {"suite": name, "machine": finish(machine), "quick": quick, "smoke": smoke,
                    "timing": {"settings": asdict(settings), "summary": ctx.timing_summary(),
                               "comparisons": ctx.comparisons},
                    "rows": rows}

@@ -1,28 +1,22 @@
-"""python -m benchmarks.summary RESULTS_DIR: each suite's rows in a results folder, key columns only (a ratio
-with its spread), and its timing line."""
+"""python -m benchmarks.summary RESULTS_DIR: each suite's tables from a results folder (one per comparison, as
+the run printed them), its machine and its timing line."""
 
 import json
 import sys
 from pathlib import Path
 from typing import List
 
-from benchmarks.runner import format_table
-
-KEY_COLUMNS = ("shape", "impl", "vs", "fwd_ms", "fwdbwd_ms", "fwd_speedup", "fwdbwd_speedup",      # attention
-               "fwd_of_floor", "fwdbwd_of_floor", "kernel", "kernel_ms", "floor_ms", "of_floor", "sweep",
-               "kind", "method", "frames", "window", "ratio", "cosine", "decoder", "grad", "rel_error",  # chopgrad
-               "norm_ratio",
-               "table", "form", "attention", "component", "saved_mb", "saved_vs_serial", "peak_vs_serial",  # mobius
-               "time_vs_serial",
-               "step_ms", "peak_mb", "note")
+from benchmarks.machine import describe
+from benchmarks.runner import discover, suite_tables
+from benchmarks.tables import Table, text
 
 
 def headline(payload: dict) -> List[str]:
-    """A suite's rows, key columns only (a ratio with its spread), and its timing line, as lines."""
-    columns = [name for key in KEY_COLUMNS for name in (key, f"{key}_p10", f"{key}_p90")]
-    rows = [{key: row[key] for key in columns if key in row} for row in payload["rows"]]
-    lines = [f"{payload['suite']} ({payload['environment'].get('gpu', payload['environment']['device'])})",
-             *format_table(rows).splitlines()]
+    """A suite's result (its parsed JSON) as lines: the suite and its machine, its tables, its timing line."""
+    module = discover().get(payload["suite"])
+    tables = suite_tables(module, payload["rows"]) if module else [Table(payload["suite"], payload["rows"])]
+    lines = [f"{payload['suite']} on {describe(payload['machine'])}",
+             *"\n\n".join(text(table) for table in tables).splitlines()]
     if "timing" in payload:
         lines.append(payload["timing"]["summary"])
     return lines

@@ -10,7 +10,7 @@
 Submodules are imported on first use, so ``import pychop`` stays light.
 """
 
-import importlib
+from importlib import import_module as _import_module
 
 from pychop.ops import BACKENDS, BackendUnavailable, parallel_st_attention, spatial_attention, temporal_attention
 from pychop.ops import available as available_backends
@@ -25,5 +25,11 @@ __all__ = ["parallel_st_attention", "spatial_attention", "temporal_attention", "
 
 def __getattr__(name):
     if name in _SUBMODULES:
-        return importlib.import_module(f"pychop.{name}")
+        return _import_module(f"pychop.{name}")
     raise AttributeError(f"module 'pychop' has no attribute {name!r}")
+
+
+def __dir__():
+    """The public names only (``__all__`` and ``__version__``): not the submodules that imports load as a
+    side effect, nor this module's helpers."""
+    return sorted([*__all__, "__version__"])

@@ -170,11 +170,13 @@ def restore_threads():
 
 def test_cli_options_reach_the_settings(monkeypatch, restore_threads, tmp_path):
     seen = {}
-    monkeypatch.setattr(cli, "run_suites", lambda names, device, quick, out, settings, smoke: seen.update(
-        names=names, settings=settings, smoke=smoke, threads=torch.get_num_threads()))
+    monkeypatch.setattr(cli, "run_suites", lambda names, device, quick, out, settings, smoke, command: seen.update(
+        names=names, settings=settings, smoke=smoke, threads=torch.get_num_threads(), command=command))
     cli.main(["--device", "cpu", "--suite", "attention", "--repeats", "5", "--warmup", "0", "--budget", "0",
               "--threads", "1", "--out", str(tmp_path)])
     assert seen["names"] == ["attention"] and seen["threads"] == 1
+    assert seen["command"] == ["python", "-m", "benchmarks", "--device", "cpu", "--suite", "attention", "--repeats",
+                               "5", "--warmup", "0", "--budget", "0", "--threads", "1", "--out", str(tmp_path)]
     assert seen["settings"] == Settings(repeats=5, warmup=0, min_sample_ms=10.0, budget_s=None)
     cli.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
     assert seen["settings"] == runner.default_settings(torch.device("cpu"), quick=True) and not seen["smoke"]

@@ -15,8 +15,9 @@ from functools import partial
 import torch
 
 import pychop
-from benchmarks.runner import format_table
+from benchmarks.plots import no_data
 from benchmarks.suites.attention import fused_backends, fwd_bwd, kernel_times_ms
+from benchmarks.tables import Table, markdown
 
 DESCRIPTION = "the temporal branch over T = 8 ... 256 and grad window k in {1, 4, T} (GPU)"
 
@@ -54,8 +55,29 @@ def run(ctx):
                 split = kernel_times_ms(steps[name], ("backward_query", "backward_key"))
                 row["bwd_dq_kernel_ms"], row["bwd_dkdv_kernel_ms"] = split["backward_query"], split["backward_key"]
             rows.append(row)
-        print(format_table([row for row in rows if row["T"] == T]), flush=True)  # kept in the log if cut off
+        ctx.print_rows(frames_table(rows, T), f"T = {T}")  # kept in the log if the run is cut off
     return rows
+
+
+def frames_table(rows, T):
+    """The rows of frame count T (one comparison of forwards, one of forward+backward steps), less T."""
+    return [{key: value for key, value in row.items() if key not in ("sweep", "T")} for row in rows
+            if row.get("T") == T]
+
+
+def tables(rows):
+    """One table per frame count T; rows with only a note (the suite skipped) as their own table."""
+    out = [Table(f"causal temporal attention, T = {T}, (B, S, H, D) = {SWEEP_SHAPE}", frames_table(rows, T),
+                 "bf16; k: the gradient window (T: full backpropagation); fwdbwd_speedup: over the torch backend "
+                 "at the same k")
+           for T in dict.fromkeys(row["T"] for row in rows if "T" in row)]
+    notes = [{"note": row["note"]} for row in rows if "T" not in row]
+    return out + ([Table("skipped", notes)] if notes else [])
+
+
+def report(result):
+    """Markdown for docs/benchmarks.md: the suite's tables."""
+    return "\n\n".join(markdown(table) for table in tables(result["rows"]))
 
 
 def plot(rows, path):
@@ -70,11 +92,16 @@ def plot(rows, path):
             points = [(r["T"], r["bwd_ms"]) for r in swept if r["impl"] == impl and str(r["k"]) == k_label]
             if points:
                 ax.plot(*zip(*points), marker="o", label=f"{impl} k={k_label}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
     ax.set(xlabel="frames T", ylabel="backward ms", title="causal temporal attention, grad window k")
     if swept:
+        frames = sorted({row["T"] for row in swept})
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(frames, [str(T) for T in frames])
+        ax.minorticks_off()
         ax.legend()
+    else:
+        no_data(ax, "; ".join(row["note"] for row in rows if "note" in row) or "no rows")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

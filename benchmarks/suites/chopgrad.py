@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from benchmarks.plots import no_data
+from benchmarks.tables import Table, markdown
 from pychop.chopgrad import fidelity, stream
 from pychop.chopgrad.memory import SavedActivationMeter
 from pychop.models import CausalDecoderConfig, CausalVideoDecoder
@@ -126,7 +128,8 @@ def step_rows(ctx, decoder, setup, methods, kind, module=None):
         steps, length_rows = {}, []
         for name in methods:
             fn = problem.method(name)
-            row = {"kind": kind, "method": name, "segments": segments, "frames": problem.frames}
+            row = {"kind": kind, "method": name, "segments": segments, "frames": problem.frames,
+                   "memory": "allocator peak" if ctx.on_gpu else "saved for backward"}
             try:
                 row["peak_mb"] = measure_memory_mb(ctx, fn)
                 steps[name] = fn
@@ -377,29 +380,146 @@ def fidelity_rows(ctx, setup=FIDELITY):
     return rows
 
 
+def pivot(rows, key, fmt=None):
+    """Rows of one kind as a method x frames table of ``key`` (a cell per length), with the growth from the
+    second length to the last: memory flat in frames shows as 1.00."""
+    lengths = sorted({r["frames"] for r in rows})
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        values = {r["frames"]: r.get(key) for r in rows if r["method"] == method}
+        row = {"method": method, **{f"{frames} frames": values.get(frames) for frames in lengths}}
+        if len(lengths) >= 3 and values.get(lengths[1]) and values.get(lengths[-1]):
+            row[f"{lengths[-1]} / {lengths[1]} frames"] = values[lengths[-1]] / values[lengths[1]]
+        out.append(row)
+    return out
+
+
+def time_table(rows, ratios):
+    """Step times, one row per length (each length one interleaved comparison), with recompute 1's time over
+    full backpropagation's at that length where the suite measured it (``ratios``: frames -> time ratio row)."""
+    out = []
+    for frames in sorted({r["frames"] for r in rows}):
+        row = {"frames": frames, **{f"{r['method']} ms": r.get("step_ms") for r in rows if r["frames"] == frames}}
+        ratio = ratios.get(frames, {})
+        out.append({**row, **{key.replace("ratio", "recompute 1 / full"): value for key, value in ratio.items()
+                              if key.startswith("ratio")}})
+    return out
+
+
+def fidelity_tables(rows):
+    """Gradient agreement with full backpropagation per window (parameter and latent gradients, random and
+    trained decoder side by side), then per segment the latent gradient's cosine and norm over the full one."""
+    found = [r for r in rows if r["kind"] == "fidelity"]
+    if not found:
+        return []
+    decoders = list(dict.fromkeys(r["decoder"] for r in found))
+    lookup = {(r["decoder"], r["window"], r["grad"]): r for r in found}
+    windows = sorted({r["window"] for r in found})
+    summary = []
+    for k in windows:
+        row = {"window k": k}
+        for grad in ("params", "latent"):
+            for key, label in (("cosine", "cosine"), ("rel_error", "rel. error")):
+                row[f"{grad}: {label}"] = " / ".join(f"{lookup[d, k, grad][key]:.2f}" for d in decoders)
+        summary.append(row)
+    segments, frames = found[0]["segments"], found[0]["frames"]
+    training = next((r["note"] for r in rows if r["kind"] == "training"), "")
+    tables = [Table(f"ChopGrad's gradient against full backpropagation, {' / '.join(decoders)} decoder "
+                    f"({segments} segments = {frames} frames)", summary,
+                    f"float64, the tiny decoder randomly initialised and trained ({training}); a pixel loss against "
+                    f"a video of moving discs from noisy latents of it; window k in segments. params: the "
+                    f"decoder's parameter gradient; latent: the latents' gradient, what a diffusion model trained "
+                    f"through the decoder receives.")]
+    for decoder in decoders:
+        per_segment = [{"segment": i, **{f"k={k}": f"{lookup[decoder, k, f'latent {i}']['cosine']:.2f} / "
+                                                    f"{lookup[decoder, k, f'latent {i}']['norm_ratio']:.2f}"
+                                         for k in windows}} for i in range(segments)]
+        tables.append(Table(f"Latent gradient per segment, {decoder} decoder: cosine / norm over the full one",
+                            per_segment, "Latent z_i receives only the losses of segments i .. i+k-1; the last k "
+                                         "segments' gradients are exact."))
+    return tables
+
+
+def tables(rows):
+    """The suite's rows as tables, one per comparison: memory and step time against frames (pychop's decoder,
+    then diffusers' Wan decoder), the frames each window fits in full backpropagation's memory, the diffusers
+    VAEs' flatness, the gradient fidelity; then any rows that carry only a note (a part skipped)."""
+    out = []
+    for kind, name in (("step", "pychop's CausalVideoDecoder"), ("wan step", "diffusers' AutoencoderKLWan")):
+        mine = [r for r in rows if r["kind"] == kind and "method" in r]
+        if not mine:
+            continue
+        memory = mine[0].get("memory", "peak memory")
+        out.append(Table(f"{name}: {memory} (MiB) against frames", pivot(mine, "peak_mb"),
+                         "One training step: decode segment by segment, a loss per segment, backward."))
+        ratios = {r["frames"]: r for r in rows if r["kind"] == "time ratio"} if kind == "step" else {}
+        out.append(Table(f"{name}: step time (ms) against frames", time_table(mine, ratios),
+                         "At each length every method's step is timed in one interleaved comparison."))
+    same = [{"method": r["method"], "frames decoded": r["frames"], "MiB": r["peak_mb"],
+             "frames full backprop fits in it": r["frames"] / r["ratio"], "ratio": r["ratio"]}
+            for r in rows if r["kind"] == "same memory"]
+    if same:
+        out.append(Table("diffusers' AutoencoderKLWan: frames decoded in the memory full backpropagation needs "
+                         "for fewer", same, "Full backpropagation's peaks fitted linearly in frames."))
+    longest = [{k: r.get(k) for k in ("method", "frames", "ratio", "note")} for r in rows if r["kind"] == "max frames"]
+    if longest:
+        out.append(Table("Longest video in the GPU's memory", longest))
+    flat = [r for r in rows if r["kind"] == "vae flatness" and "method" in r]
+    if flat:
+        table = []
+        for decoder in dict.fromkeys(r["decoder"] for r in flat):
+            mine = {r["method"]: r for r in flat if r["decoder"] == decoder}
+            table.append({"VAE": decoder, "latent frames": f"{mine['full']['segments'] // 4} -> "
+                                                           f"{mine['full']['segments']}",
+                          **{f"{method}: peak at 4x / at 1x": mine[method]["ratio"] for method in mine}})
+        out.append(Table("diffusers' video VAEs (tiny random configs): saved for backward at 4x the latent frames "
+                         "over 1x", table))
+    out += fidelity_tables(rows)
+    skipped = [{"part": r["kind"], "note": r["note"]} for r in rows if "method" not in r and r["kind"] != "training"]
+    if skipped:
+        out.append(Table("Skipped", skipped))
+    return out
+
+
+def report(result):
+    """Markdown for docs/benchmarks.md: the suite's tables."""
+    return "\n\n".join(markdown(table) for table in tables(result["rows"]))
+
+
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r for r in rows if r["kind"] == "step"]
+    memory = steps[0].get("memory", "peak memory") if steps else "peak memory"
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for name in METHODS:
         mine = [r for r in steps if r["method"] == name and r.get("peak_mb") is not None]
         style = "-o" if name == "full" else ("--s" if name.startswith("retain") else "-^")
         axes[0].plot([r["frames"] for r in mine], [r["peak_mb"] for r in mine], style, label=name)
         axes[1].plot([r["frames"] for r in mine], [r["step_ms"] for r in mine], style, label=name)
-    axes[0].set(xlabel="frames", ylabel="peak memory (MB)", title="memory vs frames")
+    axes[0].set(xlabel="frames", ylabel=f"{memory} (MiB)", title=f"{memory} vs frames")
     axes[1].set(xlabel="frames", ylabel="step time (ms)", title="train step time vs frames")
-    for label in ("random", "trained"):
-        for grad, style in (("params", "-o"), ("latent", "--s")):
-            mine = [r for r in rows if r["kind"] == "fidelity" and r["decoder"] == label and r["grad"] == grad]
-            axes[2].plot([r["window"] for r in mine], [r["cosine"] for r in mine], style, label=f"{grad}, {label}")
-    axes[2].set(xlabel="window k (segments)", ylabel="cosine similarity to full gradient",
-                title="gradient fidelity (tiny decoder, 33 frames)")
-    axes[2].legend(fontsize=8)
+    frames = sorted({r["frames"] for r in steps})
     for ax in axes[:2]:
         ax.set_xscale("log", base=2)
+        ax.set_xticks(frames, [str(f) for f in frames])  # every measured length labelled, none other
+        ax.minorticks_off()
+    fidelity = [r for r in rows if r["kind"] == "fidelity"]
+    for label in dict.fromkeys(r["decoder"] for r in fidelity):
+        for grad, style in (("params", "-o"), ("latent", "--s")):
+            mine = [r for r in fidelity if r["decoder"] == label and r["grad"] == grad]
+            axes[2].plot([r["window"] for r in mine], [r["cosine"] for r in mine], style, label=f"{grad}, {label}")
+    if fidelity:
+        windows = sorted({r["window"] for r in fidelity})
+        axes[2].set_xticks(windows, [str(k) for k in windows])
+        axes[2].set_title(f"gradient fidelity (tiny decoder, {fidelity[0]['frames']} frames)")
+        axes[2].legend(fontsize=8)
+    else:
+        axes[2].set_title("gradient fidelity")
+        no_data(axes[2], "not measured in this run")
+    axes[2].set(xlabel="window k (segments)", ylabel="cosine similarity to full gradient")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -26,18 +26,22 @@ timed side by side in one interleaved comparison (``ctx.compare``); time_vs_seri
 per-round ratios, with its spread.
 
 The account alone, at any config and on any device (saved bytes do not depend on the device):
-``python -m benchmarks.suites.mobius --config SD15_VIDEO --batch 1`` (about half an hour on a 2-core CPU).
+``python -m benchmarks.suites.mobius --config SD15_VIDEO --batch 1 [--out FILE.json]`` (an hour and a half on a
+2-core CPU shared with other jobs, one thread; ``--out`` writes the JSON that docs/benchmarks.md quotes).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import pychop
+from benchmarks.plots import no_data
+from benchmarks.tables import Table, markdown, text
 from pychop.chopgrad.memory import is_activation, module_storages, storage_key
 from pychop.memory import lean_frozen
 from pychop.models import SD15_VIDEO, TINY, VideoUNet
@@ -204,19 +208,94 @@ def account_rows(accounts):
     return rows
 
 
+def account_tables(rows):
+    """The saved-tensor account as tables: each form's total over the serial form's (base form x lean_frozen),
+    then per component the MiB of the base forms, and of the serial form with and without lean_frozen."""
+    account = [r for r in rows if r["table"] == "saved"]
+    if not account:
+        return []
+    total = next(r for r in account if r["component"] == "total")
+    serial = total[f"{FORMS[0][0]} MiB"]
+    ratios = []
+    for label, *_ in BASE_FORMS:
+        row = {"form": label}
+        for _, suffix in LEAN:
+            value = total.get(f"{label}{suffix} MiB")
+            row[suffix[1:] or "plain"] = None if value is None else value / serial
+        ratios.append(row)
+    ratios = [row for row in ratios if any(value is not None for key, value in row.items() if key != "form")]
+
+    def by_component(labels):
+        return [{"component": r["component"], **{label: r.get(f"{label} MiB") for label in labels}} for r in account]
+
+    def share(*prefixes):  # of the serial form's bytes
+        return sum(r[f"{FORMS[0][0]} MiB"] for r in account if r["component"].startswith(prefixes)) / serial
+    return [Table(f"Saved for backward, relative to the serial form's {serial:.4g} MiB", ratios,
+                  "Bytes autograd keeps for backward during one forward: unique storages, parameters and buffers "
+                  "excluded. Columns: the model as it is, with pychop.memory.lean_frozen, with "
+                  f"lean_frozen(recompute=True). Of the serial form's bytes the spatial-temporal attention blocks "
+                  f"hold {share('st_attention'):.0%}, and the frozen layers the temporal gradient passes through, "
+                  f"which lean_frozen shrinks (feed-forward, the residual blocks' spatial part, cross-attention), "
+                  f"{share('feed_forward', 'res_conv', 'cross_attention'):.0%}."),
+            Table("Saved for backward per component (MiB), by form", by_component([f[0] for f in BASE_FORMS])),
+            Table("Saved for backward per component (MiB), serial form with lean_frozen",
+                  by_component([FORMS[0][0] + suffix for _, suffix in LEAN]))]
+
+
+def tables(rows):
+    """The forms' training step (time, peak, saved bytes, each against the serial form), then the account."""
+    steps = [{key: value for key, value in row.items() if key not in ("table", "config", "batch")}
+             for row in rows if row["table"] == "step"]
+    out = []
+    if steps:
+        first = next(row for row in rows if row["table"] == "step")
+        out.append(Table(f"VideoUNet training step at {first['config']}, batch {first['batch']}", steps,
+                         "Spatial layers frozen, AdamW on the temporal ones; every form's step timed in one "
+                         "interleaved comparison. peak_mb: the allocator's peak (GPU only); saved_mb: bytes saved "
+                         "for backward."))
+    return out + account_tables(rows)
+
+
+def report(result):
+    """Markdown for docs/benchmarks.md: the suite's tables, or the account's (python -m
+    benchmarks.suites.mobius --out), naming the account's config."""
+    parts = []
+    if "account" in result:
+        account = result["account"]
+        parts.append(f"Saved-tensor account alone (no step timed): config {account['config']}, batch "
+                     f"{account['batch']}, {account['dtype']}. Saved bytes do not depend on the device.")
+    return "\n\n".join(parts + [markdown(table) for table in tables(result["rows"])])
+
+
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r for r in rows if r["table"] == "step" and r.get("step_ms") is not None]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, key, title in zip(axes, ("step_ms", "peak_mb", "saved_mb"),
-                              ("step time (ms)", "peak memory (MiB)", "saved for backward (MiB)")):
-        values = [r.get(key) or 0.0 for r in steps]
-        ax.bar(range(len(steps)), values)
-        ax.set_xticks(range(len(steps)), [r["form"] for r in steps], rotation=15)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.8 + 0.45 * max(len(steps), 4)))
+    positions = range(len(steps))
+    # step time as the paired ratio to the serial form's (its median and p10-p90 bar): on a loaded machine the
+    # ratio of interleaved samples is steadier than either time
+    ratios = [(r.get("time_vs_serial", 1.0), r.get("time_vs_serial_p10", 1.0), r.get("time_vs_serial_p90", 1.0))
+              for r in steps]
+    panels = (("time_vs_serial", "step time / serial form's (p10-p90)"), ("peak_mb", "peak memory (MiB)"),
+              ("saved_mb", "saved for backward (MiB)"))
+    for ax, (key, title) in zip(axes, panels):
         ax.set_title(title)
+        if key == "time_vs_serial":
+            values = [median for median, _, _ in ratios]
+            spread = [[median - low for median, low, _ in ratios], [high - median for median, _, high in ratios]]
+            ax.axvline(1.0, color="0.6", linewidth=1)
+        else:
+            values, spread = [r.get(key) for r in steps], None
+        if not any(value is not None for value in values):
+            no_data(ax, "the allocator's peak is measured on a GPU" if key == "peak_mb" else "not measured")
+            continue
+        ax.barh(positions, [value or 0.0 for value in values], xerr=spread, capsize=3)
+        # the forms' names once, on the left panel; every panel lists them in the same order, the serial on top
+        ax.set_yticks(positions, [r["form"] for r in steps] if ax is axes[0] else [])
+        ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -235,10 +314,12 @@ def account_main(argv=None):
     the device, so a CPU shows where the memory of the GPU config goes (one forward per form, no step; each
     form in a fresh process, so that one form's freed memory cannot inflate the next one's)."""
     import argparse
+    import json
     import multiprocessing
+    import sys
     from concurrent.futures import ProcessPoolExecutor
 
-    from benchmarks.runner import format_table
+    from benchmarks.machine import finish, machine_record
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.suites.mobius", description=account_main.__doc__)
     parser.add_argument("--config", default="SD15_VIDEO", choices=sorted(CONFIGS))
@@ -247,7 +328,11 @@ def account_main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--form", action="append", default=[], choices=[form[0] for form in FORMS],
                         help="a form to count (repeatable; default: all); serial+reference always counts")
+    parser.add_argument("--out", type=Path, help="JSON file for the account (rewritten after each form), as "
+                                                     "python -m benchmarks writes a suite's")
     args = parser.parse_args(argv)
+    record = machine_record(torch.device(args.device), ["python", "-m", "benchmarks.suites.mobius",
+                                                        *(sys.argv[1:] if argv is None else argv)])
     accounts = {}
     for label, mode, backend, projection, lean in FORMS:
         if args.form and label not in args.form and label != FORMS[0][0]:
@@ -256,11 +341,13 @@ def account_main(argv=None):
             accounts[label] = pool.submit(form_account, args.config, mode, backend, projection, lean, args.batch,
                                           args.device, args.dtype).result()
         print(f"{label}: {sum(accounts[label].values()):.1f} MiB saved", flush=True)
-    rows = account_rows(accounts)
-    serial = rows[-1]["serial+reference MiB"]
-    for label in accounts:
-        print(f"{label}: {rows[-1][f'{label} MiB'] / serial:.3f} of serial+reference")
-    print(format_table([{k: v for k, v in row.items() if k not in ("table", "form")} for row in rows]))
+        if args.out:
+            payload = {"suite": "mobius", "account": {"config": args.config, "batch": args.batch,
+                                                      "dtype": args.dtype, "device": args.device},
+                       "machine": finish(record), "rows": account_rows(accounts)}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(payload, indent=1))
+    print("\n\n".join(text(table) for table in account_tables(account_rows(accounts))))
 
 
 if __name__ == "__main__":

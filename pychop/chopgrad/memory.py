@@ -53,6 +53,12 @@ class SavedActivationMeter:
     parameters and buffers of ``modules`` (so buffers count unless their module is given), and leaves that
     require grad (inputs being differentiated). Tensors saved under saved-tensor hooks of their own (a
     checkpoint, ``ParallelSTBlock``'s ``recompute_projection``) are out of sight of the meter's hooks.
+
+    Args:
+        modules: modules whose parameters and buffers are never counted (parameters are never counted anyway).
+
+    ``measure(fn)`` runs ``fn()`` and returns the peak in bytes; ``peak`` and ``live`` hold the peak and the
+    bytes still saved.
     """
 
     def __init__(self, *modules: nn.Module):

@@ -119,6 +119,12 @@ def scan(step: Step, state: Any, segments: Sequence[torch.Tensor], *, window: in
     """Run the recurrence and return ``[y_0, ..., y_{n-1}]``, differentiable with respect to the segments,
     the initial state's tensors and every leaf tensor the step uses (parameters, captured tensors).
 
+    Args:
+        step: a pure function (or module) ``step(state, x_seg) -> (new_state, y_seg)``, as for ``stream``.
+        state: the initial state (nested lists, tuples and dicts with tensor leaves), as for ``stream``.
+        segments: the inputs, one tensor per segment.
+        window: segments the gradient arriving at each output flows back through, an int >= 1 (default 1).
+
     The gradient arriving at ``y_i`` flows back through segments ``i-window+1 .. i`` only. The forward runs
     each step once (with grad enabled, to find the leaves the step reaches, then frees that graph at once)
     and keeps no activations; the backward recomputes each window from the initial state and discards it

@@ -32,6 +32,18 @@ def stream(step: Step, state: Any, segments: Sequence[torch.Tensor],
     """Run ``state, y_i = step(state, segments[i])`` for every segment and backpropagate each
     ``loss_fn(y_i, i)`` through segments ``i-window+1 .. i`` only (see the package docstring).
 
+    Args:
+        step: a pure function (or module) ``step(state, x_seg) -> (new_state, y_seg)``: one segment of the
+            recurrence, e.g. a causal decoder's ``step``. It must not write into the state or its input in place.
+        state: the initial state: any nesting of lists, tuples and dicts with tensor leaves (None, strings and
+            numbers pass through), e.g. ``decoder.init_state()``.
+        segments: the inputs, one tensor per segment (e.g. ``latents.split(1, dim=2)``); they may differ in shape.
+        loss_fn: ``loss_fn(y_i, i) -> scalar tensor``, segment i's loss on its output.
+        window: segments each loss backpropagates through, an int >= 1 (default 1); ``window >= len(segments)``
+            is exact full backpropagation.
+        strategy: ``"recompute"`` (default) or ``"retain"``, how the window's graph is had (below).
+        return_outputs: True: also return the detached outputs ``[y_0, ...]``. Default False.
+
     Gradients accumulate into ``.grad`` of the leaf tensors the step uses (its parameters), of segments and of
     initial-state tensors that are leaves requiring grad; for non-leaf ones (say latents produced by a
     diffusion model) the gradient is passed on upstream with one backward call at the end. Returns the

@@ -148,9 +148,19 @@ class LeanFrozen:
 
 
 def lean_frozen(module: nn.Module, *, recompute: bool = False) -> LeanFrozen:
-    """Makes the frozen parts of ``module`` save only what their input gradient needs, and with ``recompute``
-    recomputes its frozen regions in the backward (see the module docstring); returns the handle
-    (``.remove()``)."""
+    """Makes the frozen parts of ``module`` save only what their input gradient needs, in place (see the module
+    docstring); the outputs and the trainable parameters' gradients stay the unchanged module's.
+
+    Args:
+        module: any ``nn.Module`` (a ``VideoUNet``, a diffusers UNet, converted by ``convert_to_parallel`` or
+            not); a part is frozen when none of its parameters requires grad. Not one already made lean.
+        recompute: True: also recompute every maximal frozen region in the backward from its inputs, keeping
+            only those (more time, far fewer bytes). Default False.
+
+    Returns a ``LeanFrozen`` handle: ``handle.remove()`` (or leaving ``with lean_frozen(model):``) restores the
+    module exactly; its ``convolutions``, ``activations``, ``cross_attentions`` and ``regions`` name what
+    changed.
+    """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     if not isinstance(recompute, bool):

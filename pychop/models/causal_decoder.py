@@ -146,7 +146,14 @@ class Upsample(nn.Module):
 
 
 class CausalVideoDecoder(nn.Module):
-    """See the module docstring. ``config`` defaults to Wan 2.1's decoder widths."""
+    """A Wan-style causal video decoder as a recurrence (see the module docstring): ``step(state, z_t)`` decodes
+    one latent frame (B, C, 1, h, w) given the cache ``state`` (``init_state()`` to start), ``forward(z)`` a
+    whole clip (B, C, T, h, w) -> (B, out_channels, 1 + 4 (T - 1), 8 h, 8 w) with the default stages.
+
+    Args:
+        config: a ``CausalDecoderConfig``; the default has Wan 2.1's decoder widths (for GPUs),
+            ``CausalDecoderConfig.tiny()`` about 80k parameters (for CPUs and tests).
+    """
 
     def __init__(self, config: CausalDecoderConfig = CausalDecoderConfig()):
         super().__init__()

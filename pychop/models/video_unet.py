@@ -169,7 +169,21 @@ class Stage(nn.Module):
 
 
 class VideoUNet(nn.Module):
-    """Text-to-video 3D UNet; see the module docstring. ``st_mode`` is ``"serial"`` or ``"parallel"``."""
+    """Text-to-video 3D UNet (see the module docstring): ``model(sample, timestep, text)`` maps noisy latents
+    (B, T, C_in, H, W), a timestep per video (B,) and text embeddings (B, L, text_dim) to (B, T, C_out, H, W).
+
+    Args:
+        config: a ``VideoUNetConfig``: ``TINY`` (default; CPU tests), ``SD15_VIDEO`` (a Stable-Diffusion-1.5
+            UNet with temporal layers at 16 frames) or your own.
+        st_mode: ``"serial"`` (default: spatial then temporal attention, the diffusers form) or
+            ``"parallel"`` (Mobius: ``ParallelSTBlock``s, and the residual blocks' temporal convolutions beside
+            their spatial part). Both have identical parameters: a state dict loads across them.
+        backend: the attention backend of the parallel blocks, as for ``pychop.parallel_st_attention``
+            (default ``"auto"``); the serial form always uses ``scaled_dot_product_attention``.
+
+    ``freeze_spatial()`` leaves only the temporal layers to train; ``example_inputs(batch)`` makes random inputs
+    of the config's example size.
+    """
 
     def __init__(self, config: VideoUNetConfig = TINY, st_mode: str = "serial", backend: str = "auto"):
         super().__init__()

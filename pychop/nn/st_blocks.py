@@ -83,8 +83,19 @@ def check_tokens(x: torch.Tensor, dim: int) -> None:
 class SerialSTBlock(nn.Module):
     """Spatial then temporal self-attention, each with its own residual: (B, T, S, C) -> (B, T, S, C).
 
-    ``frame_group`` (None, or a process group / ``FrameShards`` set by ``pychop.distributed.shard_frames``): x
-    holds this rank's frames of videos sharded over it, and the temporal branch attends over all of them."""
+    ``y = x + A_s(x); out = y + A_t(y)``, written the diffusers way (``scaled_dot_product_attention`` on
+    permuted copies). Its parameters are ``ParallelSTBlock``'s: state dicts load across the two forms.
+
+    Args:
+        dim: channels C of the tokens; a multiple of ``heads``.
+        heads: attention heads H (head dim C / H).
+        qkv_bias: whether the q, k and v projections have a bias. Default False.
+        eps: the LayerNorms' epsilon. Default 1e-5.
+
+    Attribute ``frame_group`` (None, or a process group / ``FrameShards``, set by
+    ``pychop.distributed.shard_frames``): x holds this rank's frames of videos sharded over it, and the temporal
+    branch attends over all of them.
+    """
 
     def __init__(self, dim: int, heads: int, *, qkv_bias: bool = False, eps: float = 1e-5):
         super().__init__()
@@ -109,11 +120,25 @@ class SerialSTBlock(nn.Module):
 class ParallelSTBlock(nn.Module):
     """Spatial and temporal self-attention side by side on one input (Mobius): (B, T, S, C) -> (B, T, S, C).
 
-    ``backend`` selects the attention backend (``"auto"``: the fastest available, ``"torch"``: the unfused
-    reference); the temporal options are those of ``pychop.parallel_st_attention``. ``recompute_projection``
-    trades one more C -> 6C GEMM in the backward for not keeping the (B, T, S, 6C) projection (see the module
-    docstring); it can be switched on an existing block. ``frame_group`` as for ``SerialSTBlock``: passed to the
-    attention op.
+    ``out = x + A_s(x) + A_t(x)``, through one fused ``pychop.parallel_st_attention`` call (see the module
+    docstring). The spatial and temporal parameters are separate modules, ``block.spatial`` and
+    ``block.temporal`` (``block.spatial.requires_grad_(False)`` freezes one side), the same as
+    ``SerialSTBlock``'s: state dicts load across the two forms.
+
+    Args:
+        dim: channels C of the tokens; a multiple of ``heads``.
+        heads: attention heads H (head dim C / H, at most 256).
+        qkv_bias: whether the q, k and v projections have a bias. Default False.
+        eps: the LayerNorms' epsilon. Default 1e-5.
+        backend: the attention backend: ``"auto"`` (default: the fastest available), ``"torch"`` (the unfused
+            reference), ``"triton"``, ``"cuda"`` or ``"cpp"``, as for ``pychop.parallel_st_attention``.
+        temporal_causal, temporal_window, temporal_grad_window: the temporal branch's options, as for
+            ``pychop.parallel_st_attention`` (defaults: every frame, no window, full gradient).
+        recompute_projection: True: the (B, T, S, 6C) packed projection is not kept for backward but
+            recomputed there (one more C -> 6C GEMM for 6 fewer (B, T, S, C) activations). Default False; an
+            attribute that can be switched on an existing block.
+
+    Attribute ``frame_group``: as for ``SerialSTBlock``, passed to the attention op.
     """
 
     def __init__(self, dim: int, heads: int, *, qkv_bias: bool = False, eps: float = 1e-5, backend: str = "auto",

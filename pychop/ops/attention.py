@@ -241,17 +241,40 @@ def parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, *, scale=None, temporal_
                           frame_group=None):
     """Spatial attention plus temporal attention, summed: the fused Mobius attention.
 
-    All six inputs have shape (B, T, S, H, D), one dtype (float16, bfloat16 or float32), one device, and a
-    last-dimension stride of 1 (views of a packed (B, T, S, 6, H, D) projection work without copies).
-    Returns, in the input dtype, ``o_s + o_t`` of shape (B, T, S, H, D) with ``combine="sum"``, or the two
-    branches apart with ``combine="stack"``: (B, T, S, 2, H, D), ``[:, :, :, 0]`` spatial and ``[:, :, :, 1]``
-    temporal, whose ``.flatten(3)`` is the (B, T, S, 2C) input of one GEMM for both output projections
-    (``o_s W_s + o_t W_t = [o_s, o_t] [W_s; W_t]``). Under autocast the inputs are cast to its dtype, as
-    ``scaled_dot_product_attention`` casts them. See the module docstring for the exact semantics.
+    ``out[b,t,s,h]`` is softmax attention over the S tokens of frame t (the spatial branch, ``q_s, k_s, v_s``)
+    plus softmax attention over the frames t' of token s (the temporal branch, ``q_t, k_t, v_t``); the
+    module docstring of ``pychop.ops.attention`` gives the formula. Differentiable (once, on the fused
+    backends: a backward with ``create_graph=True`` through them raises; use ``backend="torch"`` for that).
 
-    ``frame_group``: a ``torch.distributed`` process group (or a ``pychop.ops.frame_shards.FrameShards``) over
-    which the frames are sharded: the inputs are this rank's contiguous block of frames, the output too, and the
-    temporal options refer to global frame indices (``pychop.ops.frame_parallel``). None: one process.
+    Args:
+        q_s, k_s, v_s, q_t, k_t, v_t: tensors of shape (B, T, S, H, D): batch, frames, tokens per frame, heads,
+            head dim. One dtype (float16, bfloat16 or float32; float64 on the torch backend), one device, a
+            last-dimension stride of 1 (views of a packed (B, T, S, 6, H, D) projection work without copies);
+            D <= 256, any S, T >= 1. Under ``torch.autocast`` they are cast to its dtype, as
+            ``scaled_dot_product_attention`` casts them.
+        scale: the factor on the scores, a Python or numpy number or a 0-d tensor that does not require grad;
+            None (default): ``D ** -0.5``.
+        temporal_causal: bool; True: frame t attends to frames t' <= t only. Default False: every frame.
+        temporal_window: None (default) or an int w >= 1: frame t attends to frames t - w < t' <= t (implies
+            causal).
+        temporal_grad_window: None (default) or an int k >= 1, ChopGrad inside attention: the forward is
+            unchanged, and in the backward the temporal keys and values of frames t' <= t - k are constants for
+            query frame t. The queries always get their full gradient.
+        combine: ``"sum"`` (default): returns ``o_s + o_t``, (B, T, S, H, D). ``"stack"``: returns the branches
+            apart, (B, T, S, 2, H, D), ``[:, :, :, 0]`` spatial and ``[:, :, :, 1]`` temporal, whose
+            ``.flatten(3)`` is the (B, T, S, 2C) input of one GEMM for both output projections
+            (``o_s W_s + o_t W_t = [o_s, o_t] [W_s; W_t]``).
+        backend: ``"auto"`` (default: the fastest available for the tensors' device; the environment variable
+            ``PYCHOP_BACKEND`` replaces it), ``"torch"`` (plain PyTorch, the reference semantics), ``"triton"``,
+            ``"cuda"`` or ``"cpp"``. One that cannot run raises ``pychop.BackendUnavailable`` with the reason;
+            ``pychop.available_backends(device)`` lists them.
+        frame_group: None (default: one process), or a ``torch.distributed`` process group (or a
+            ``pychop.ops.frame_shards.FrameShards``) over which the frames are sharded: the inputs are this
+            rank's contiguous block of frames, so is the output, and the temporal options refer to global frame
+            indices (``pychop.ops.frame_parallel``; docs/distributed.md).
+
+    Returns the output in the inputs' dtype (autocast's under autocast). A NaN in a query row gives a NaN output
+    row. Bad input raises ``ValueError`` or ``TypeError`` naming the argument and what was expected.
     """
     causal = check_flag("temporal_causal", temporal_causal)
     window = check_window("temporal_window", temporal_window)
@@ -266,8 +289,24 @@ def parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, *, scale=None, temporal_
 
 def temporal_attention(q, k, v, *, scale=None, causal=False, window=None, grad_window=None, backend="auto",
                        frame_group=None):
-    """The temporal branch alone: each token attends over frames. Inputs and options (``frame_group`` too) as
-    parallel_st_attention."""
+    """The temporal branch alone: each token attends over the frames, ``out[b,t,s,h] = sum_{t' in N(t)}
+    softmax_{t'}(scale q[b,t,s,h] . k[b,t',s,h]) v[b,t',s,h]``.
+
+    Args:
+        q, k, v: (B, T, S, H, D), as the inputs of ``parallel_st_attention`` (dtypes, device, stride, D <= 256).
+        scale: None (default: ``D ** -0.5``), a number or a 0-d tensor that does not require grad.
+        causal: bool; True: frame t attends to frames t' <= t. Default False: every frame.
+        window: None (default) or an int w >= 1: frame t attends to t - w < t' <= t (implies causal).
+        grad_window: None (default) or an int k >= 1: in the backward, the keys and values of frames
+            t' <= t - k are constants for query frame t; the forward is unchanged.
+        backend: ``"auto"`` (default), ``"torch"``, ``"triton"``, ``"cuda"`` or ``"cpp"``, as for
+            ``parallel_st_attention``.
+        frame_group: None (default) or the process group (or ``FrameShards``) the frames are sharded over, as
+            for ``parallel_st_attention``: the inputs and the output are this rank's frames, the options refer to
+            global frame indices.
+
+    Returns (B, T, S, H, D) in the inputs' dtype.
+    """
     causal, window = check_flag("causal", causal), check_window("window", window)
     grad_window = check_window("grad_window", grad_window)
     if frame_group is not None:
@@ -277,8 +316,20 @@ def temporal_attention(q, k, v, *, scale=None, causal=False, window=None, grad_w
 
 
 def spatial_attention(q, k, v, *, scale=None, backend="auto", frame_group=None):
-    """The spatial branch alone: each frame's tokens attend to each other. Inputs as parallel_st_attention; with a
-    ``frame_group`` it runs on this rank's frames alone (a frame's tokens never leave it)."""
+    """The spatial branch alone: the S tokens of each frame attend to each other, ``out[b,t,s,h] = sum_{s'}
+    softmax_{s'}(scale q[b,t,s,h] . k[b,t,s',h]) v[b,t,s',h]``.
+
+    Args:
+        q, k, v: (B, T, S, H, D), as the inputs of ``parallel_st_attention`` (dtypes, device, stride, D <= 256).
+        scale: None (default: ``D ** -0.5``), a number or a 0-d tensor that does not require grad.
+        backend: ``"auto"`` (default), ``"torch"``, ``"triton"``, ``"cuda"`` or ``"cpp"``, as for
+            ``parallel_st_attention``.
+        frame_group: None (default) or the process group (or ``FrameShards``) the frames are sharded over, as
+            for ``parallel_st_attention``: checked, then this rank's frames are computed alone (a frame's tokens
+            never leave it).
+
+    Returns (B, T, S, H, D) in the inputs' dtype.
+    """
     if frame_group is not None:
         from pychop.ops.frame_parallel import check_frame_group
         check_frame_group(frame_group)

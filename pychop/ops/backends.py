@@ -117,8 +117,15 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 def available(device: Union[str, torch.device]) -> Dict[str, Optional[str]]:
-    """For each backend, None when it can run on ``device`` (a torch.device or a string such as ``"cpu"`` or
-    ``"cuda:0"``), else the reason it cannot."""
+    """Which backends can run on a device, and why the others cannot.
+
+    Args:
+        device: a ``torch.device`` or a string such as ``"cpu"`` or ``"cuda:0"``.
+
+    Returns a dict from each name in ``BACKENDS`` (``"torch"``, ``"triton"``, ``"cuda"``, ``"cpp"``) to None
+    when it can run on ``device``, else the reason it cannot (no GPU, Triton not installed, the extension not
+    built, ...). Loading a backend to find out may build the extension ``pychop._C`` on first use.
+    """
     if isinstance(device, str):
         try:
             device = torch.device(device)

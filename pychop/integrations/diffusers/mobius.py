@@ -156,8 +156,16 @@ class MobiusConversion:
 
 
 def convert_to_parallel(unet: nn.Module) -> MobiusConversion:
-    """Rewires ``unet``'s spatial transformer + temporal transformer pairs in parallel (see the module
-    docstring)."""
+    """Rewires ``unet``'s spatial transformer + temporal transformer pairs in parallel, Mobius' form: each
+    temporal module reads its spatial transformer's input instead of its output (see the module docstring).
+    The converted model is a new function, to fine-tune the temporal modules.
+
+    Args:
+        unet: a diffusers ``UNetMotionModel``, ``UNet3DConditionModel``, ``UNetSpatioTemporalConditionModel``
+            or ``LatteTransformer3DModel``; any other model is refused, untouched, with the reason.
+
+    Returns a ``MobiusConversion``: ``conversion.revert()`` restores the exact original model.
+    """
     from pychop.integrations.diffusers.dispatch import special_converter  # imports this module: import here
     converter = special_converter(unet)  # raises for a model it does not understand, before touching it
     if converter is not None:

@@ -141,7 +141,17 @@ class TemporalAttentionPatch:
 
 
 def patch_temporal_attention(model: nn.Module, backend: str = "auto") -> TemporalAttentionPatch:
-    """Runs every temporal self-attention of ``model`` through pychop; returns the patch (``.remove()``)."""
+    """Runs every temporal self-attention of ``model`` through ``pychop.temporal_attention`` (the same
+    function; see the module docstring).
+
+    Args:
+        model: a diffusers model with temporal self-attention: ``UNetMotionModel`` (AnimateDiff),
+            ``UNet3DConditionModel``, ``UNetSpatioTemporalConditionModel`` (SVD), ``LatteTransformer3DModel``.
+        backend: the attention backend, as for ``pychop.temporal_attention`` (default ``"auto"``).
+
+    Returns a ``TemporalAttentionPatch``: ``patch.remove()`` (or leaving its ``with`` block) puts the original
+    processors back; ``patch.applied`` says whether every patched module still runs pychop's.
+    """
     modules = temporal_attention_modules(model)
     if not modules:
         raise ValueError(f"model ({type(model).__name__}) has no temporal self-attention modules (motion "

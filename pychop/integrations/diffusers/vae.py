@@ -47,6 +47,10 @@ def decoder_recurrence(vae: Any) -> DecoderRecurrence:
     ``AutoencoderKLMochi``, and ``AutoencoderKLLTXVideo`` with a causal decoder (``decoder_causal=True``,
     no noise injection, no timestep conditioning). Raises ``TypeError`` naming the class and the reason for
     any other VAE (``AutoencoderKLHunyuanVideo``, LTX's released non-causal decoders).
+
+    Args:
+        vae: a diffusers video VAE of a supported class, spatial tiling off (``vae.enable_tiling()`` blends
+            overlapping tiles, which no recurrence reproduces).
     """
     if isinstance(vae, AutoencoderKLHunyuanVideo):
         raise TypeError(HUNYUAN_REFUSAL)
