@@ -80,6 +80,12 @@ class _Scan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "scan's backward is differentiable once: it was called with create_graph=True (a double backward, "
+                "e.g. a gradient penalty), whose second-order terms through the recomputed windows it does not "
+                "build. For higher-order gradients, run the steps in a plain loop under "
+                "torch.utils.checkpoint(..., use_reentrant=False)")
         plan = ctx.plan
         saved = ctx.saved_tensors
         n_state = plan["n_state"]
