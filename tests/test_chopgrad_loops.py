@@ -148,3 +148,17 @@ def test_scan_under_create_graph_says_it_is_differentiable_once(seed):
     loss = sum(loss_fn(y, i) for i, y in enumerate(outputs))
     with pytest.raises(RuntimeError, match=r"scan's backward is differentiable once.*create_graph=True"):
         torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+
+
+def test_scan_refuses_a_step_that_synchronises_over_ranks():
+    """scan's forward runs every step with autograd and its backward recomputes them: a DDP step would be asked
+    to reduce after every forward; stream is the entry point under DDP."""
+    class SyncedStep:
+        def __call__(self, state, x):
+            return state, x * 2
+
+        def no_sync(self):
+            raise AssertionError("not reached")
+
+    with pytest.raises(ValueError, match=r"scan cannot run a step that synchronises.*use stream"):
+        scan(SyncedStep(), [], [torch.zeros(2, requires_grad=True)])

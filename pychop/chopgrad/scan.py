@@ -133,6 +133,11 @@ def scan(step: Step, state: Any, segments: Sequence[torch.Tensor], *, window: in
     recomputed forward and one backward per segment, as in activation checkpointing.
     """
     window = check_window(window)
+    if callable(getattr(step, "no_sync", None)):
+        raise ValueError(
+            "scan cannot run a step that synchronises gradients over ranks (a DistributedDataParallel module, or "
+            "the step of a decoder_recurrence of a DDP-wrapped VAE): its forward and its backward's recomputation "
+            "would each ask for a reduction; use stream, which reduces once, after the last segment")
     segments = check_segments(segments)
     flat_state, spec = pytree.tree_flatten(state)
     tensor_positions = [k for k, leaf in enumerate(flat_state) if isinstance(leaf, torch.Tensor)]

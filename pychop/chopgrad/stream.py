@@ -14,8 +14,10 @@ from pychop.chopgrad.window import recompute_sweep, retain_sweep
 STRATEGIES = ("recompute", "retain")
 
 
-def _is_ddp(step: Any) -> bool:
-    return isinstance(step, torch.nn.parallel.DistributedDataParallel)
+def _synchronises(step: Any) -> bool:
+    """Whether ``step`` reduces gradients over ranks in its backward and offers ``no_sync()`` to defer that
+    (a ``DistributedDataParallel`` module, or the step of a diffusers recurrence of a DDP-wrapped VAE)."""
+    return callable(getattr(step, "no_sync", None))
 
 
 def _grad_checked(loss_fn: Callable[[Any, int], torch.Tensor]) -> Callable[[Any, int], torch.Tensor]:
@@ -48,7 +50,8 @@ def stream(step: Step, state: Any, segments: Sequence[torch.Tensor],
     ``strategy="recompute"`` keeps only the detached states entering the last ``window`` segments and rebuilds
     the window for every loss; ``"retain"`` keeps the last ``window`` segment graphs alive instead (one
     forward per segment, ``window`` backwards). If ``step`` is a ``DistributedDataParallel`` module (whose
-    forward is a step), every call but the last segment's runs under ``no_sync``, so the last backward
+    forward is a step), or another step with its ``no_sync()`` (``decoder_recurrence`` of a DDP-wrapped VAE),
+    every call but the last segment's runs under ``no_sync``, so the last backward
     averages the accumulated gradients over ranks; there ``"retain"`` with ``window > 1`` runs as
     ``"recompute"`` (its chained backwards cannot be the single backward DDP's sync needs; the gradients are
     the same), and the last segment must use every parameter (or pass ``find_unused_parameters=True``).
@@ -96,7 +99,7 @@ def stream(step: Step, state: Any, segments: Sequence[torch.Tensor],
     # gradient collected on the proxies goes upstream once at the end.
     proxies = [seg.detach().requires_grad_(seg.requires_grad) for seg in segments]
     state_proxy = detach_state(state, keep_requires_grad=True)
-    ddp = _is_ddp(step)
+    ddp = _synchronises(step)
 
     def synced_call(carried, x, j):
         sync = contextlib.nullcontext() if not ddp or j == n - 1 else step.no_sync()

@@ -14,6 +14,8 @@ import functools
 from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils import _pytree as pytree
 
 
@@ -65,11 +67,28 @@ class DecoderRecurrence:
         caches have there; both are checked before the decoder runs, and a mismatch is refused naming the
         cache entry (a state of another batch, latent size or model)."""
         self.check_state(state, z_seg)
+        if torch.is_grad_enabled():
+            self.check_synchronised()
         new_state, frames = self.decode_chunk(state, z_seg)
         known = self._cache_shapes.setdefault(tuple(z_seg.shape[3:]), {})
         for where, leaf in _cache_tensors(new_state):
             known[where] = _cache_shape(leaf)
         return new_state, frames
+
+    def check_synchronised(self) -> None:
+        """Raise when the decoder trains in a group of several processes but this step runs outside
+        ``DistributedDataParallel``: each rank would keep its own gradients, silently."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        if getattr(DistributedDataParallel, "_active_ddp_module", None) is not None:
+            return  # inside a DDP forward: a DDP-wrapped VAE, or the caller's DDP module around the step
+        if any(p.requires_grad for p in self.vae.decoder.parameters()):
+            raise RuntimeError(
+                f"the decoder of this {type(self.vae).__name__} has parameters that require grad and "
+                f"{dist.get_world_size()} processes train together, but this step runs outside "
+                "DistributedDataParallel: each rank would keep its own gradients. Pass the DDP-wrapped VAE to "
+                "decoder_recurrence (accelerator.prepare(vae)'s result, not accelerator.unwrap_model(vae)), or run "
+                "rec.step inside a DDP module of your own, or freeze the decoder")
 
     def check_state(self, state: Any, z_seg: torch.Tensor) -> None:
         """Raise ``ValueError`` naming the first cache in ``state`` that cannot be one of this decoder's caches for
@@ -113,6 +132,24 @@ class DecoderRecurrence:
             state, y = self.step(state, z_seg)
             frames.append(y)
         return torch.cat(frames, dim=2)
+
+
+class DistributedStep:
+    """The ``step`` of a recurrence whose VAE is wrapped in ``DistributedDataParallel`` (``ddp``): each call runs
+    through the wrapper's forward, the VAE's forward being ``step`` for its duration, so that the backward
+    averages the decoder's gradients over ranks as DDP does. ``no_sync()`` is the wrapper's: ``stream`` runs
+    every segment but the last under it, so one reduction follows the last backward."""
+
+    def __init__(self, step: Callable[[Any, torch.Tensor], Tuple[Any, torch.Tensor]],
+                 ddp: DistributedDataParallel):
+        self.local_step, self.ddp = step, ddp
+
+    def __call__(self, state: Any, z_seg: torch.Tensor) -> Tuple[Any, torch.Tensor]:
+        with replaced_forwards([self.ddp.module], lambda _vae, s, z: self.local_step(s, z)):
+            return self.ddp(state, z_seg)
+
+    def no_sync(self):
+        return self.ddp.no_sync()
 
 
 def _cache_tensors(state: Any) -> List[Tuple[str, torch.Tensor]]:
