@@ -133,3 +133,70 @@ def test_cuda_head_dim_switches(tmp_path):
         assert lanes in (1, 2, 4, 8, 16, 32) and lanes * per_lane >= d, (d, lanes, per_lane)
     spatial = dict(tuple(map(int, line[1:])) for line in lines if line[0] == "spatial")
     assert spatial == {0: 0, 15: 0, 16: 16, 31: 16, 32: 32, 63: 32, 64: 64, 1000: 64}
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_dead_owners_lock_is_taken_over(tmp_path):
+    """A process killed while it builds leaves its lock file, and torch's, behind; the next build takes both over
+    (the lock is held through the file while its owner lives, so a dead owner's file holds nothing)."""
+    lock = _build.BuildLock(tmp_path, timeout=5)
+    lock.path.write_text(f"{dead_pid()}\n")
+    (tmp_path / "lock").write_text("")  # torch.utils.cpp_extension's baton, which it would wait on forever
+    with lock:
+        assert lock.owner() == os.getpid()
+        assert not (tmp_path / "lock").exists()
+
+
+HOLDER = """
+import fcntl, os, sys, time
+with open(sys.argv[1], "a+") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\\n")
+    lock.flush()
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_live_owners_lock_is_waited_on_with_a_message_and_a_bound(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    lock = _build.BuildLock(tmp_path, timeout=0.5)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(_build.ExtensionBuildError,
+                           match=rf"waited 0.5 s for process {holder.pid}, which holds {lock.path}"):
+            with lock:
+                pass
+        assert f"waiting for process {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    with _build.BuildLock(tmp_path, timeout=5):  # its owner is gone now
+        pass
+
+
+def test_the_default_build_folder_is_keyed_by_the_sources(monkeypatch, tmp_path):
+    """Two checkouts with different sources build apart; identical sources share one build."""
+    import shutil
+
+    monkeypatch.delenv(_build.BUILD_DIR_ENV, raising=False)
+    copy = tmp_path / "csrc"
+    shutil.copytree(_build.CSRC, copy)
+    ours = _build.build_dir()
+    monkeypatch.setattr(_build, "CSRC", copy)
+    assert _build.build_dir() == ours
+    with open(copy / "attention" / "binding.cpp", "a") as source:
+        source.write("\n// another checkout\n")
+    assert _build.build_dir() != ours and _build.build_dir().parent == ours.parent
