@@ -63,6 +63,14 @@ def row_statistics(B, T, S, H, device):
 
 
 @triton.jit
+def at_most_zero(x):
+    """min(x, 0), NaN kept: the exponent of a probability recomputed in a backward, score - logsumexp, which is
+    <= 0 in exact arithmetic; a score recomputed above it by rounding (a huge scale magnifies that) would give a
+    probability above 1, or inf and then NaN."""
+    return tl.where(x > 0, 0.0, x)
+
+
+@triton.jit
 def mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """tl.dot accumulating in float32 (2-D, or batched 3-D); UPCAST feeds it float32 operands."""
     if UPCAST:

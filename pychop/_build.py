@@ -150,6 +150,10 @@ class BuildLock:
         except (OSError, ValueError, IndexError):
             return None
 
+    def _holder(self) -> str:
+        pid = self.owner()
+        return "another process" if pid is None else f"process {pid}"
+
     def __enter__(self) -> "BuildLock":
         self.directory.mkdir(parents=True, exist_ok=True)
         lock = open(self.path, "a+")
@@ -164,11 +168,11 @@ class BuildLock:
                     if waited >= self.timeout:
                         lock.close()
                         raise BuildLockTimeout(
-                            f"waited {self.timeout:g} s for process {self.owner()}, which holds {self.path} while it "
+                            f"waited {self.timeout:g} s for {self._holder()}, which holds {self.path} while it "
                             f"builds or loads pychop._C; raise {LOCK_TIMEOUT_ENV} to wait longer, or end that "
                             "process") from None
                     if not announced:
-                        print(f"pychop: waiting for process {self.owner()}, which builds or loads pychop._C in "
+                        print(f"pychop: waiting for {self._holder()}, which builds or loads pychop._C in "
                               f"{self.directory} (at most {self.timeout:g} s) ...", file=sys.stderr, flush=True)
                         announced = True
                     time.sleep(min(self.POLL_S, self.timeout - waited))

@@ -98,6 +98,21 @@ def test_stream_with_a_grad_scaler(seed, strategy):
     assert all(not torch.equal(b, p) for b, p in zip(before, params)), "scaler.step skipped the update"
 
 
+def test_scan_under_a_grad_scaler(seed):
+    """scan's output gradients carry the scale of the caller's scaled backward."""
+    model, batches = problem(seed, dtype=torch.float32)
+    params = list(model.parameters())
+    segments, loss_fn = batches[0]
+    truncated_reference(model.step, model.init_state(2, dtype=torch.float32), segments, loss_fn, 2)
+    expected = take_grads(params)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    outputs = scan(model.step, model.init_state(2, dtype=torch.float32), segments, window=2)
+    scaler.scale(sum(loss_fn(y, i) for i, y in enumerate(outputs))).backward()
+    scaler.unscale_(optimizer)
+    assert_close([p.grad for p in params], expected, f"seed={seed}", tolerance=1e-5)
+
+
 def test_stream_as_the_only_backward_of_a_grad_scaler_step(seed):
     """With stream's backward the only one of the iteration, scaler.step finds the scale it used."""
     model, batches = problem(seed, dtype=torch.float32)

@@ -131,6 +131,10 @@ def scan(step: Step, state: Any, segments: Sequence[torch.Tensor], *, window: in
     (``min(window, i+1)`` step forwards for output i). With ``window >= len(segments)`` (exact BPTT) the
     forward keeps every segment's entering state instead and the backward is one reverse sweep: one
     recomputed forward and one backward per segment, as in activation checkpointing.
+
+    The caller's backward (``accelerator.backward``, a GradScaler's scaled loss) reaches it through the output
+    gradients, so it needs no ``backward=``. Its backward is differentiable once: under ``create_graph=True``
+    it raises. A step that synchronises over ranks (``no_sync()``: a DDP module) is refused; use ``stream``.
     """
     window = check_window(window)
     if callable(getattr(step, "no_sync", None)):

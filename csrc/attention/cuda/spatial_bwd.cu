@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(SPATIAL_THREADS) spatial_bwd_kernel(const Atte
     for (int i = threadIdx.x; i < BM * BN; i += SPATIAL_THREADS) {
       const int r = i / BN, c = i % BN;
       const bool valid = row0 + r < S && col0 + c < S;
-      const float prob = valid ? __expf(scores[r * L.ld_scores + c] * p.scale - lse[r]) : 0.f;
+      const float prob = valid ? probability(scores[r * L.ld_scores + c] * p.scale - lse[r]) : 0.f;
       probs[r * L.ld_probs + c] = from_float<T>(prob);
       dscores[r * L.ld_probs + c] = from_float<T>(prob * (dprobs[r * L.ld_scores + c] - delta[r]));
     }

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(THREADS) temporal_bwd_kernel(const AttentionPa
     for (int u = first; u <= last; ++u) {  // o_t
       load_part(kr, k.at(th.b, u, th.s, th.h), d0, D);
       load_part(vr, v.at(th.b, u, th.s, th.h), d0, D);
-      const float prob = __expf(group_sum(dot_part(qr, kr), G) - lse);
+      const float prob = probability(group_sum(dot_part(qr, kr), G) - lse);
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[e] += prob * vr[e];
     }
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(THREADS) temporal_bwd_kernel(const AttentionPa
     for (int u = first; u <= last; ++u) {  // dq_t = scale * sum_u prob (dout . v_u - delta) k_u
       load_part(kr, k.at(th.b, u, th.s, th.h), d0, D);
       load_part(vr, v.at(th.b, u, th.s, th.h), d0, D);
-      const float prob = __expf(group_sum(dot_part(qr, kr), G) - lse);
+      const float prob = probability(group_sum(dot_part(qr, kr), G) - lse);
       const float ds = prob * (group_sum(dot_part(dor, vr), G) - delta);
 #pragma unroll
       for (int e = 0; e < E; ++e) grad[e] += ds * kr[e];
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(THREADS) temporal_bwd_kernel(const AttentionPa
       const int64_t row = stat_index(p, th.b, t, th.h, th.s);
       load_part(qr, q.at(th.b, t, th.s, th.h), d0, D, p.scale);
       load_part(dor, dout.at(th.b, t, th.s, th.h), d0, D);
-      const float prob = __expf(group_sum(dot_part(qr, kr), G) - p.lse_t[row]);
+      const float prob = probability(group_sum(dot_part(qr, kr), G) - p.lse_t[row]);
       // a clamped group (past the last token-head) reads no delta_t: another block may be writing that row
       const float delta_r = th.active ? p.delta_t[row] : 0.f;
       const float ds = prob * (group_sum(dot_part(dor, vr), G) - delta_r);
