@@ -2,7 +2,7 @@
 that runs here (torch, cpp, triton in its interpreter) and the same test marked for the GPU backends.
 
 1. Finite inputs and any finite scale give finite outputs and gradients (while the scaled scores stay within
-   float32's range): recomputed probabilities can never exceed 1, whatever the rounding.
+   float32's range): a recomputed probability never exceeds 2, whatever the rounding.
 2. A NaN or an inf anywhere in a query row makes that output row NaN.
 3. A NaN in a key, or a NaN or an inf in a value, makes non-finite every output row that attends that key
    (for a value: that row's element of the same channel).

@@ -51,10 +51,10 @@ def stream(step: Step, state: Any, segments: Sequence[torch.Tensor],
     the window for every loss; ``"retain"`` keeps the last ``window`` segment graphs alive instead (one
     forward per segment, ``window`` backwards). If ``step`` is a ``DistributedDataParallel`` module (whose
     forward is a step), or another step with its ``no_sync()`` (``decoder_recurrence`` of a DDP-wrapped VAE),
-    every call but the last segment's runs under ``no_sync``, so the last backward
-    averages the accumulated gradients over ranks; there ``"retain"`` with ``window > 1`` runs as
-    ``"recompute"`` (its chained backwards cannot be the single backward DDP's sync needs; the gradients are
-    the same), and the last segment must use every parameter (or pass ``find_unused_parameters=True``).
+    every call but the last segment's runs under ``no_sync``, so the last backward averages the accumulated
+    gradients over ranks; there ``"retain"`` with ``window > 1`` runs as ``"recompute"`` (its chained
+    backwards cannot be the single backward DDP's sync needs; the gradients are the same), and the last segment
+    must use every parameter (or pass ``find_unused_parameters=True``).
     Under FSDP2, pass the ``fully_shard``-ed module whose forward is a step: each backward reduce-scatters its
     gradient into the sharded ``.grad`` (averaged over ranks, as DDP), so only its shard persists between
     segments.

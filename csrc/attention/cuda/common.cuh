@@ -31,9 +31,14 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// A probability recomputed in a backward, exp(x) for x = score - logsumexp <= 0 in exact arithmetic: a score
-// recomputed above its logsumexp by rounding (which a huge scale magnifies) gives 1, not more; NaN stays NaN.
-__device__ __forceinline__ float probability(float x) { return __expf(x > 0.f ? 0.f : x); }
+// A probability recomputed in a backward, exp(x) for x = score - logsumexp, <= 0 in exact arithmetic. Rounding
+// puts x above 0 by a few units of the score's last place, which a huge scale magnifies until exp overflows:
+// x is clamped to log 2 (a probability stays at most 2; the clamp binds only where rounding reaches a unit of x).
+// NaN stays NaN.
+__device__ __forceinline__ float probability(float x) {
+  constexpr float kLn2 = 0.693147181f;
+  return __expf(x > kLn2 ? kLn2 : x);
+}
 
 // Element (b, t, s, h, 0) of a TensorRef, typed.
 template <typename T>
