@@ -29,6 +29,7 @@ from .outputs import new_output
 from .tiles import (
     LN2,
     LOG2E,
+    bounded_exponent,
     dot_constants,
     head_dim_block,
     head_dim_bucket,
@@ -152,7 +153,7 @@ def _spatial_backward_query_kernel(
         key_ok, k, v = _key_block(K, V, b, t, h, start_n, offs_d, S, stride_k_b, stride_k_t, stride_k_s, stride_k_h,
                                   stride_v_b, stride_v_t, stride_v_s, stride_v_h, D, BLOCK_N)
         s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
-        p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.where(key_ok[None, :], tl.exp2(bounded_exponent(s - lse[:, None], 1.0)), 0.0)
         dp = mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)
         p_dp = p * dp
         delta_exact += tl.sum(p_dp, 1)
@@ -198,7 +199,7 @@ def _spatial_backward_key_kernel(
         lse = tl.load(Lse + stats, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(DeltaS + stats, mask=row_ok, other=0.0)
         s_t = mma(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT) * qk_scale  # (keys, queries)
-        p_t = tl.where(row_ok[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+        p_t = tl.where(row_ok[None, :], tl.exp2(bounded_exponent(s_t - lse[None, :], 1.0)), 0.0)
         dv += mma(p_t.to(do.dtype), do, DOT_PRECISION, UPCAST_DOT)
         dp_t = mma(v, tl.trans(do), DOT_PRECISION, UPCAST_DOT)
         ds_t = p_t * (dp_t - delta[None, :])

@@ -33,7 +33,17 @@ import triton
 import triton.language as tl
 
 from .outputs import new_output
-from .tiles import dot_constants, head_dim_block, head_dim_bucket, interpreting, mma, row_statistics, strides4
+from .tiles import (
+    LN2,
+    bounded_exponent,
+    dot_constants,
+    head_dim_block,
+    head_dim_bucket,
+    interpreting,
+    mma,
+    row_statistics,
+    strides4,
+)
 
 
 @triton.jit
@@ -146,7 +156,7 @@ def _probabilities(q, do, lse, K, V, b, h, tokens, frames, offs_d, column_ok, st
                                    stride_k_b, stride_k_t, stride_k_s, stride_k_h,
                                    stride_v_b, stride_v_t, stride_v_s, stride_v_h, scale, CAUSAL, BLOCK_M, BLOCK_T,
                                    DOT_PRECISION, UPCAST_DOT)
-    p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+    p = tl.where(allowed, tl.exp(bounded_exponent(s - lse[:, None], LN2)), 0.0)
     dp = mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)
     return k, p, dp
 
@@ -236,7 +246,7 @@ def _temporal_backward_key_kernel(
         delta = tl.load(Delta + stats, mask=row_ok, other=0.0)
         s_t = mma(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT) * scale  # (key rows, query rows)
         p_t = tl.where(tl.trans(_allowed(q_tokens, queries, tokens, keys, T, S, band, CAUSAL)),
-                       tl.exp(s_t - lse[None, :]), 0.0)
+                       tl.exp(bounded_exponent(s_t - lse[None, :], LN2)), 0.0)
         dv += mma(p_t.to(do.dtype), do, DOT_PRECISION, UPCAST_DOT)
         dp_t = mma(v, tl.trans(do), DOT_PRECISION, UPCAST_DOT)
         dk += mma((p_t * (dp_t - delta[None, :])).to(q.dtype), q, DOT_PRECISION, UPCAST_DOT)

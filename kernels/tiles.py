@@ -63,6 +63,15 @@ def row_statistics(B, T, S, H, device):
 
 
 @triton.jit
+def bounded_exponent(x, LIMIT: tl.constexpr):
+    """min(x, LIMIT), NaN kept: the exponent of a probability recomputed in a backward, score - logsumexp, which
+    is <= 0 in exact arithmetic. Rounding puts it above 0 by a few units of the score's last place, which a huge
+    scale magnifies until exp overflows to inf (and then NaN). LIMIT is log 2 in the exponent's units: a
+    probability stays at most 2, and the clamp binds only where rounding reaches a unit of the exponent."""
+    return tl.where(x > LIMIT, LIMIT, x)
+
+
+@triton.jit
 def mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """tl.dot accumulating in float32 (2-D, or batched 3-D); UPCAST feeds it float32 operands."""
     if UPCAST:

@@ -2,15 +2,20 @@
 
 ``load()`` returns the extension: the ahead-of-time build when one is installed (``PYCHOP_BUILD_EXTENSION=1
 pip install .``), else a just-in-time build with ninja through ``torch.utils.cpp_extension.load``, cached in
-``$PYCHOP_BUILD_DIR`` or ``~/.cache/pychop/<torch>-<cuda or cpu>``: compiled on first use (a message on stderr
-says so), reused afterwards. The CUDA kernels are built when torch is a CUDA build and nvcc is found;
-otherwise the CPU kernels alone, and ``cuda_missing_reason()`` says why. ``ExtensionBuildError`` carries the
-reason a build is impossible or failed. This module imports only torch; setup.py uses ``extension_kwargs()``.
+``$PYCHOP_BUILD_DIR`` or ``~/.cache/pychop/<torch>-<cuda or cpu>-<python>-<hash of csrc/>``: compiled on first
+use (a message on stderr says so), reused afterwards; checkouts with other sources build in other folders. A
+build or load holds ``<build folder>/pychop.lock`` (``BuildLock``): the kernel releases it when its owner dies,
+so a killed build blocks nothing; a live owner is waited on, with a message, for at most
+``$PYCHOP_BUILD_LOCK_TIMEOUT`` seconds (default 1800). The CUDA kernels are built when torch is a CUDA build
+and nvcc is found; otherwise the CPU kernels alone, and ``cuda_missing_reason()`` says why.
+``ExtensionBuildError`` carries the reason a build is impossible or failed. This module imports only torch;
+setup.py uses ``extension_kwargs()``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import os
 import shutil
@@ -20,9 +25,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Dict, List, Optional
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: torch's own lock alone
+    fcntl = None
+
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 BUILD_DIR_ENV = "PYCHOP_BUILD_DIR"
+LOCK_TIMEOUT_ENV = "PYCHOP_BUILD_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT_S = 1800.0
 JIT_NAME = "pychop_C"
 
 # -fopenmp: at::parallel_for is an inline OpenMP loop, serial without it (torch's libgomp runs it);
@@ -34,6 +46,10 @@ NVCC_FLAGS = ["-O3"]
 
 class ExtensionBuildError(RuntimeError):
     """pychop._C cannot be built or loaded here; the message says why."""
+
+
+class BuildLockTimeout(ExtensionBuildError):
+    """Another live process held the build folder's lock for longer than the wait allowed."""
 
 
 def cpp_sources() -> List[str]:
@@ -91,13 +107,85 @@ def extension_kwargs(with_cuda: bool) -> Dict[str, object]:
     return kwargs
 
 
+def sources_hash() -> str:
+    """A short hash of every file under csrc/ (names and contents): the identity of the sources a build is of."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in CSRC.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(CSRC)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def build_dir() -> Path:
     if os.environ.get(BUILD_DIR_ENV):
         return Path(os.environ[BUILD_DIR_ENV]).expanduser()
     import torch
     flavour = f"cu{torch.version.cuda}" if torch.version.cuda else "cpu"
-    tag = f"torch{torch.__version__.split('+')[0]}-{flavour}-py{sys.version_info[0]}{sys.version_info[1]}"
+    tag = (f"torch{torch.__version__.split('+')[0]}-{flavour}-py{sys.version_info[0]}{sys.version_info[1]}-"
+           f"{sources_hash()}")
     return Path.home() / ".cache" / "pychop" / tag
+
+
+class BuildLock:
+    """``with BuildLock(directory):`` holds ``directory/pychop.lock`` for one process at a time, across processes.
+
+    The lock is an advisory ``flock`` on the file, which the kernel drops when its owner exits or is killed: a
+    dead owner's file holds nothing and is taken over at once. The file names its owner's PID, for the message
+    printed while a live owner is waited on; past ``timeout`` seconds (``$PYCHOP_BUILD_LOCK_TIMEOUT``, default
+    1800) the wait ends with an ``ExtensionBuildError``. Held, it also removes the baton ``directory/lock`` of
+    ``torch.utils.cpp_extension``, which only a build killed inside it can have left (every build of this
+    folder holds this lock first), and on which torch would otherwise wait forever."""
+
+    POLL_S = 0.2
+
+    def __init__(self, directory: Path, timeout: Optional[float] = None):
+        self.directory = Path(directory)
+        self.path = self.directory / "pychop.lock"
+        self.timeout = float(os.environ.get(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT_S)) if timeout is None else timeout
+        self._file = None
+
+    def owner(self) -> Optional[int]:
+        """The PID written in the lock file (its holder's while it is held), None when there is none."""
+        try:
+            return int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _holder(self) -> str:
+        pid = self.owner()
+        return "another process" if pid is None else f"process {pid}"
+
+    def __enter__(self) -> "BuildLock":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lock = open(self.path, "a+")
+        if fcntl is not None:
+            start, announced = time.monotonic(), False
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    waited = time.monotonic() - start
+                    if waited >= self.timeout:
+                        lock.close()
+                        raise BuildLockTimeout(
+                            f"waited {self.timeout:g} s for {self._holder()}, which holds {self.path} while it "
+                            f"builds or loads pychop._C; raise {LOCK_TIMEOUT_ENV} to wait longer, or end that "
+                            "process") from None
+                    if not announced:
+                        print(f"pychop: waiting for {self._holder()}, which builds or loads pychop._C in "
+                              f"{self.directory} (at most {self.timeout:g} s) ...", file=sys.stderr, flush=True)
+                        announced = True
+                    time.sleep(min(self.POLL_S, self.timeout - waited))
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._file = lock
+        (self.directory / "lock").unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()  # closing drops the flock; the file stays, naming its last holder
+        self._file = None
 
 
 def _up_to_date(directory: Path, sources: List[str]) -> bool:
@@ -132,8 +220,11 @@ def _jit_build(with_cuda: bool, directory: Path) -> ModuleType:
               f"this takes a minute or two, once ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        module = cpp_extension.load(name=JIT_NAME, build_directory=str(directory), with_cuda=with_cuda,
-                                    verbose=False, **kwargs)
+        with BuildLock(directory):
+            module = cpp_extension.load(name=JIT_NAME, build_directory=str(directory), with_cuda=with_cuda,
+                                        verbose=False, **kwargs)
+    except BuildLockTimeout:
+        raise
     except (RuntimeError, OSError, ImportError) as error:
         tail = "\n".join(str(error).strip().splitlines()[-25:])
         raise ExtensionBuildError(f"building pychop._C failed (in {directory}):\n{tail}") from error
@@ -161,6 +252,8 @@ def load() -> ModuleType:
     if cuda_missing_reason() is None:
         try:
             module = _jit_build(True, directory)
+        except BuildLockTimeout:
+            raise  # nothing failed to build: another process is building
         except ExtensionBuildError as error:
             _cuda_build_error = str(error)
             print(f"pychop: the CUDA kernels failed to build; building the CPU kernels alone\n{error}",

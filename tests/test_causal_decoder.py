@@ -63,3 +63,19 @@ def test_bad_input():
         decoder(torch.zeros(4, 4, 4))
     with pytest.raises(ValueError, match="one flag per upsampling"):
         CausalVideoDecoder(CausalDecoderConfig(channels=(8, 8), temporal_upsample=(True, True)))
+
+
+def test_a_state_that_does_not_fit_names_the_mismatch():
+    decoder = CausalVideoDecoder(CausalDecoderConfig.tiny())
+    wider = CausalVideoDecoder(CausalDecoderConfig(latent_channels=4, out_channels=3, channels=(32, 8, 8),
+                                                   num_res_blocks=1, temporal_upsample=(True, True)))
+    z = torch.randn(2, 4, 1, 4, 4)
+    with torch.no_grad():
+        state, _ = decoder.step(decoder.init_state(), z)
+        with pytest.raises(ValueError, match=r"state\[0\] holds a cache of shape \(2, 4, 2, 4, 4\); this "
+                                             r"convolution needs \(1, 4, 2, 4, 4\) for its input"):
+            decoder.step(state, z[:1])
+        with pytest.raises(ValueError, match=r"state\[1\] .* needs \(2, 32, 2, 4, 4\).*another model"):
+            wider.step(state, z)
+        with pytest.raises(ValueError, match=r"state\[0\] must be None or a tensor, got str"):
+            decoder.step(["Rep"] + state[1:], z)

@@ -216,7 +216,7 @@ def test_reassigning_state_entries_is_not_mutation():
     def assigning_step(state, x):
         state[0] = state[0] + x
         return state, state[0] * 1.0
-    segments = [torch.randn(2, 3) for _ in range(3)]
+    segments = [torch.randn(2, 3, requires_grad=True) for _ in range(3)]
     initial = [torch.zeros(2, 3)]
     _, outputs = stream(assigning_step, initial, segments, lambda y, i: y.sum(), window=2, return_outputs=True)
     torch.testing.assert_close(outputs[-1], sum(segments), rtol=0, atol=0)

@@ -179,3 +179,35 @@ def test_bad_latents_state_and_tiling():
     vae.enable_tiling()
     with pytest.raises(ValueError, match=r"tiling.*disable_tiling"):
         rec.segments(torch.zeros(1, 4, 2, 4, 4))
+
+
+WIDER = {"wan2.1": lambda: wan(decoder_base_dim=16), "cogvideox": lambda: diffusers.AutoencoderKLCogVideoX(
+    block_out_channels=(8, 8, 16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=4),
+    "mochi": lambda: diffusers.AutoencoderKLMochi(
+        encoder_block_out_channels=(32,) * 4, decoder_block_out_channels=(32, 32, 32, 64), latent_channels=4,
+        layers_per_block=(1,) * 5, add_attention_block=(False,) * 5),
+    "ltx-causal": lambda: ltx(decoder_causal=True, decoder_block_out_channels=(16, 32, 64),
+                              decoder_spatio_temporal_scaling=(True,) * 3, decoder_layers_per_block=(1,) * 4,
+                              decoder_inject_noise=(False,) * 4, upsample_residual=(True,) * 3,
+                              upsample_factor=(2,) * 3)}
+
+
+@pytest.mark.parametrize("name", list(WIDER))
+def test_a_state_that_does_not_fit_names_the_mismatch(name):
+    """A cache of another batch, or of a decoder of the same family with other widths, is refused before the
+    decoder runs, naming the cache entry (they used to fail inside torch.cat with 'Sizes of tensors must
+    match')."""
+    torch.manual_seed(0)
+    rec, other = decoder_recurrence(tiny(name)), decoder_recurrence(WIDER[name]().double().eval())
+    z = latents(name)
+    first, second = rec.segments(z)[:2]
+    with torch.no_grad():
+        state, _ = rec.step(rec.init_state(), torch.cat([first, first]))
+        with pytest.raises(ValueError, match=r"state.* holds a cache of batch 2, but z_seg has batch 1"):
+            rec.step(state, second)
+        state, _ = rec.step(rec.init_state(), first)
+        rec.step(state, second)  # the recurrence now knows its caches' shapes
+        other_state, _ = other.step(other.init_state(), first)
+        with pytest.raises(ValueError, match=r"state.* (has shape .* where this decoder's cache has|is not a cache "
+                                             r"of this decoder).*another model"):
+            rec.step(other_state, second)

@@ -1,6 +1,9 @@
 """Building and loading pychop._C: clear reasons when it cannot, and the binding's own checks."""
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,9 +115,6 @@ int main() {
 
 def compile_and_run(tmp_path, source_text):
     """Compiles a host C++ program (csrc/ on the include path) with warnings as errors, runs it: its stdout."""
-    import shutil
-    import subprocess
-
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         pytest.skip("no C++ compiler")
@@ -153,3 +153,65 @@ def test_cuda_kernel_arithmetic_on_the_host(tmp_path):
     out = compile_and_run(tmp_path, (Path(__file__).parent / "csrc" / "attention_host_checks.cpp").read_text())
     assert out.splitlines()[-1] == "ok", out[-2000:]
     assert int(out.split("emulated ")[1].split()[0]) > 500
+
+
+def dead_pid() -> int:
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_dead_owners_lock_is_taken_over(tmp_path):
+    """A process killed while it builds leaves its lock file, and torch's, behind; the next build takes both over
+    (the lock is held through the file while its owner lives, so a dead owner's file holds nothing)."""
+    lock = _build.BuildLock(tmp_path, timeout=5)
+    lock.path.write_text(f"{dead_pid()}\n")
+    (tmp_path / "lock").write_text("")  # torch.utils.cpp_extension's baton, which it would wait on forever
+    with lock:
+        assert lock.owner() == os.getpid()
+        assert not (tmp_path / "lock").exists()
+
+
+HOLDER = """
+import fcntl, os, sys, time
+with open(sys.argv[1], "a+") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\\n")
+    lock.flush()
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_live_owners_lock_is_waited_on_with_a_message_and_a_bound(tmp_path, capsys):
+
+    lock = _build.BuildLock(tmp_path, timeout=0.5)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(_build.ExtensionBuildError,
+                           match=rf"waited 0.5 s for process {holder.pid}, which holds {lock.path}"):
+            with lock:
+                pass
+        assert f"waiting for process {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    with _build.BuildLock(tmp_path, timeout=5):  # its owner is gone now
+        pass
+
+
+def test_the_default_build_folder_is_keyed_by_the_sources(monkeypatch, tmp_path):
+    """Two checkouts with different sources build apart; identical sources share one build."""
+
+    monkeypatch.delenv(_build.BUILD_DIR_ENV, raising=False)
+    copy = tmp_path / "csrc"
+    shutil.copytree(_build.CSRC, copy)
+    ours = _build.build_dir()
+    monkeypatch.setattr(_build, "CSRC", copy)
+    assert _build.build_dir() == ours
+    with open(copy / "attention" / "binding.cpp", "a") as source:
+        source.write("\n// another checkout\n")
+    assert _build.build_dir() != ours and _build.build_dir().parent == ours.parent

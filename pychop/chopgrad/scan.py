@@ -80,6 +80,12 @@ class _Scan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "scan's backward is differentiable once: it was called with create_graph=True (a double backward, "
+                "e.g. a gradient penalty), whose second-order terms through the recomputed windows it does not "
+                "build. For higher-order gradients, run the steps in a plain loop under "
+                "torch.utils.checkpoint(..., use_reentrant=False)")
         plan = ctx.plan
         saved = ctx.saved_tensors
         n_state = plan["n_state"]
@@ -131,8 +137,17 @@ def scan(step: Step, state: Any, segments: Sequence[torch.Tensor], *, window: in
     (``min(window, i+1)`` step forwards for output i). With ``window >= len(segments)`` (exact BPTT) the
     forward keeps every segment's entering state instead and the backward is one reverse sweep: one
     recomputed forward and one backward per segment, as in activation checkpointing.
+
+    The caller's backward (``accelerator.backward``, a GradScaler's scaled loss) reaches it through the output
+    gradients, so it needs no ``backward=``. Its backward is differentiable once: under ``create_graph=True``
+    it raises. A step that synchronises over ranks (``no_sync()``: a DDP module) is refused; use ``stream``.
     """
     window = check_window(window)
+    if callable(getattr(step, "no_sync", None)):
+        raise ValueError(
+            "scan cannot run a step that synchronises gradients over ranks (a DistributedDataParallel module, or "
+            "the step of a decoder_recurrence of a DDP-wrapped VAE): its forward and its backward's recomputation "
+            "would each ask for a reduction; use stream, which reduces once, after the last segment")
     segments = check_segments(segments)
     flat_state, spec = pytree.tree_flatten(state)
     tensor_positions = [k for k, leaf in enumerate(flat_state) if isinstance(leaf, torch.Tensor)]

@@ -12,8 +12,10 @@ in place and undoably (``handle.remove()``, or leaving ``with lean_frozen(...)``
   is recomputed in the backward from its inputs (``pychop.memory.recompute``); a region whose parameters require
   grad at the call runs plainly, and instance-patched modules (a Mobius conversion) are not wrapped themselves.
 
-Outputs and trainable gradients are the unchanged module's; frozen parameters get no gradient. The changes are
-attributes of the instances (a deep copy keeps them, bound to itself). Apply after ``convert_to_parallel`` and
+Outputs and trainable gradients are the unchanged module's, and so are higher-order gradients (a gradient
+penalty, ``create_graph=True``); frozen parameters get no gradient. The changes are attributes of the instances:
+a deep copy keeps them, bound to itself, and so does ``torch.save(model)`` / ``torch.load`` (the handle is not
+saved: ``remove()`` before saving to save the plain model). Apply after ``convert_to_parallel`` and
 remove before reverting it. Design and memory arithmetic: docs/design.md, section 7.
 """
 
@@ -21,7 +23,6 @@ remove before reverting it. Design and memory arithmetic: docs/design.md, sectio
 from __future__ import annotations
 
 import sys
-import types
 import weakref
 from typing import Callable, List, Tuple
 
@@ -58,16 +59,28 @@ def _spatial_part(block: ResConvBlock) -> Tuple[nn.Module, ...]:
     return tuple(block.spatial_modules())
 
 
-def _recomputed_method(name: str, modules_of: Callable[[nn.Module], Tuple[nn.Module, ...]]) -> Callable:
-    """Method ``name`` of a region's class, recomputed in the backward while ``modules_of(self)`` are frozen; to
-    be bound to the instance (it holds no module: a deep copy of the model binds it to the copy)."""
-    @torch.compiler.disable  # torch.compile cannot trace the recomputing backward: one graph break, run eagerly
-    def call(self, *args, **kwargs):
-        method = getattr(type(self), name).__get__(self)
-        if trains(*modules_of(self)):
-            return method(*args, **kwargs)
-        return recomputed(method, args, kwargs)
-    return call
+class BoundToInstance:
+    """``function(module, *bound, *args, **kwargs)``: a method that ``lean_frozen`` sets on one instance.
+
+    Unlike a ``types.MethodType`` of a function that its class does not have, ``torch.save(model)`` writes it and
+    ``torch.load`` rebuilds it (``function`` is module-level, found by name), and ``copy.deepcopy`` binds it to
+    the copy. ``changed_by`` names what set it, for the messages of other tools that find it."""
+
+    def __init__(self, changed_by: str, function: Callable, module: nn.Module, *bound):
+        self.changed_by, self.function, self.module, self.bound = changed_by, function, module, bound
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.module, *self.bound, *args, **kwargs)
+
+
+@torch.compiler.disable  # torch.compile cannot trace the recomputing backward: one graph break, run eagerly
+def recomputed_method(self: nn.Module, name: str, modules_of: Callable[[nn.Module], Tuple[nn.Module, ...]],
+                      *args, **kwargs):
+    """Method ``name`` of ``self``'s class, recomputed in the backward while ``modules_of(self)`` are frozen."""
+    method = getattr(type(self), name).__get__(self)
+    if trains(*modules_of(self)):
+        return method(*args, **kwargs)
+    return recomputed(method, args, kwargs)
 
 
 def _is_region(module: nn.Module) -> bool:
@@ -117,6 +130,8 @@ class LeanFrozen:
         previous = module.__dict__.get(attribute, _MISSING)
 
         def undo():
+            if module.__dict__.get(attribute, _MISSING) is not value:
+                return  # replaced since: no longer this handle's to undo
             if previous is _MISSING:
                 delattr(module, attribute)
             else:
@@ -128,12 +143,21 @@ class LeanFrozen:
 
     def _set_processor(self, module: nn.Module, processor) -> None:
         original = module.processor
-        self._undo.append(lambda: module.set_processor(original))
+
+        def undo():
+            if module.processor is processor:  # not replaced since (e.g. by set_attn_processor)
+                module.set_processor(original)
+        self._undo.append(undo)
         module.set_processor(processor)
         self._changed.append(module)
         _LEAN.add(module)
 
+    def _add_forward_pre_hook(self, module: nn.Module, hook: Callable) -> None:
+        self._undo.append(module.register_forward_pre_hook(hook).remove)
+
     def remove(self) -> None:
+        """Undoes the changes that are still this handle's: an attribute or processor replaced since (by the user,
+        by diffusers' ``set_attn_processor``) stays as it is now."""
         for undo in reversed(self._undo):
             undo()
         for module in self._changed:
@@ -171,11 +195,12 @@ def lean_frozen(module: nn.Module, *, recompute: bool = False) -> LeanFrozen:
     diffusers_rules = _diffusers_rules()
     rows = diffusers_rules.RepeatedRows() if diffusers_rules else None
     handle = LeanFrozen(module, recompute)
+    folded = False
     for name, sub in module.named_modules():
         if trains(sub):
             continue
         if is_leanable(sub):
-            handle._set(sub, "_conv_forward", types.MethodType(lean_conv_forward, sub))
+            handle._set(sub, "_conv_forward", BoundToInstance("lean_frozen", lean_conv_forward, sub))
             handle.convolutions.append(name)
         elif isinstance(sub, CrossAttention):
             handle._set(sub, "fold_frames", True)
@@ -184,13 +209,17 @@ def lean_frozen(module: nn.Module, *, recompute: bool = False) -> LeanFrozen:
             handle._set(sub, "recompute_activation", True)
             handle.activations.append(name)
         elif diffusers_rules and diffusers_rules.is_geglu(sub):
-            handle._set(sub, "forward", types.MethodType(diffusers_rules.lean_geglu_forward, sub))
+            handle._set(sub, "forward", BoundToInstance("lean_frozen", diffusers_rules.lean_geglu_forward, sub))
             handle.activations.append(name)
         elif diffusers_rules and diffusers_rules.is_foldable_cross_attention(sub):
             handle._set_processor(sub, diffusers_rules.FoldedCrossAttention(sub.processor, rows))
             handle.cross_attentions.append(name)
+            folded = True
+    if folded:
+        handle._add_forward_pre_hook(module, rows.forget)  # each forward of the module reads its text anew
     if recompute:
         for name, owner, method, modules_of in frozen_regions(module):
-            handle._set(owner, method, types.MethodType(_recomputed_method(method, modules_of), owner))
+            handle._set(owner, method, BoundToInstance("lean_frozen(recompute=True)", recomputed_method, owner, method,
+                                                       modules_of))
             handle.regions.append(name)
     return handle

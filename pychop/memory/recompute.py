@@ -10,7 +10,9 @@ Gradients reach the tensor inputs only (found in ``args`` and ``kwargs`` at any 
 and diffusers outputs), never a parameter: ``fn`` must compute with frozen parameters alone, which is what
 ``lean_frozen`` checks before every call. Outputs may be nested the same way. ``torch.compile`` does not trace
 this backward: the call is a graph break, run as in eager mode. Unlike ``torch.utils.checkpoint``'s reentrant
-form, the backward works under ``torch.autograd.grad`` too.
+form, the backward works under ``torch.autograd.grad`` too, and under ``create_graph=True`` it builds its
+gradients with a graph (the region runs again on the saved inputs themselves), so higher-order gradients
+(a gradient penalty) are exact.
 """
 
 from __future__ import annotations
@@ -36,14 +38,19 @@ class _Region(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        inputs = [t.detach().requires_grad_(wanted) for t, wanted in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
+        # Under create_graph (a double backward) the region runs again on the saved inputs themselves, whose
+        # graphs reach the original ones, and its gradients are built with a graph: higher orders are exact.
+        higher_order = torch.is_grad_enabled()
+        inputs = [t if higher_order else t.detach().requires_grad_(wanted)
+                  for t, wanted in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
         with torch.enable_grad(), ctx.first_run.restored():
             outputs = [leaf for leaf in pytree.tree_leaves(ctx.run(inputs)) if isinstance(leaf, torch.Tensor)]
         roots = [(out, grad) for out, grad in zip(outputs, grads) if out.requires_grad and grad is not None]
-        wanted = [t for t in inputs if t.requires_grad]
+        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[2:]) if need]
         found = iter(torch.autograd.grad([out for out, _ in roots], wanted, [grad for _, grad in roots],
-                                         allow_unused=True) if roots and wanted else [None] * len(wanted))
-        return (None, None, *[next(found) if t.requires_grad else None for t in inputs])
+                                         allow_unused=True, create_graph=higher_order)
+                     if roots and wanted else [None] * len(wanted))
+        return (None, None, *[next(found) if need else None for need in ctx.needs_input_grad[2:]])
 
 
 def recomputed(fn: Callable, args: tuple, kwargs: dict):

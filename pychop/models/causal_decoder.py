@@ -69,6 +69,25 @@ class _Cache:
     def take(self):
         return self.old[len(self.new)]
 
+    def take_history(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The next entry, the frames preceding ``x`` (B, C, t, H, W); checked to be None or a tensor of shape
+        (B, C, CACHE_FRAMES, H, W) on x's device and of its dtype."""
+        index, entry = len(self.new), self.take()
+        if entry is None:
+            return None
+        if not isinstance(entry, torch.Tensor):
+            raise ValueError(f"state[{index}] must be None or a tensor, got {type(entry).__name__}")
+        expected = (x.shape[0], x.shape[1], CACHE_FRAMES, *x.shape[3:])
+        if tuple(entry.shape) != expected:
+            raise ValueError(
+                f"state[{index}] holds a cache of shape {tuple(entry.shape)}; this convolution needs {expected} for "
+                "its input: the state comes from another batch or latent size, or from another model; start from "
+                "init_state()")
+        if entry.device != x.device or entry.dtype != x.dtype:
+            raise ValueError(f"state[{index}] is {entry.dtype} on {entry.device}, the decoder runs {x.dtype} on "
+                             f"{x.device}; start from init_state()")
+        return entry
+
     def put(self, entry) -> None:
         self.new.append(entry)
 
@@ -82,7 +101,7 @@ class CausalConv3d(nn.Conv3d):
                          padding=(0, kernel_size // 2, kernel_size // 2))
 
     def forward(self, x: torch.Tensor, cache: _Cache) -> torch.Tensor:
-        history = cache.take() if cache.streaming else None
+        history = cache.take_history(x) if cache.streaming else None
         if history is None:
             history = x.new_zeros(x.shape[0], x.shape[1], CACHE_FRAMES, *x.shape[3:])
         x = torch.cat([history, x], dim=2)

@@ -31,10 +31,10 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from pychop import autocast_state
 from pychop.ops import backends
+from pychop.ops.double_backward import sdpa
 from pychop.ops.validation import (
     check_attention_inputs,
     check_combine,
@@ -62,10 +62,10 @@ def temporal_mask(num_frames: int, causal: bool, window: Optional[int], device) 
 
 
 def propagate_query_nan(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` with NaN in every row (b, t, s, h) whose query holds a NaN, as the math gives and the fused backends
-    return: SDPA's CPU flash kernel takes a row of NaN scores for a fully masked one and returns zeros there.
-    One pass over ``out``; autograd keeps only the (B, T, S, H, 1) mask."""
-    return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))
+    """``out`` with NaN in every row (b, t, s, h) whose query holds a NaN or an inf, as the fused backends return
+    (docs/numerics.md): SDPA's CPU flash kernel takes a row of NaN scores, or of scores all -inf, for a fully
+    masked one and returns zeros there. One pass over ``out``; autograd keeps only the (B, T, S, H, 1) mask."""
+    return out.masked_fill(~q.isfinite().all(-1, keepdim=True), float("nan"))
 
 
 def spatial_attention_torch(q, k, v, scale: float) -> torch.Tensor:
@@ -77,7 +77,7 @@ def spatial_attention_torch(q, k, v, scale: float) -> torch.Tensor:
     """
     batch, frames = q.shape[:2]
     q4, k4, v4 = (x.transpose(2, 3).flatten(0, 1) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q4, k4, v4, scale=scale)
+    out = sdpa(q4, k4, v4, scale=scale)
     return propagate_query_nan(q, out.unflatten(0, (batch, frames)).transpose(2, 3))
 
 
@@ -99,7 +99,7 @@ def temporal_attention_torch(q, k, v, scale: float, causal: bool, window: Option
         mask = torch.cat([allowed & live, allowed & ~live], dim=1)
         k4 = torch.cat([k4, k4.detach()], dim=-2)
         v4 = torch.cat([v4, v4.detach()], dim=-2)
-    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale)
+    out = sdpa(q4, k4, v4, attn_mask=mask, scale=scale)
     return propagate_query_nan(q, out.unflatten(0, (batch, tokens)).permute(0, 3, 1, 2, 4))
 
 

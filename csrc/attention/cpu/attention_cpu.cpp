@@ -294,8 +294,11 @@ PYCHOP_INLINE void combine_rows(float* __restrict__ out, const float* __restrict
 // exp(x) for x <= 0 (scores minus their max or logsumexp), in plain arithmetic so that loops over it vectorize:
 // x = n ln2 + r with n = round(x / ln2), |r| <= ln2 / 2 (ln2 split in two for precision), exp(r) by a degree-7
 // polynomial (Cephes' coefficients, about 1 ulp), 2^n assembled in the exponent bits. exp(0) is 1; below -87
-// (exp(-87) ~ 1.6e-38, near the smallest normal float) the result is 0, exp(-inf) included.
+// (exp(-87) ~ 1.6e-38, near the smallest normal float) the result is 0, exp(-inf) included. Above ln 2 it is 2: a
+// score recomputed in the backward can exceed its logsumexp by rounding (by a lot under a huge scale), where the
+// exact probability is at most 1 and the polynomial's 2^n would overflow into garbage.
 PYCHOP_INLINE float exp_nonpositive(float x) {
+  x = x > 0.693147181f ? 0.693147181f : x;
   const bool underflows = x < -87.f;
   x = underflows ? -87.f : x;
   constexpr float round_magic = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer

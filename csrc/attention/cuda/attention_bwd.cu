@@ -53,7 +53,8 @@ __global__ void __launch_bounds__(ROW_THREADS) delta_from_output_kernel(const Br
 // P of row r (query row0 + r) and key column c (key col0 + c) from the scaled score: 0 outside the masks.
 __device__ __forceinline__ float probability(const Branch& br, float score, float lse, int i, int j, int first,
                                             int last) {
-  return i < br.rows && first <= j && j <= last && j < br.rows ? __expf(score * br.scale - lse) : 0.f;
+  const bool attended = i < br.rows && first <= j && j <= last && j < br.rows;
+  return attended ? recomputed_probability(score * br.scale - lse) : 0.f;
 }
 
 template <typename T, int BLOCK>

@@ -33,6 +33,15 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// exp(x) for x = score - logsumexp of a probability recomputed in a backward, <= 0 in exact arithmetic. Rounding
+// puts x above 0 by a few units of the score's last place, which a huge scale magnifies until exp overflows:
+// x is clamped to log 2 (a probability stays at most 2; the clamp binds only where rounding reaches a unit of x).
+// NaN stays NaN.
+__device__ __forceinline__ float recomputed_probability(float x) {
+  constexpr float kLn2 = 0.693147181f;
+  return __expf(x > kLn2 ? kLn2 : x);
+}
+
 // Sum over aligned groups of `width` lanes (a power of two <= 32); every lane of the warp must call it.
 __device__ __forceinline__ float group_sum(float x, int width) {
   for (int offset = width / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);

@@ -47,7 +47,7 @@ class CogVideoXDecoderRecurrence(DecoderRecurrence):
             return [num_frames]
         return [size + num_frames % size] + [size] * (num_frames // size - 1)
 
-    def step(self, state: Any, z_seg: torch.Tensor):
+    def decode_chunk(self, state: Any, z_seg: torch.Tensor):
         """Decode chunk ``z_seg`` (B, C, t, h, w) with cache ``state`` (None for the first); returns
         ``(new_cache, frames)``."""
         if state is not None and not isinstance(state, dict):

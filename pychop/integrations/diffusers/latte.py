@@ -33,6 +33,7 @@ from pychop.integrations.diffusers.mobius import (
     _SpatialForward,
     _split_hidden_states,
     _with_hidden_states,
+    check_forwards_unchanged,
 )
 from pychop.integrations.diffusers.motion import TemporalAttentionPatch, patch_temporal_attention
 
@@ -77,8 +78,8 @@ def convert_latte_to_parallel(model: LatteTransformer3DModel) -> LatteConversion
     if len(model.transformer_blocks) != len(model.temporal_transformer_blocks):
         raise ValueError(f"LatteTransformer3DModel: {len(model.transformer_blocks)} spatial blocks but "
                          f"{len(model.temporal_transformer_blocks)} temporal blocks; cannot pair them")
-    if any("forward" in block.__dict__ for pair in pairs for block in pair):
-        raise ValueError("convert_to_parallel: the model is already converted (or its forward is patched)")
+    check_forwards_unchanged([(f"{kind}[{i}]", block) for i, pair in enumerate(pairs)
+                              for kind, block in zip(("transformer_blocks", "temporal_transformer_blocks"), pair)])
     attention = patch_temporal_attention(model)  # checks its attention modules first, then patches them
     for spatial, temporal in pairs:
         link = _PairLink()

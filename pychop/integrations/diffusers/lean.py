@@ -10,8 +10,8 @@
   of r*S tokens attending to one copy: the same function (softmax runs over the keys, per query row), keys and
   values computed and saved once per run. Rows that differ are left as they are. Whether rows repeat is read
   from the data (exact equality, one comparison and device sync per text tensor, remembered for the next
-  modules that get the same tensor); under ``torch.compile`` the text is taken as it comes (no fold), so
-  that nothing breaks the graph.
+  modules that get the same tensor in one forward); under ``torch.compile`` the text is taken as it comes (no
+  fold), so that nothing breaks the graph.
 
 Folding applies to modules whose processor is one known to compute each query row from that row alone
 (``AttnProcessor2_0``, ``AttnProcessor``; not their subclasses) and that have no group norm or spatial norm over
@@ -65,10 +65,19 @@ def repeated_rows(context: torch.Tensor) -> int:
 
 class RepeatedRows:
     """``repeated_rows`` of the latest text tensor, remembered while that very tensor lives unchanged (every
-    cross-attention of a UNet gets the same one in a forward)."""
+    cross-attention of a UNet gets the same one in a forward) and until ``forget`` is called, which
+    ``lean_frozen`` does before every forward of the module it changed: a text buffer rewritten through
+    ``.data`` (which no version counter sees) between forwards is read again. Pickled empty."""
 
     def __init__(self):
         self._latest, self._version, self._runs = None, None, 1
+
+    def __reduce__(self):
+        return type(self), ()
+
+    def forget(self, *_hook_args) -> None:
+        """Drop the remembered tensor (a forward pre-hook: takes and ignores the module and its inputs)."""
+        self._latest = None
 
     def __call__(self, context: torch.Tensor) -> int:
         if self._latest is None or self._latest() is not context or self._version != context._version:

@@ -65,7 +65,7 @@ class LTXVideoDecoderRecurrence(DecoderRecurrence):
     def init_state(self) -> None:
         return None
 
-    def step(self, state: Optional[List[Any]], z_seg: torch.Tensor):
+    def decode_chunk(self, state: Optional[List[Any]], z_seg: torch.Tensor):
         """Decode latent frames ``z_seg`` (B, C, t, h, w) with cache ``state`` (None for the first); returns
         ``(new_cache, frames)``."""
         first = state is None

@@ -123,6 +123,20 @@ class _TemporalForward(_PairForward):
         return _with_hidden_states(result, serial_input + (_hidden_states_of(result) - parallel_input))
 
 
+def check_forwards_unchanged(modules: List[Tuple[str, nn.Module]]) -> None:
+    """Raise ``ValueError`` naming the first module whose ``forward`` is replaced on the instance, and by what."""
+    for name, module in modules:
+        forward = module.__dict__.get("forward")
+        if forward is None:
+            continue
+        changed_by = getattr(forward, "changed_by", None)
+        if changed_by is not None:  # pychop.memory.lean_frozen's recomputed region
+            raise ValueError(f"convert_to_parallel: {name} runs a forward set by {changed_by}; remove() its handle, "
+                             "call convert_to_parallel first, then lean_frozen again (it supports converted models)")
+        raise ValueError(f"convert_to_parallel: the model is already converted (or its forward is patched: {name} "
+                         f"has a forward of its own, {type(forward).__name__})")
+
+
 def parallel_pairs(unet: nn.Module) -> List[Tuple[str, nn.Module, nn.Module]]:
     """(stage name and layer, spatial transformer, temporal module) of every pair that the conversion rewires."""
     pairs = []
@@ -175,9 +189,7 @@ def convert_to_parallel(unet: nn.Module) -> MobiusConversion:
         raise ValueError(f"{type(unet).__name__} has no spatial transformer + temporal transformer pairs to "
                          "rewire (expected a diffusers UNetMotionModel, UNet3DConditionModel or "
                          "UNetSpatioTemporalConditionModel with cross-attention stages)")
-    for _, spatial, temporal in pairs:
-        if "forward" in spatial.__dict__ or "forward" in temporal.__dict__:
-            raise ValueError("convert_to_parallel: the model is already converted (or its forward is patched)")
+    check_forwards_unchanged([(name, module) for name, spatial, temporal in pairs for module in (spatial, temporal)])
     for _, spatial, temporal in pairs:
         link = _PairLink()
         spatial.forward, temporal.forward = _SpatialForward(spatial, link), _TemporalForward(temporal, link)

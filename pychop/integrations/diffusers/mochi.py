@@ -53,7 +53,7 @@ class MochiDecoderRecurrence(DecoderRecurrence):
                              "supported: it changes the convolutions' padding (in diffusers 0.42 it drops their "
                              "spatial padding and decoding fails); the default one-shot decode is exact")
 
-    def step(self, state: Any, z_seg: torch.Tensor):
+    def decode_chunk(self, state: Any, z_seg: torch.Tensor):
         """Decode latent frames ``z_seg`` (B, C, t, h, w) with cache ``state`` (None for the first); returns
         ``(new_cache, frames)``."""
         if state is not None and not isinstance(state, dict):

@@ -50,6 +50,7 @@ class TemporalAttentionProcessor(AttnProcessor2_0):
         super().__init__()
         self.backend = backend
         self.frame_group = None
+        self.restored = None  # once its patch is removed: id(module) -> the processor the patch had replaced
 
     @property
     def __class__(self):
@@ -109,6 +110,14 @@ def check_supported(name: str, attn: Attention) -> None:
             raise ValueError(f"{name}: attention with {feature} is not supported by TemporalAttentionProcessor")
 
 
+def _before_removed_patches(processor, attn: Attention):
+    """``processor``, or, while it is the processor of a removed patch, the one that patch had replaced on
+    ``attn`` (a chain back in time, so it ends)."""
+    while isinstance(processor, TemporalAttentionProcessor) and id(attn) in (processor.restored or {}):
+        processor = processor.restored[id(attn)]
+    return processor
+
+
 class TemporalAttentionPatch:
     """The processors replaced by ``patch_temporal_attention``; ``remove()`` restores them on the modules that
     still run pychop's processor (a module whose processor was replaced since, e.g. by diffusers'
@@ -128,9 +137,13 @@ class TemporalAttentionPatch:
         return bool(self._originals) and all(attn.processor is self._processor for _, attn, _ in self._originals)
 
     def remove(self) -> None:
+        """Restores the modules that still run this patch's processor. Where the processor it had replaced is
+        another patch's, removed since, that patch's original goes back instead: patches removed in any order
+        leave the processors that were there before any of them."""
+        self._processor.restored = {id(attn): processor for _, attn, processor in self._originals}
         for _, attn, processor in self._originals:
             if attn.processor is self._processor:
-                attn.set_processor(processor)
+                attn.set_processor(_before_removed_patches(processor, attn))
         self._originals = []
 
     def __enter__(self):

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Iterable, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils import _pytree as pytree
 
 
 class DecoderRecurrence:
@@ -37,6 +40,7 @@ class DecoderRecurrence:
             names = " or ".join(cls.__name__ for cls in self.vae_classes)
             raise TypeError(f"vae must be a diffusers {names}, got {type(vae).__name__}")
         self.vae = vae
+        self._cache_shapes: Dict[Tuple[int, ...], Dict[str, Tuple[int, ...]]] = {}  # latent (h, w) -> entry -> shape
 
     @property
     def latent_channels(self) -> int:
@@ -51,8 +55,59 @@ class DecoderRecurrence:
         """Latent frames per chunk, for latents of ``num_frames`` frames (one each unless the family chunks)."""
         return [1] * num_frames
 
-    def step(self, state: Any, z_seg: torch.Tensor) -> Tuple[Any, torch.Tensor]:
+    def decode_chunk(self, state: Any, z_seg: torch.Tensor) -> Tuple[Any, torch.Tensor]:
+        """The family's step: decode chunk ``z_seg`` with cache ``state``; returns ``(new_cache, frames)``."""
         raise NotImplementedError
+
+    def step(self, state: Any, z_seg: torch.Tensor) -> Tuple[Any, torch.Tensor]:
+        """Decode chunk ``z_seg`` (B, C, t, h, w) with cache ``state``; returns ``(new_state, frames)``.
+
+        A state must be one this recurrence's step returned (or ``init_state()``): its caches must have z_seg's
+        batch size and, once the recurrence has decoded latents of z_seg's height and width, the shapes its own
+        caches have there; both are checked before the decoder runs, and a mismatch is refused naming the
+        cache entry (a state of another batch, latent size or model)."""
+        self.check_state(state, z_seg)
+        if torch.is_grad_enabled():
+            self.check_synchronised()
+        new_state, frames = self.decode_chunk(state, z_seg)
+        known = self._cache_shapes.setdefault(tuple(z_seg.shape[3:]), {})
+        for where, leaf in _cache_tensors(new_state):
+            known[where] = _cache_shape(leaf)
+        return new_state, frames
+
+    def check_synchronised(self) -> None:
+        """Raise when the decoder trains in a group of several processes but this step runs outside
+        ``DistributedDataParallel``: each rank would keep its own gradients, silently."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        if getattr(DistributedDataParallel, "_active_ddp_module", None) is not None:
+            return  # inside a DDP forward: a DDP-wrapped VAE, or the caller's DDP module around the step
+        if any(p.requires_grad for p in self.vae.decoder.parameters()):
+            raise RuntimeError(
+                f"the decoder of this {type(self.vae).__name__} has parameters that require grad and "
+                f"{dist.get_world_size()} processes train together, but this step runs outside "
+                "DistributedDataParallel: each rank would keep its own gradients. Pass the DDP-wrapped VAE to "
+                "decoder_recurrence (accelerator.prepare(vae)'s result, not accelerator.unwrap_model(vae)), or run "
+                "rec.step inside a DDP module of your own, or freeze the decoder")
+
+    def check_state(self, state: Any, z_seg: torch.Tensor) -> None:
+        """Raise ``ValueError`` naming the first cache in ``state`` that cannot be one of this decoder's caches for
+        ``z_seg`` (see ``step``)."""
+        known = self._cache_shapes.get(tuple(z_seg.shape[3:]))
+        for where, leaf in _cache_tensors(state):
+            if leaf.shape[0] != z_seg.shape[0]:
+                raise ValueError(f"state{where} holds a cache of batch {leaf.shape[0]}, but z_seg has batch "
+                                 f"{z_seg.shape[0]}: the state comes from another batch; start from init_state()")
+            if known is None:
+                continue
+            if where not in known:
+                raise ValueError(f"state{where} is not a cache of this decoder ({type(self.vae).__name__}): the "
+                                 "state comes from another model; start from init_state()")
+            if _cache_shape(leaf) != known[where]:
+                raise ValueError(
+                    f"state{where} has shape {tuple(leaf.shape)} where this decoder's cache has (B, "
+                    f"{', '.join(map(str, known[where]))}) without its frames, for latents of {z_seg.shape[3]}x"
+                    f"{z_seg.shape[4]}: the state comes from another model or latent size; start from init_state()")
 
     def segments(self, z: torch.Tensor) -> List[torch.Tensor]:
         """``z`` (B, C, T, h, w) split along T into the chunks ``vae.decode`` decodes one at a time."""
@@ -77,6 +132,35 @@ class DecoderRecurrence:
             state, y = self.step(state, z_seg)
             frames.append(y)
         return torch.cat(frames, dim=2)
+
+
+class DistributedStep:
+    """The ``step`` of a recurrence whose VAE is wrapped in ``DistributedDataParallel`` (``ddp``): each call runs
+    through the wrapper's forward, the VAE's forward being ``step`` for its duration, so that the backward
+    averages the decoder's gradients over ranks as DDP does. ``no_sync()`` is the wrapper's: ``stream`` runs
+    every segment but the last under it, so one reduction follows the last backward."""
+
+    def __init__(self, step: Callable[[Any, torch.Tensor], Tuple[Any, torch.Tensor]],
+                 ddp: DistributedDataParallel):
+        self.local_step, self.ddp = step, ddp
+
+    def __call__(self, state: Any, z_seg: torch.Tensor) -> Tuple[Any, torch.Tensor]:
+        with replaced_forwards([self.ddp.module], lambda _vae, s, z: self.local_step(s, z)):
+            return self.ddp(state, z_seg)
+
+    def no_sync(self):
+        return self.ddp.no_sync()
+
+
+def _cache_tensors(state: Any) -> List[Tuple[str, torch.Tensor]]:
+    """(where, tensor) of every tensor in a state: ``where`` is its path, e.g. ``[3]`` or ``['up_block_0']``."""
+    return [(pytree.keystr(path), leaf) for path, leaf in pytree.tree_flatten_with_path(state)[0]
+            if isinstance(leaf, torch.Tensor)]
+
+
+def _cache_shape(cache: torch.Tensor) -> Tuple[int, ...]:
+    """A cache's shape without its batch and, for (B, C, T, H, W) caches, its number of frames."""
+    return tuple(size for d, size in enumerate(cache.shape) if d != 0 and not (cache.dim() == 5 and d == 2))
 
 
 def cached_frames(padded: torch.Tensor, count: int) -> Any:

@@ -19,11 +19,12 @@ from diffusers import (
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 from pychop.integrations.diffusers.cogvideox import CogVideoXDecoderRecurrence
 from pychop.integrations.diffusers.ltx import LTXVideoDecoderRecurrence, ltx_refusal
 from pychop.integrations.diffusers.mochi import MochiDecoderRecurrence
-from pychop.integrations.diffusers.recurrence import DecoderRecurrence
+from pychop.integrations.diffusers.recurrence import DecoderRecurrence, DistributedStep
 from pychop.integrations.diffusers.wan import WanDecoderRecurrence
 
 RECURRENCES = {AutoencoderKLWan: WanDecoderRecurrence, AutoencoderKLQwenImage: WanDecoderRecurrence,
@@ -48,10 +49,21 @@ def decoder_recurrence(vae: Any) -> DecoderRecurrence:
     no noise injection, no timestep conditioning). Raises ``TypeError`` naming the class and the reason for
     any other VAE (``AutoencoderKLHunyuanVideo``, LTX's released non-causal decoders).
 
+    A VAE wrapped in ``DistributedDataParallel`` (what ``accelerator.prepare(vae)`` returns in a multi-process
+    run) gives a recurrence whose ``step`` runs through the wrapper (``DistributedStep``): ``stream`` then
+    averages the decoder's gradients over ranks, as DDP does (the wrapper must be able to finish its
+    reduction: freeze the parameters the decoder does not use, such as the encoder's, or build it with
+    ``find_unused_parameters=True``). The step of an unwrapped VAE whose decoder trains in a multi-process
+    group, outside any DDP forward, raises rather than leave each rank its own gradients.
+
     Args:
-        vae: a diffusers video VAE of a supported class, spatial tiling off (``vae.enable_tiling()`` blends
-            overlapping tiles, which no recurrence reproduces).
+        vae: a diffusers video VAE of a supported class, or one wrapped in ``DistributedDataParallel``; spatial
+            tiling off (``vae.enable_tiling()`` blends overlapping tiles, which no recurrence reproduces).
     """
+    if isinstance(vae, DistributedDataParallel):
+        recurrence = decoder_recurrence(vae.module)
+        recurrence.step = DistributedStep(recurrence.step, vae)
+        return recurrence
     if isinstance(vae, AutoencoderKLHunyuanVideo):
         raise TypeError(HUNYUAN_REFUSAL)
     if isinstance(vae, AutoencoderKLLTXVideo) and ltx_refusal(vae):

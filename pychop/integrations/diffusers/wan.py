@@ -44,7 +44,7 @@ class WanDecoderRecurrence(DecoderRecurrence):
         """The empty feature cache (what ``vae.clear_cache()`` sets up)."""
         return [None] * self.num_caches
 
-    def step(self, state: List[CacheEntry], z_t: torch.Tensor):
+    def decode_chunk(self, state: List[CacheEntry], z_t: torch.Tensor):
         """Decode latent frame ``z_t`` (B, C, 1, h, w) with cache ``state``; returns ``(new_cache, frames)``."""
         if not isinstance(state, (list, tuple)) or len(state) != self.num_caches:
             raise ValueError(f"state must be a list of {self.num_caches} cache entries (use init_state()), "
