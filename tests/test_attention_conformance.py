@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks.floors import DESIGN_SHAPES
-from pychop.ops import backends
+from pychop.ops import backends, sdpa_spatial
 from tests.checks import (
     DTYPES,
     ERROR_FACTOR,
@@ -39,18 +39,24 @@ from tests.checks import (
 )
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SPATIAL_PATHS = ("sdpa", "kernel")
 CUDA_SPATIAL_DELTA_DEFECT = ("known defect: spatial_bwd.cu takes delta_s = rowsum(dout * out) - delta_t from the "
                              "16-bit rounded sum out = o_s + o_t (cpp and triton take it from P dP)")
 
 
-def fused_backends(cuda_xfail: str = None):
-    """(backend, device) parameters: cpp on the CPU, triton where it runs (a gpu test where that is a GPU), cuda
-    on a GPU (xfail with a reason)."""
-    cuda_marks = [pytest.mark.gpu] + ([pytest.mark.xfail(strict=True, reason=cuda_xfail)] if cuda_xfail else [])
+def fused_backends(cuda_kernel_xfail: str = None):
+    """(backend, device, spatial path) parameters: cpp on the CPU, triton where it runs (a gpu test where that is a
+    GPU), cuda on a GPU, each with its spatial branch through SDPA's kernel and through its own (the cuda one's
+    xfail with a reason)."""
     triton_marks = [pytest.mark.gpu] if TRITON_DEVICE == "cuda" else []
-    return [pytest.param(("cpp", "cpu"), id="cpp"), pytest.param(("triton", TRITON_DEVICE), id="triton",
-                                                                 marks=triton_marks),
-            pytest.param(("cuda", "cuda"), id="cuda", marks=cuda_marks)]
+    params = []
+    for backend, device, marks in (("cpp", "cpu", []), ("triton", TRITON_DEVICE, triton_marks),
+                                   ("cuda", "cuda", [pytest.mark.gpu])):
+        for path in SPATIAL_PATHS:
+            xfail = backend == "cuda" and path == "kernel" and cuda_kernel_xfail
+            path_marks = marks + ([pytest.mark.xfail(strict=True, reason=cuda_kernel_xfail)] if xfail else [])
+            params.append(pytest.param((backend, device, path), id=f"{backend}-{path}", marks=path_marks))
+    return params
 
 
 @pytest.fixture(params=fused_backends())
@@ -58,11 +64,23 @@ def fused(request):
     return request.param
 
 
-def check(op, fused, shape, dtype, seed, **kwargs):
-    backend, device = fused
-    if kwargs.get("inputs") is not None:
-        kwargs["inputs"] = [x.detach().to(device).requires_grad_() for x in kwargs["inputs"]]
-    check_against_reference(op, backend, shape, dtype, device, seed, **kwargs)
+def one_spatial_path(fused, op="temporal"):
+    """The temporal op, and what does not depend on the spatial path, runs in the sdpa case only."""
+    if op == "temporal" and fused[2] == "kernel":
+        pytest.skip("no spatial branch: runs in the sdpa case")
+
+
+def check(op, fused, shape, dtype, seed, *, packed=False, inputs=None, **kwargs):
+    """check_against_reference on the fused parameter's backend, device and spatial path (on a GPU, inputs no SDPA
+    kernel takes skip the sdpa case: the kernel case covers them)."""
+    backend, device, path = fused
+    one_spatial_path(fused, op)
+    if inputs is None:
+        inputs = make_inputs(shape, dtype, device, input_count(op), packed=packed)
+    inputs = [x.detach().to(device).requires_grad_() for x in inputs]
+    if path == "sdpa" and op != "temporal" and sdpa_spatial.sdpa_kernel_for(*inputs[:3]) is None:
+        pytest.skip("no SDPA kernel takes these inputs here")
+    check_against_reference(op, backend, shape, dtype, device, seed, inputs=inputs, spatial_path=path, **kwargs)
 
 
 @pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=options_id)
@@ -116,10 +134,12 @@ def test_single_token(fused, op, options, dtype, seed):
     """S = 1: the spatial q/k gradients are zero in exact arithmetic, where the relative rule of
     check_against_reference divides by zero. Errors are measured against the largest reference gradient
     instead, with the same ERROR_FACTOR x torch-path error + FLOOR bound."""
-    backend, device = fused
+    backend, device, path = fused
+    one_spatial_path(fused, op)
     count = input_count(op)
     inputs = make_inputs((2, 3, 1, 2, 40), dtype, device, count)
-    out, dout, grads = forward_backward(lambda *x: op_call(op, x, backend=backend, **options), inputs)
+    out, dout, grads = forward_backward(lambda *x: op_call(op, x, backend=backend, spatial_path=path, **options),
+                                        inputs)
     base_out, _, base = forward_backward(lambda *x: op_call(op, x, backend="torch", **options), inputs, dout)
     inputs64 = [x.detach().double().requires_grad_() for x in inputs]
     ref_out, _, reference = forward_backward(lambda *x: reference_call(op, x, **options), inputs64,
@@ -178,7 +198,7 @@ def test_scores_falling_by_more_than_the_exponent_range(fused, op, seed):
     check(op, fused, shape, torch.float32, seed, inputs=inputs)
 
 
-@pytest.mark.parametrize("fused_xfail", fused_backends(cuda_xfail=CUDA_SPATIAL_DELTA_DEFECT))
+@pytest.mark.parametrize("fused_xfail", fused_backends(cuda_kernel_xfail=CUDA_SPATIAL_DELTA_DEFECT))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 def test_temporal_branch_dominating_the_saved_sum(fused_xfail, dtype, seed):
     """Summed, the backward reads only out = o_s + o_t rounded to 16 bits: the spatial backward must take the
@@ -188,14 +208,15 @@ def test_temporal_branch_dominating_the_saved_sum(fused_xfail, dtype, seed):
     check("parallel", fused_xfail, shape, dtype, seed, inputs=inputs)
 
 
-def test_strided_output_gradient(fused, seed):
+@pytest.mark.parametrize("op", ["parallel", "stacked"])
+def test_strided_output_gradient(fused, op, seed):
     """An upstream gradient with unusual strides (last one 1) is read as it lies."""
-    backend, device = fused
+    backend, device, path = fused
     inputs = make_inputs((1, 3, 9, 2, 16), torch.float32, device, packed=True)
-    dout = torch.randn(1, 3, 2, 9, 16, device=device).transpose(2, 3)  # (B, T, S, H, D) view
-    _, _, grads = forward_backward(lambda *x: op_call("parallel", x, backend=backend, causal=True), inputs, dout)
-    _, _, expected = forward_backward(lambda *x: op_call("parallel", x, backend="torch", causal=True), inputs,
-                                      dout)
+    dout = torch.randn(1, 3, 2, 9, *(2,) if op == "stacked" else (), 16, device=device).transpose(2, 3)
+    _, _, grads = forward_backward(lambda *x: op_call(op, x, backend=backend, causal=True, spatial_path=path), inputs,
+                                   dout)
+    _, _, expected = forward_backward(lambda *x: op_call(op, x, backend="torch", causal=True), inputs, dout)
     for name, actual, reference in zip(GRAD_NAMES[6], grads, expected):
         torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4, msg=name)
 
@@ -203,7 +224,8 @@ def test_strided_output_gradient(fused, seed):
 def test_kernel_interface_statistics(fused, seed):
     """forward() returns each branch's natural-log logsumexp of the scaled scores, (B, T, H, S) float32: the
     contract of the kernel interface, which the backward's own reading of them cannot check."""
-    backend, device = fused
+    backend, device, _ = fused
+    one_spatial_path(fused)
     check_kernel_statistics(backends.load(backend, torch.device(device)), device)
 
 
