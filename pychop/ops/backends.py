@@ -171,12 +171,12 @@ def launch_failure(error: BaseException) -> Optional[str]:
     next backend can run them); None for any other error."""
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return None
-    name = type(error).__name__
-    if isinstance(error, BackendUnavailable) or (type(error).__module__.startswith("triton")
-                                                 and name in TRITON_FAILURES):
-        return f"{name}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-    if isinstance(error, RuntimeError) and any(text in str(error) for text in LAUNCH_FAILURE_MESSAGES):
-        return f"{name}: {str(error).strip().splitlines()[0]}"
+    triton_failure = any(cls.__module__.startswith("triton") and cls.__name__ in TRITON_FAILURES
+                         for cls in type(error).__mro__)
+    if (isinstance(error, BackendUnavailable) or triton_failure
+            or (isinstance(error, RuntimeError) and any(text in str(error) for text in LAUNCH_FAILURE_MESSAGES))):
+        message = " ".join(str(error).split())
+        return f"{type(error).__name__}: {message[:300]}"
     return None
 
 
