@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import pychop
+from pychop.check import ERROR_FACTOR, FLOOR
 from tests.reference import parallel_loops, spatial_loops, temporal_loops
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -19,8 +20,8 @@ DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
 
 # Largest error of the torch backend against float64, relative to the reference's largest magnitude.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-ERROR_FACTOR = 3.0
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # float32: accurate to float32, not close
+# ERROR_FACTOR and FLOOR (float32: accurate to float32, not close) are pychop.check's: one rule for the tests and
+# for the check users run.
 
 GRAD_NAMES = {6: ("q_s", "k_s", "v_s", "q_t", "k_t", "v_t"), 3: ("q", "k", "v")}
 
