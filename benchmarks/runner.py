@@ -5,6 +5,7 @@ A suite is a module in ``benchmarks/suites`` that defines:
     DESCRIPTION = "one line"
     def run(ctx: Context) -> list[dict]     # one row per measurement, flat dicts of str / int / float / None
     def plot(rows, path) -> None            # optional: one PNG figure of the rows
+    PRINTS_ITS_TABLES = True                # optional: the suite prints its own tables (the runner then does not)
 
 and uses ``ctx.device``, ``ctx.quick``, ``ctx.smoke`` (the smallest sizes: every code path runs, no figure
 means anything; the GPU check's rehearsal), ``ctx.progress(items, desc)``, ``ctx.compare(candidates,
@@ -175,7 +176,8 @@ def run_suites(names: List[str], device: torch.device, quick: bool, out_dir: Pat
         print(f"\n== {name}: {module.DESCRIPTION} ({device}, {size})", flush=True)
         rows = module.run(ctx)
         results[name] = rows
-        print(format_table(rows), flush=True)
+        if not getattr(module, "PRINTS_ITS_TABLES", False):  # a suite that prints its tables as it runs
+            print(format_table(rows), flush=True)
         print(ctx.timing_summary(), flush=True)
         payload = {"suite": name, "environment": environment(device), "quick": quick, "smoke": smoke,
                    "timing": {"settings": asdict(settings), "summary": ctx.timing_summary(),

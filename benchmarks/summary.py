@@ -8,7 +8,9 @@ from typing import List
 
 from benchmarks.runner import format_table
 
-KEY_COLUMNS = ("shape", "impl", "vs", "fwd_ms", "fwdbwd_ms", "fwd_speedup", "fwdbwd_speedup",      # attention
+KEY_COLUMNS = ("shape", "comparison", "impl", "vs", "fwd_ms", "fwdbwd_ms", "fwd_speedup", "fwdbwd_speedup",  # attention
+               "fwd_vs_diffusers", "fwdbwd_vs_diffusers", "fwd_vs_best", "fwdbwd_vs_best", "fwdbwd_vs_torch",
+               "fwd_vs_sdpa", "fwdbwd_vs_sdpa", "takes", "no_slower",
                "fwd_of_floor", "fwdbwd_of_floor", "kernel", "kernel_ms", "floor_ms", "of_floor", "sweep",
                "kind", "method", "frames", "window", "ratio", "cosine", "decoder", "grad", "rel_error",  # chopgrad
                "norm_ratio",
