@@ -1,5 +1,5 @@
-"""python -m pychop.check [--device cpu|cuda] [--repeats N] [--threads N]: is pychop's attention right and fast
-on this machine?
+"""python -m pychop.check [--device cpu|cuda] [--repeats N] [--threads N] [--smoke]: is pychop's attention right
+and fast on this machine?
 
 For every backend that runs here (each fused one on both spatial paths where SDPA takes the inputs), at a few
 shapes: ``parallel_st_attention`` forward and backward on fresh random inputs, its output and six gradients
@@ -37,6 +37,7 @@ CPU_SHAPES = {"frames": ((1, 8, 64, 2, 40), dict(temporal_causal=True, temporal_
 GPU_SHAPES = {"sd-head-dim": ((2, 16, 256, 8, 40), dict(temporal_causal=True, temporal_grad_window=4)),
               "tokens-1024": ((2, 8, 1024, 4, 64), {}),
               "tokens-2048": ((1, 8, 2048, 2, 128), dict(temporal_window=4))}
+SMOKE_SHAPES = {"smoke": ((1, 3, 9, 2, 16), dict(temporal_causal=True, temporal_grad_window=1))}  # --smoke
 DTYPES = {"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float32)}
 
 
@@ -180,6 +181,7 @@ def main(argv=None) -> int:
                         help="where to check (default: cuda when a GPU is present)")
     parser.add_argument("--repeats", type=int, default=5, help="timed forward+backward steps per case (default 5)")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own choice)")
+    parser.add_argument("--smoke", action="store_true", help="one tiny shape: every code path, no meaningful time")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")
@@ -188,15 +190,19 @@ def main(argv=None) -> int:
             parser.error(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    shapes = SMOKE_SHAPES if args.smoke else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     print(f"pychop {pychop.__version__} check on {name}, torch {torch.__version__}", flush=True)
     rows = run(device, shapes, DTYPES[device.type], args.repeats)
     print(format_rows(rows))
-    failed = [row for row in rows if not row["passed"]]
-    print(f"\n{len(rows) - len(failed)} of {len(rows)} cases passed" + (": FAILED" if failed else ""))
-    return 1 if failed else 0
+    print("\n" + verdict(rows))
+    return 0 if all(row["passed"] for row in rows) else 1
+
+
+def verdict(rows: List[dict]) -> str:
+    failed = sum(not row["passed"] for row in rows)
+    return f"{len(rows) - failed} of {len(rows)} cases passed" + (": FAILED" if failed else "")
 
 
 if __name__ == "__main__":

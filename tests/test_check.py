@@ -8,16 +8,11 @@ from pychop import check
 from pychop.ops import extension_attention
 from tests.checks import runnable_backends
 
-TINY = {"tiny": ((1, 3, 9, 2, 16), dict(temporal_causal=True, temporal_grad_window=1))}
+TINY = check.SMOKE_SHAPES
 
 
-@pytest.fixture
-def tiny_shapes(monkeypatch):
-    monkeypatch.setattr(check, "CPU_SHAPES", TINY)
-
-
-def test_check_runs_every_backend_on_both_paths(tiny_shapes, capsys):
-    assert check.main(["--device", "cpu", "--repeats", "1", "--threads", "1"]) == 0
+def test_check_runs_every_backend_on_both_paths(capsys):
+    assert check.main(["--device", "cpu", "--repeats", "1", "--threads", "1", "--smoke"]) == 0
     printed = capsys.readouterr().out
     rows = check.run(torch.device("cpu"), TINY, (torch.float32,), repeats=1)
     expected = {("torch", "-")} | {(name, path) for name in runnable_backends() if name != "torch"
@@ -25,11 +20,11 @@ def test_check_runs_every_backend_on_both_paths(tiny_shapes, capsys):
     assert {(row["backend"], row["spatial_path"]) for row in rows} == expected
     assert all(row["passed"] and row["ms"] > 0 for row in rows)
     assert next(row for row in rows if row["backend"] == "torch")["vs_torch"] == 1.0
-    assert "auto at tiny (float32): " in printed and f"{len(rows)} of {len(rows)} cases passed" in printed
+    assert "auto at smoke (float32): " in printed and f"{len(rows)} of {len(rows)} cases passed" in printed
 
 
 @pytest.mark.skipif("cpp" not in runnable_backends(), reason="needs the cpp backend")
-def test_a_wrong_or_failing_backend_fails_the_check(tiny_shapes, monkeypatch, capsys):
+def test_a_wrong_or_failing_backend_fails_the_check(monkeypatch, capsys):
     real_forward = extension_attention.forward
 
     def off_by_a_little(*args, **kwargs):
@@ -38,7 +33,7 @@ def test_a_wrong_or_failing_backend_fails_the_check(tiny_shapes, monkeypatch, ca
         return out, lse_s, lse_t
 
     monkeypatch.setattr(extension_attention, "forward", off_by_a_little)
-    assert check.main(["--device", "cpu", "--repeats", "1"]) == 1
+    assert check.main(["--device", "cpu", "--repeats", "1", "--smoke"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
     def broken(*args, **kwargs):
