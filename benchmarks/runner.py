@@ -27,7 +27,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -117,11 +117,10 @@ def discover() -> Dict[str, object]:
     return suites
 
 
-def format_table(rows: List[dict]) -> str:
-    """A plain-text table of rows (columns in first-seen order; floats to 4 significant digits). A column NAME
-    with columns NAME_p10 and NAME_p90 beside it is a ratio (Ratio.columns) and shows as one cell."""
-    if not rows:
-        return "(no rows)"
+def table_cells(rows: List[dict]) -> Tuple[List[str], List[List[str]], set]:
+    """(column names, cell texts per row, the ratio columns) of rows: columns in first-seen order, floats to 4
+    significant digits, None as "-". A column NAME with columns NAME_p10 and NAME_p90 beside it is a ratio
+    (Ratio.columns) and shows as one cell, ``1.52x (1.41-1.60)``."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     ratios = {column for column in columns if f"{column}_p10" in columns and f"{column}_p90" in columns}
     columns = [c for c in columns if not any(c in (f"{r}_p10", f"{r}_p90") for r in ratios)]
@@ -136,7 +135,14 @@ def format_table(rows: List[dict]) -> str:
             return "nan" if math.isnan(value) else f"{value:.4g}"
         return str(value)
 
-    cells = [[cell(row, column) for column in columns] for row in rows]
+    return columns, [[cell(row, column) for column in columns] for row in rows], ratios
+
+
+def format_table(rows: List[dict]) -> str:
+    """A plain-text table of rows (see table_cells), with the legend of its ratios."""
+    if not rows:
+        return "(no rows)"
+    columns, cells, ratios = table_cells(rows)
     widths = [max(len(column), *(len(r[i]) for r in cells)) for i, column in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)),
              "  ".join("-" * w for w in widths)]

@@ -39,8 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pychop
 from benchmarks.floors import DESIGN_SHAPES, kernel_floors, op_floor_ms, spatial_path_floors
-from benchmarks.runner import format_table
-from benchmarks.timing import format_ratio
+from benchmarks.runner import format_table, table_cells
 from pychop.check import auto_takes
 
 DESCRIPTION = "parallel spatial-temporal attention: fused backends per spatial path vs diffusers' and the best unfused"
@@ -327,21 +326,10 @@ def tables(rows: List[dict]) -> str:
 
 
 def markdown_table(members: List[dict]) -> List[str]:
-    """Rows as a Markdown table; a column with _p10 and _p90 beside it is a ratio, shown as one cell."""
-    columns = list(members[0])
-    ratios = {c for c in columns if f"{c}_p10" in columns and f"{c}_p90" in columns}
-    shown = [c for c in columns if not any(c in (f"{r}_p10", f"{r}_p90") for r in ratios)]
-
-    def cell(member, column):
-        value = member.get(column)
-        if value is None:
-            return "-"
-        if column in ratios and member.get(f"{column}_p10") is not None:
-            return format_ratio(value, member[f"{column}_p10"], member[f"{column}_p90"])
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    return (["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-            + ["| " + " | ".join(cell(member, c) for c in shown) + " |" for member in members])
+    """Rows as a Markdown table, cells as the printed tables show them (a ratio with its spread in one cell)."""
+    columns, cells, _ = table_cells(members)
+    return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(row) + " |" for row in cells])
 
 
 def report(result: dict) -> str:

@@ -162,6 +162,25 @@ def _unread_stats(q: Optional[Tensor]) -> Optional[Tensor]:
     return new_output((B, T, H, S), dtype=torch.float32, device=q.device)
 
 
+def _first_that_launches(backend: str, fallback: bool, first: Tensor, kind: tuple, launch, past_every_kernel):
+    """launch(name) for `backend` or, with `fallback`, for the first of backends.fallbacks(...) whose kernels
+    launch (a launch failure is recorded, and warned about, once); past_every_kernel() when only the torch backend
+    is left."""
+    names = backends.fallbacks(backend, first.device, kind) if fallback else [backend]
+    for index, name in enumerate(names):
+        if name == "torch":
+            return past_every_kernel()
+        try:
+            with device_guard(first):
+                return launch(name)
+        except Exception as error:
+            reason = backends.launch_failure(error)
+            if not fallback or reason is None:
+                raise
+            backends.record_failure(name, kind, reason, replacement=names[index + 1])
+    raise AssertionError("unreachable: the torch backend ends every fallback list")
+
+
 def _kernels_forward(backend: str, fallback: bool, q_s, k_s, v_s, q_t, k_t, v_t, scale: float,
                      temporal_causal: bool, temporal_window: Optional[int], stacked: bool,
                      out: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
@@ -170,23 +189,18 @@ def _kernels_forward(backend: str, fallback: bool, q_s, k_s, v_s, q_t, k_t, v_t,
     backend, the torch backend computes out, and the statistics are placeholders no backward reads (its
     backward finds the same fallback and recomputes)."""
     first = q_s if q_s is not None else q_t
-    kind = _input_kind(q_s, q_t, temporal_causal, stacked)
-    names = backends.fallbacks(backend, first.device, kind) if fallback else [backend]
-    for index, name in enumerate(names):
-        if name == "torch":
-            result = _reference(q_s, k_s, v_s, q_t, k_t, v_t, scale, temporal_causal, temporal_window, None, stacked)
-            return result if out is None else out.copy_(result), _unread_stats(q_s), _unread_stats(q_t)
-        try:
-            with device_guard(first):
-                return backends.load(name, first.device).forward(
-                    q_s, k_s, v_s, q_t, k_t, v_t, scale=scale, temporal_causal=temporal_causal,
-                    temporal_window=temporal_window, stacked=stacked, out=out)
-        except Exception as error:
-            reason = backends.launch_failure(error)
-            if not fallback or reason is None:
-                raise
-            backends.record_failure(name, kind, reason, replacement=names[index + 1])
-    raise AssertionError("unreachable: the torch backend ends every fallback list")
+
+    def launch(name):
+        return backends.load(name, first.device).forward(
+            q_s, k_s, v_s, q_t, k_t, v_t, scale=scale, temporal_causal=temporal_causal,
+            temporal_window=temporal_window, stacked=stacked, out=out)
+
+    def reference():
+        result = _reference(q_s, k_s, v_s, q_t, k_t, v_t, scale, temporal_causal, temporal_window, None, stacked)
+        return result if out is None else out.copy_(result), _unread_stats(q_s), _unread_stats(q_t)
+
+    return _first_that_launches(backend, fallback, first, _input_kind(q_s, q_t, temporal_causal, stacked), launch,
+                                reference)
 
 
 def _recomputed_gradients(dout, q_s, k_s, v_s, q_t, k_t, v_t, scale, temporal_causal, temporal_window,
@@ -207,25 +221,19 @@ def _kernels_backward(backend: str, fallback: bool, dout, q_s, k_s, v_s, q_t, k_
     the kernel interface's statistics are the same for every backend): the six gradients, None for a branch not
     computed."""
     first = q_s if q_s is not None else q_t
-    kind = _input_kind(q_s, q_t, temporal_causal, stacked)
-    names = backends.fallbacks(backend, first.device, kind) if fallback else [backend]
-    for index, name in enumerate(names):
-        if name == "torch":
-            return _recomputed_gradients(dout, q_s, k_s, v_s, q_t, k_t, v_t, scale, temporal_causal,
-                                         temporal_window, temporal_grad_window, stacked)
+
+    def launch(name):
         check_deterministic(name, spatial=q_s is not None)
-        try:
-            with device_guard(first):
-                return list(backends.load(name, first.device).backward(
-                    dout, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, scale=scale,
-                    temporal_causal=temporal_causal, temporal_window=temporal_window,
-                    temporal_grad_window=temporal_grad_window, stacked=stacked))
-        except Exception as error:
-            reason = backends.launch_failure(error)
-            if not fallback or reason is None:
-                raise
-            backends.record_failure(name, kind, reason, replacement=names[index + 1])
-    raise AssertionError("unreachable: the torch backend ends every fallback list")
+        return list(backends.load(name, first.device).backward(
+            dout, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, scale=scale, temporal_causal=temporal_causal,
+            temporal_window=temporal_window, temporal_grad_window=temporal_grad_window, stacked=stacked))
+
+    def recomputed():
+        return _recomputed_gradients(dout, q_s, k_s, v_s, q_t, k_t, v_t, scale, temporal_causal, temporal_window,
+                                     temporal_grad_window, stacked)
+
+    return _first_that_launches(backend, fallback, first, _input_kind(q_s, q_t, temporal_causal, stacked), launch,
+                                recomputed)
 
 
 def fused_attention_forward(backend: str, fallback: bool, q_s: Optional[Tensor], k_s: Optional[Tensor],
