@@ -48,14 +48,14 @@ PLAN: Dict[str, List[Stage]] = {
     "first": [
         ENVIRONMENT,
         Stage("install", 25, INSTALL),
-        Stage("triton-correctness", 140, "triton at shapes A-F, bf16 on both spatial paths and fp16 on auto's: out "
+        Stage("triton-correctness", 130, "triton at shapes A-F, bf16 on both spatial paths and fp16 on auto's: out "
                                          "and six gradients vs float32 torch"),
-        Stage("cuda-correctness", 50, "cuda (after its build), the same cases, vs float32 torch"),
+        Stage("cuda-correctness", 45, "cuda (after its build), the same cases, vs float32 torch"),
         Stage("check", 45, "python -m pychop.check: every backend on both spatial paths, bf16 and float32, vs float64, "
                            "times, the path auto takes"),
         Stage("attention-suite", 115, "fused backends per spatial path vs diffusers' default and the best unfused "
                                       "composition, the branches per SDPA backend, auto vs torch; fwd and fwd+bwd"),
-        Stage("attention-sweep", 25, "the temporal branch over T = 8 ... 256 and grad window k in {1, 4, T}"),
+        Stage("attention-sweep", 40, "the temporal branch over T = 8 ... 256 and grad window k in {1, 4, T}"),
     ],
     "second": [
         ENVIRONMENT,

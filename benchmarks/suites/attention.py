@@ -129,22 +129,24 @@ def timed_rows(ctx, ops: Dict[str, Tuple[Callable, list, float]], references: Di
     forwards of all ops are timed in one comparison, their forward+backward steps in another; one row per op with
     its medians, on a GPU its TFLOP/s and peak memory, and for each reference its ``fwdbwd_vs_<suffix>`` speedup
     (median and p10-p90 of the per-round ratios; None over itself), and ``fwd_vs_<suffix>`` for the suffixes in
-    `forward_references` (all when empty)."""
+    `forward_references` (all when empty). At --smoke size the forwards are not timed apart."""
     steps = {label: fwd_bwd(fn, inputs, torch.randn_like(fn(*inputs))) for label, (fn, inputs, _) in ops.items()}
-    forward = ctx.compare({label: partial(fn, *inputs) for label, (fn, inputs, _) in ops.items()})
+    # at --smoke size only the forward+backward comparison: it runs every code path, in half the time
+    forwards = {label: partial(fn, *inputs) for label, (fn, inputs, _) in ops.items()}
+    forward = None if ctx.smoke else ctx.compare(forwards)
     both = ctx.compare(steps)
     rows = []
     for label, (_, _, flops_fwd) in ops.items():
-        fwd_ms, fwdbwd_ms = forward.ms[label], both.ms[label]
-        row = {"impl": label, "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms}
+        fwdbwd_ms = both.ms[label]
+        row = {"impl": label, "fwd_ms": None if forward is None else forward.ms[label], "fwdbwd_ms": fwdbwd_ms}
         if ctx.on_gpu:
-            row.update(fwd_tflops=flops_fwd / fwd_ms * 1e-9, fwdbwd_tflops=3.5 * flops_fwd / fwdbwd_ms * 1e-9,
+            row.update(fwd_tflops=flops_fwd / row["fwd_ms"] * 1e-9, fwdbwd_tflops=3.5 * flops_fwd / fwdbwd_ms * 1e-9,
                        peak_mb=ctx.peak_memory_mb(steps[label]))
         for suffix, reference in references.items():
             if reference not in ops:
                 continue
             for kind, comparison in (("fwd", forward), ("fwdbwd", both)):
-                if kind == "fwd" and forward_references and suffix not in forward_references:
+                if comparison is None or (kind == "fwd" and forward_references and suffix not in forward_references):
                     continue
                 name = f"{kind}_vs_{suffix}"
                 if reference == label:
@@ -358,8 +360,10 @@ def plot(rows, path):
     for ax, key in zip(axes, ("fwd_ms", "fwdbwd_ms")):
         width = 0.8 / len(impls)
         for i, impl in enumerate(impls):
-            values = [next((r[key] for r in shaped if r["shape"] == s and r["impl"] == impl), 0) for s in shapes]
+            values = [next((r[key] or 0 for r in shaped if r["shape"] == s and r["impl"] == impl), 0) for s in shapes]
             ax.bar([x + i * width for x in range(len(shapes))], values, width, label=impl)
+        if not any(row[key] for row in shaped):
+            ax.text(0.5, 0.5, "not timed apart at --smoke size", transform=ax.transAxes, ha="center")
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))], shapes)
         ax.set_ylabel("ms (median)")
         ax.set_title(key.replace("_ms", "").replace("fwdbwd", "forward + backward").replace("fwd", "forward"))
