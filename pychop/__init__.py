@@ -5,6 +5,7 @@
 - ``pychop.chopgrad``: truncated backpropagation through causal-cache video decoders.
 - ``pychop.nn``, ``pychop.models``, ``pychop.integrations``: blocks, reference models and diffusers adapters.
 - ``pychop.memory``: ``lean_frozen``, less memory for the frozen layers of a model being fine-tuned.
+- ``python -m pychop.check``: every attention backend on this machine against float64, its speed, what auto takes.
 
 Submodules are imported on first use, so ``import pychop`` stays light.
 """

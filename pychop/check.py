@@ -54,12 +54,12 @@ def step(inputs, dout, **kwargs) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]
     return out, torch.autograd.grad(out, inputs, dout)
 
 
-def timed_steps(cases: Dict[str, dict], inputs, dout, repeats: int) -> Dict[str, List[float]]:
+def timed_steps(cases: Dict[str, dict], inputs, dout, repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
     """Milliseconds of one forward+backward step of each case (name -> op keywords), `repeats` rounds of every case
-    in turn after an untimed one, so that a round's cases share the machine's state of the moment."""
+    in turn after `warmup` untimed ones, so that a round's cases share the machine's state of the moment."""
     device = inputs[0].device
     samples: Dict[str, List[float]] = {name: [] for name in cases}
-    for round_index in range(repeats + 1):
+    for round_index in range(warmup + repeats):
         for name, kwargs in cases.items():
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -67,7 +67,7 @@ def timed_steps(cases: Dict[str, dict], inputs, dout, repeats: int) -> Dict[str,
             step(inputs, dout, **kwargs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            if round_index:
+            if round_index >= warmup:
                 samples[name].append((time.perf_counter() - start) * 1e3)
     return samples
 
@@ -101,7 +101,8 @@ def auto_takes(device: torch.device, inputs) -> str:
     return f"{name}, spatial branch {'through SDPA (' + kernel + ')' if kernel else 'through its own kernel'}"
 
 
-def check_shape(device: torch.device, dtype: torch.dtype, shape, options: dict, repeats: int) -> List[dict]:
+def check_shape(device: torch.device, dtype: torch.dtype, shape, options: dict, repeats: int,
+                warmup: int = 1) -> List[dict]:
     """One row per candidate at this shape and dtype (see the module docstring)."""
     torch.manual_seed(0)
     inputs = [torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(6)]
@@ -127,7 +128,7 @@ def check_shape(device: torch.device, dtype: torch.dtype, shape, options: dict, 
         except Exception as error:  # a backend that fails here is reported, never the end of the check
             row.update(passed=False, failure=f"{type(error).__name__}: {' '.join(str(error).split())[:200]}")
         rows.append(row)
-    samples = timed_steps(runs, inputs, dout, repeats)
+    samples = timed_steps(runs, inputs, dout, repeats, warmup)
     torch_samples = samples[0]  # the torch backend is the first candidate
     for index, times in samples.items():
         rows[index]["ms"] = statistics.median(times)
@@ -135,14 +136,15 @@ def check_shape(device: torch.device, dtype: torch.dtype, shape, options: dict, 
     return rows
 
 
-def run(device: torch.device, shapes: Dict[str, tuple], dtypes, repeats: int) -> List[dict]:
-    """Every shape and dtype: rows of check_shape with the shape, the dtype and what auto takes."""
+def run(device: torch.device, shapes: Dict[str, tuple], dtypes, repeats: int, warmup: int = 1) -> List[dict]:
+    """Every shape and dtype: rows of check_shape (`repeats` timed rounds after `warmup` untimed ones) with the
+    shape, the dtype and what auto takes."""
     rows = []
     for shape_name, (shape, options) in shapes.items():
         for dtype in dtypes:
             probe = [torch.empty(shape, device=device, dtype=dtype) for _ in range(3)]
             auto = auto_takes(device, probe)
-            for row in check_shape(device, dtype, shape, options, repeats):
+            for row in check_shape(device, dtype, shape, options, repeats, warmup):
                 rows.append(dict(shape=shape_name, size=",".join(map(str, shape)), dtype=str(dtype)[6:],
                                  options=",".join(f"{k.replace('temporal_', '')}={v}" for k, v in options.items())
                                  or "-", auto=auto, **row))
