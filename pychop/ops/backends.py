@@ -10,9 +10,9 @@ tensors' device type (skipping those whose backward is not deterministic while
 
 ``auto`` never fails where the torch backend runs: a fused backend that loads but cannot compile or launch its
 kernels for the inputs (``launch_failure``: Triton's OutOfResources or compile errors, a GPU architecture the
-extension was not built for, a failed launch) is recorded for that kind of input (``record_failure``: one warning
-naming the reason), and the call goes on with the next backend of ``fallbacks``, the torch backend last. An
-explicitly named backend raises instead.
+extension was not built for, a launch configuration the GPU cannot take) is recorded for that kind of input
+(``record_failure``: one warning naming the reason), and the call goes on with the next backend of
+``fallbacks``, the torch backend last. An explicitly named backend raises instead.
 
 A fused backend is a module with the kernel interface of ``pychop.ops.attention``: ``forward(...)`` and
 ``backward(...)`` on the (B, T, S, H, D) layout.
@@ -157,9 +157,10 @@ def available(device: Union[str, torch.device]) -> Dict[str, Optional[str]]:
 # ----------------------------------------------------------------------------------------------------------
 
 # Errors of a launch that leave the device usable (the launch never ran): configurations the GPU cannot take,
-# kernels built for other architectures. Out-of-memory is not one of them: the torch backend needs more memory.
+# kernels built for other architectures (as CUDA words them; the extension's launch errors quote CUDA's). Not
+# out-of-memory (the torch backend needs more), nor faults such as an illegal address (the device is lost).
 LAUNCH_FAILURE_MESSAGES = ("no kernel image is available", "invalid device function", "too many resources requested",
-                           "pychop._C CUDA launch failed", "unsupported gpu architecture", "named symbol not found")
+                           "unsupported gpu architecture", "named symbol not found")
 TRITON_FAILURES = ("OutOfResources", "CompilationError", "PTXASError")
 
 # (backend, kind of input) -> the reason its kernels failed there.
