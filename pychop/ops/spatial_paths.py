@@ -10,11 +10,11 @@
 
 The rule, per device, capability, dtype, head dim D and tokens per frame S:
 
-- CPU: "sdpa" whenever ATen's CPU flash kernel takes the inputs (every dtype the fused backends take).
-  Measured with the attention suite on a 2-core AMD EPYC (AVX2), float32, one thread, forward+backward: SDPA's
-  spatial branch ran at 1.0-1.8x the cpp kernels' at the suite's CPU shapes, so that the cpp backend with it runs
-  no slower than the torch backend anywhere, where its own kernels ran at 0.6x at S = 1024 (docs/design.md has
-  the figures and their commands).
+- CPU: "sdpa" whenever ATen's CPU flash kernel takes the inputs (every dtype the fused backends take). Measured
+  with the attention suite on a 2-core AMD EPYC (AVX2), float32, one thread, forward+backward: the cpp kernels'
+  spatial branch is slower than SDPA's at every CPU shape of the suite (most at S = 1024), their temporal one
+  faster at three of the four and on par at the fourth, and the composition no slower than the torch backend at
+  any (docs/design.md, section 8, has the figures and their commands).
 - GPU, float16 and bfloat16: from the floors model (benchmarks/floors.py at an H200's ceilings, until measured
   rows replace it): "sdpa" from SDPA_FROM_TOKENS tokens per frame (summed: 512, stacked: 1024). Below, the branch
   is memory-bound and the SDPA path's extra passes (o_s combined with o_t in a pass of its own; stacked, o_s and its
