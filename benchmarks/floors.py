@@ -3,6 +3,9 @@ input it reads once, every output written once) and the time those take at a GPU
 
     python -m benchmarks.floors [--causal] [--dtype bfloat16|float16|float32] [--gpu h200|h100]
 
+Also the floors of the spatial branch on its SDPA path (``sdpa_spatial_floors``) and where they cross the Triton
+kernels' (``sdpa_from_tokens``), the GPU rule of ``spatial_path="auto"``.
+
 A kernel's floor is the larger of FLOPs / matmul ceiling and bytes / copy ceiling (the copy ceiling counts
 reads and writes). The op's floor is the sum over its kernels. On a GPU the attention suite divides measured
 times by these floors. The temporal FLOPs are the useful ones (each token's T x T scores); the temporal kernels
@@ -172,6 +175,10 @@ def main(argv=None) -> None:
                   f"{f.memory_ms:>11.4f}{f.floor_ms:>10.4f}  {f.bound}")
         print(f"{name:<6}{'op forward':<26}{'':>52}{op_floor_ms(floors, backward=False):>10.4f}")
         print(f"{name:<6}{'op forward+backward':<26}{'':>52}{op_floor_ms(floors, backward=True):>10.4f}")
+    if itemsize == 2:
+        summed, stacked = (sdpa_from_tokens(64, stacked=stacked, gpu=gpu) for stacked in (False, True))
+        print(f"spatial branch: SDPA's path has the lower floor from S = {summed} tokens per frame summed, "
+              f"{stacked} stacked (pychop.ops.spatial_paths' GPU rule)")
 
 
 if __name__ == "__main__":
