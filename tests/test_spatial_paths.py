@@ -115,3 +115,41 @@ def test_parallel_block_keeps_no_more_bytes_on_the_sdpa_path(backend, monkeypatc
         monkeypatch.setenv(spatial_paths.ENV_VAR, path)
         kept[path] = SavedActivationMeter(block).measure(lambda: block(x).square().sum().backward())
     assert kept["sdpa"] <= kept["kernel"]
+
+
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """A GPU of capability `pretend_gpu.capability` with cuDNN `pretend_gpu.cudnn`, whose SDPA kernels take
+    whatever `pretend_gpu.takes` names (torch's own checks stood in for)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    gpu = SimpleNamespace(capability=(9, 0), cudnn=91600, takes={"cudnn", "flash", "efficient"})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu.capability)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: gpu.cudnn)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    for name, check in sdpa_spatial._CAN_USE.items():
+        monkeypatch.setattr(torch.backends.cuda, check, lambda params, debug=False, name=name: name in gpu.takes)
+    return gpu
+
+
+def test_gpu_kernels_in_torch_s_order(pretend_gpu, deterministic_setting):
+    """cuDNN first where torch itself puts it first (capability 9.x or 10.x, cuDNN past 9.15), FlashAttention first
+    elsewhere; no memory-efficient kernel under deterministic algorithms; misaligned rows take none."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        packed = torch.empty(1, 2, 64, 6, 2, 64, device="cuda", dtype=torch.bfloat16)
+        q, k, v = packed.unbind(3)[:3]
+        assert sdpa_spatial.sdpa_kernel_for(q, k, v) == "cudnn"
+        pretend_gpu.cudnn = 91500
+        assert sdpa_spatial.sdpa_kernel_for(q, k, v) == "flash"
+        pretend_gpu.capability, pretend_gpu.cudnn = (8, 9), 92000
+        assert sdpa_spatial.gpu_order(torch.device("cuda")) == ("flash", "efficient", "cudnn")
+        pretend_gpu.takes = {"efficient", "cudnn"}
+        assert sdpa_spatial.sdpa_kernel_for(q, k, v) == "efficient"
+        torch.use_deterministic_algorithms(True)
+        assert sdpa_spatial.sdpa_kernel_for(q, k, v) == "cudnn"
+        pretend_gpu.takes = set()
+        assert sdpa_spatial.sdpa_kernel_for(q, k, v) is None
+        pretend_gpu.takes = {"flash"}
+        odd = torch.empty(1, 2, 64, 2, 65, device="cuda", dtype=torch.bfloat16).narrow(-1, 1, 64)  # 2 bytes in
+        assert sdpa_spatial.sdpa_kernel_for(odd, odd, odd) is None
