@@ -6,6 +6,8 @@ input it reads once, every output written once) and the time those take at a GPU
 The shapes A-F (``DESIGN_SHAPES``, printed first with what each stands for) are the attention calls every GPU
 benchmark and GPU test of pychop uses, bf16: (B, T, S, H, D) = batch, frames, tokens per frame (the latent
 grid's height x width), heads, head dim, as in the attention layers of Stable-Diffusion-family video UNets.
+Also the floors of the spatial branch on its SDPA path (``sdpa_spatial_floors``) and where they cross the Triton
+kernels' (``sdpa_from_tokens``), the GPU rule of ``spatial_path="auto"``.
 
 A kernel's floor is the larger of FLOPs / matmul ceiling and bytes / copy ceiling (the copy ceiling counts
 reads and writes). The op's floor is the sum over its kernels. On a GPU the attention suite divides measured
@@ -117,6 +119,60 @@ def kernel_floors(shape, *, itemsize: int = 2, causal: bool = False, window=None
     return forward + backward
 
 
+def sdpa_spatial_floors(shape, *, itemsize: int = 2, summed: bool = True,
+                        gpu: Ceilings = GPUS["h200"]) -> List[KernelFloor]:
+    """One KernelFloor per kernel of the spatial branch on the SDPA path (``spatial_path="sdpa"``), as
+    FlashAttention-2 and cuDNN run it: the forward (2 products), the pass that combines its output with the
+    temporal branch's (summed: o_s added to o_t, 3 tensors; stacked: o_s copied into its half, 2), and the backward:
+    stacked, o_s and dO_s copied dense first (4 tensors), then delta = rowsum(dO o) (2), the main kernel (5
+    products: QK^T, dP, dV, dQ, dK; reads q, k, v, dO, lse, delta, writes dk, dv and dq accumulated in float32)
+    and dq's conversion from float32."""
+    B, T, S, H, D = shape
+    rows = B * T * S * H
+    tensor, stats, accumulator = rows * D * itemsize, rows * 4, rows * D * 4
+    product = 2 * B * T * H * S * S * D
+
+    def floor(name, matmuls, moved):
+        flops = matmuls * product
+        return KernelFloor(name, flops, moved, flops / (gpu.matmul_tflops * 1e9), moved / (gpu.copy_tbps * 1e9))
+
+    floors = [floor("sdpa_spatial_forward", 2, 4 * tensor + stats),
+              floor("sdpa_combine", 0, (3 if summed else 2) * tensor)]
+    if not summed:
+        floors.append(floor("sdpa_spatial_backward_layout", 0, 4 * tensor))
+    return floors + [floor("sdpa_spatial_backward_delta", 0, 2 * tensor + stats),
+                     floor("sdpa_spatial_backward", 5, 6 * tensor + 2 * stats + accumulator),
+                     floor("sdpa_spatial_backward_dq", 0, accumulator + tensor)]
+
+
+def spatial_path_floors(shape, spatial_path: str, *, itemsize: int = 2, stacked: bool = False,
+                        gpu: Ceilings = GPUS["h200"]) -> List[KernelFloor]:
+    """The spatial branch's kernels on `spatial_path` ("kernel": the Triton kernels, "sdpa": SDPA's), as they run
+    beside the temporal branch, summed or `stacked`. The temporal kernels are the same on both paths."""
+    if spatial_path == "sdpa":
+        return sdpa_spatial_floors(shape, itemsize=itemsize, summed=not stacked, gpu=gpu)
+    both = kernel_floors(shape, itemsize=itemsize, stacked=stacked, gpu=gpu)
+    return [f for f in both if f.kernel.startswith("spatial")]
+
+
+def faster_spatial_path(shape, *, itemsize: int = 2, stacked: bool = False, gpu: Ceilings = GPUS["h200"]) -> str:
+    """The spatial path with the lower floor, forward plus backward ("sdpa" on a tie: it has the tuned kernels)."""
+    sdpa, kernel = (op_floor_ms(spatial_path_floors(shape, path, itemsize=itemsize, stacked=stacked, gpu=gpu),
+                                backward=True) for path in ("sdpa", "kernel"))
+    return "sdpa" if sdpa <= kernel else "kernel"
+
+
+def sdpa_from_tokens(head_dim: int, *, itemsize: int = 2, stacked: bool = False, gpu: Ceilings = GPUS["h200"],
+                     largest: int = 16384) -> int:
+    """The fewest tokens per frame S (a multiple of 64) from which the SDPA path's floor is the lower at every
+    larger S up to `largest`: the GPU rule of pychop.ops.spatial_paths. B, T and H scale both floors alike."""
+    tokens = largest
+    while tokens > 64 and faster_spatial_path((1, 1, tokens - 64, 1, head_dim), itemsize=itemsize, stacked=stacked,
+                                              gpu=gpu) == "sdpa":
+        tokens -= 64
+    return tokens
+
+
 def op_floor_ms(floors: List[KernelFloor], *, backward: bool) -> float:
     """The op's floor: its forward kernels' floors, plus its backward kernels' with `backward`."""
     return sum(f.floor_ms for f in floors if backward or "backward" not in f.kernel)
@@ -141,6 +197,10 @@ def main(argv=None) -> None:
                   f"{f.memory_ms:>11.4f}{f.floor_ms:>10.4f}  {f.bound}")
         print(f"{name:<6}{'op forward':<26}{'':>52}{op_floor_ms(floors, backward=False):>10.4f}")
         print(f"{name:<6}{'op forward+backward':<26}{'':>52}{op_floor_ms(floors, backward=True):>10.4f}")
+    if itemsize == 2:
+        summed, stacked = (sdpa_from_tokens(64, stacked=stacked, gpu=gpu) for stacked in (False, True))
+        print(f"spatial branch: SDPA's path has the lower floor from S = {summed} tokens per frame summed, "
+              f"{stacked} stacked (pychop.ops.spatial_paths' GPU rule)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The Triton backend's kernel interface (``pychop.ops.attention``) on the (B, T, S, H, D) layout:
 
-    forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale, temporal_causal, temporal_window, stacked)
+    forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale, temporal_causal, temporal_window, stacked, out=None)
         -> out (B, T, S, H, D) or stacked (B, T, S, 2, H, D), lse_s and lse_t (B, T, H, S) float32 or None
     backward(dout, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t,
              *, scale, temporal_causal, temporal_window, temporal_grad_window, stacked)
@@ -25,12 +25,13 @@ def _halves(x, stacked):
     return (x[:, :, :, 0], x[:, :, :, 1]) if stacked else (x, x)
 
 
-def forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale, temporal_causal, temporal_window, stacked):
+def forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale, temporal_causal, temporal_window, stacked, out=None):
     """Output (B, T, S, H, D), or (B, T, S, 2, H, D) stacked, in the input dtype and each present branch's lse
-    (B, T, H, S) float32."""
+    (B, T, H, S) float32. `out`: the tensor to write the output into (any strides, the last 1), or None."""
     first = q_s if q_s is not None else q_t
     B, T, S, H, D = first.shape
-    out = new_output((B, T, S, 2, H, D) if stacked else (B, T, S, H, D), dtype=first.dtype, device=first.device)
+    if out is None:
+        out = new_output((B, T, S, 2, H, D) if stacked else (B, T, S, H, D), dtype=first.dtype, device=first.device)
     out_s, out_t = _halves(out, stacked)
     lse_s = lse_t = None
     if q_t is not None:

@@ -6,6 +6,7 @@
 - ``pychop.nn``, ``pychop.models``, ``pychop.integrations``: blocks, reference models and diffusers adapters.
 - ``pychop.memory``: ``lean_frozen``, less memory for the frozen layers of a model being fine-tuned.
 - ``pychop.distributed``: ``shard_frames``, a model's frames sharded over a process group (long videos).
+- ``python -m pychop.check``: every attention backend on this machine against float64, its speed, what auto takes.
 
 Submodules are imported on first use, so ``import pychop`` stays light.
 """

@@ -48,9 +48,13 @@ PLAN: Dict[str, List[Stage]] = {
     "first": [
         ENVIRONMENT,
         Stage("install", 25, INSTALL),
-        Stage("triton-correctness", 150, "triton at shapes A-F, bf16 and fp16: out and six gradients vs float32 torch"),
-        Stage("cuda-correctness", 60, "cuda (after its build) at shapes A-F, bf16 and fp16, vs float32 torch"),
-        Stage("attention-suite", 125, "fused backends vs unfused reference vs SDPA spatial alone, fwd and fwd+bwd"),
+        Stage("triton-correctness", 130, "triton at shapes A-F, bf16 on both spatial paths and fp16 on auto's: out "
+                                         "and six gradients vs float32 torch"),
+        Stage("cuda-correctness", 45, "cuda (after its build), the same cases, vs float32 torch"),
+        Stage("check", 45, "python -m pychop.check: every backend on both spatial paths, bf16 and float32, vs float64, "
+                           "times, the path auto takes"),
+        Stage("attention-suite", 115, "fused backends per spatial path vs diffusers' default and the best unfused "
+                                      "composition, the branches per SDPA backend, auto vs torch; fwd and fwd+bwd"),
         Stage("attention-sweep", 40, "the temporal branch over T = 8 ... 256 and grad window k in {1, 4, T}"),
     ],
     "second": [
@@ -72,6 +76,8 @@ SUITE_SETTINGS = {"attention": ["--repeats", "10"], "attention_sweep": ["--repea
 # (what the attention suite times) and a window with a grad window (causal, window and the gradient band).
 REHEARSAL_SHAPES = {"tiny": (1, 5, 12, 2, 24)}
 CORRECTNESS_OPTIONS = [{}, dict(window=8, grad_window=4)]
+# (dtype, spatial paths): bf16 on both paths (SDPA's kernel and the backend's own), fp16 on the one auto takes.
+CORRECTNESS_PATHS = [("bfloat16", ("sdpa", "kernel")), ("float16", ("auto",))]
 # The representative gpu tests (second call): every scenario of the conformance suite on both GPU backends in bf16
 # and float32 (fp16 left out; head dims up to 256 in bf16), the model-level gpu tests, and no sanitizer (its own
 # stage).
@@ -139,18 +145,34 @@ def correctness(backend: str, rehearse: bool) -> dict:
     shapes = REHEARSAL_SHAPES if rehearse else DESIGN_SHAPES
     cases, worst = [], 0.0
     for name, shape in shapes.items():
-        for dtype in (torch.bfloat16, torch.float16):
-            for options in CORRECTNESS_OPTIONS:
-                torch.manual_seed(0)
-                start = time.perf_counter()
-                errors = float32_torch_errors(backend, shape, dtype, device, **options)
-                ratio = max(e["error"] / e["bound"] for e in errors)
-                worst = max(worst, ratio)
-                cases.append(dict(shape=name, dtype=str(dtype).replace("torch.", ""), options=options,
-                                  worst_error_over_bound=ratio, seconds=time.perf_counter() - start, errors=errors))
-                print(f"{backend} {name} {dtype} {options}: worst error/bound {ratio:.3f} "
-                      f"({'ok' if ratio <= 1 else 'FAIL'})", flush=True)
+        for dtype_name, paths in CORRECTNESS_PATHS:
+            dtype = getattr(torch, dtype_name)
+            for path in paths:
+                for options in CORRECTNESS_OPTIONS:
+                    torch.manual_seed(0)
+                    start = time.perf_counter()
+                    errors = float32_torch_errors(backend, shape, dtype, device, spatial_path=path, **options)
+                    ratio = max(e["error"] / e["bound"] for e in errors)
+                    worst = max(worst, ratio)
+                    cases.append(dict(shape=name, dtype=dtype_name, spatial_path=path, options=options,
+                                      worst_error_over_bound=ratio, seconds=time.perf_counter() - start,
+                                      errors=errors))
+                    print(f"{backend} {name} {dtype_name} spatial {path} {options}: worst error/bound {ratio:.3f} "
+                          f"({'ok' if ratio <= 1 else 'FAIL'})", flush=True)
     return {"backend": backend, "passed": worst <= 1.0, "worst_error_over_bound": worst, "cases": cases}
+
+
+def stage_check(rehearse: bool) -> dict:
+    """python -m pychop.check on this machine (in rehearsal its smoke size on the CPU): its rows and verdict."""
+    import torch
+
+    from pychop import check
+
+    device = torch.device(device_name(rehearse))
+    rows = check.run(device, check.SMOKE_SHAPES if rehearse else check.GPU_SHAPES, check.DTYPES[device.type],
+                     repeats=1 if rehearse else 5, warmup=0 if rehearse else 1)
+    print(check.format_rows(rows), flush=True)
+    return {"check_passed": all(row["passed"] for row in rows), "verdict": check.verdict(rows), "check_rows": rows}
 
 
 def run_suite(suite: str, rehearse: bool, out: Path) -> dict:
@@ -218,6 +240,7 @@ def run_stage(name: str, rehearse: bool, out: Path) -> dict:
         "install": lambda: stage_install(rehearse),
         "triton-correctness": lambda: correctness("triton", rehearse),
         "cuda-correctness": lambda: correctness("cpp" if rehearse else "cuda", rehearse),
+        "check": lambda: stage_check(rehearse),
         "attention-suite": lambda: run_suite("attention", rehearse, out),
         "attention-sweep": lambda: run_suite("attention_sweep", rehearse, out),
         "chopgrad-suite": lambda: run_suite("chopgrad", rehearse, out),
@@ -345,6 +368,11 @@ def summary(out: Path) -> str:
         lines.append(f"{call:<7}{'(call)':<20}{'':<34}{report.get('wall_s', 0):>8.1f}{report['budget_s']:>10}")
         for name, stage in report["stages"].items():
             results = stage.get("results") or {}
+            if "check_rows" in results:
+                lines.append(f"  {name}: {results['verdict']}")
+                lines += [f"    auto at {shape}: {auto}" for shape, auto in
+                          dict.fromkeys((f"{row['shape']} ({row['dtype']})", row["auto"])
+                                        for row in results["check_rows"])]
             if "worst_error_over_bound" in results:
                 lines.append(f"  {name}: worst error / bound {results['worst_error_over_bound']:.3f} over "
                              f"{len(results['cases'])} cases ({'pass' if results['passed'] else 'FAIL'})")

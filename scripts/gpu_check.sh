@@ -8,12 +8,15 @@
 #   bash scripts/gpu_check.sh --rehearse first|second    # the same stages at tiny sizes on the CPU
 #
 # first (budget 420 s): environment (20 s), install without downloads (25 s) while pychop._C builds in the
-#   background (~70 s of g++ for binding.cpp, ~25 s of nvcc), triton correctness at shapes A-F x bf16, fp16 x
-#   {every frame, window 8 with grad window 4} against float32 torch (150 s; about 80 Triton compiles: the
-#   spatial kernels per head dim 40, 64, 128 and dtype, the temporal ones also per block of frames 16, 32, 64 and
-#   per causal or not), cuda correctness on the same cases (60 s), the attention suite at A-F, 10 timed rounds of
-#   >= 1 ms samples, each shape's table printed as it ends (125 s; the branches alone add compiles), the T sweep
-#   of the temporal branch (40 s). Expected: 6-7 minutes.
+#   background (~70 s of g++ for binding.cpp, ~25 s of nvcc), triton correctness at shapes A-F x {bf16 with the
+#   spatial branch through SDPA and through the Triton kernel, fp16 on the path auto takes} x {every frame, window 8
+#   with grad window 4} against float32 torch (130 s; about 80 Triton compiles: the spatial kernels per head dim 40,
+#   64, 128 and dtype, the temporal ones also per block of frames 16, 32, 64 and per causal or not), cuda
+#   correctness on the same cases (45 s), python -m pychop.check (45 s: every backend on both spatial paths at
+#   three shapes, bf16 and float32, against float64; the path auto takes), the attention suite at A-F (115 s: the
+#   fused op per backend and spatial path against diffusers' default and the best unfused composition, the branches
+#   per SDPA backend, auto against the torch backend; 10 timed rounds of >= 1 ms samples, each shape's tables
+#   printed as it ends), the T sweep of the temporal branch (40 s). Expected: 6-7 minutes.
 # second (budget 300 s): environment and install (40 s), the chopgrad suite (90 s: peak allocator memory and step
 #   time against frames, full backpropagation vs stream, pychop's decoder at Wan widths and diffusers' Wan VAE),
 #   the mobius suite (60 s: every form at SD15_VIDEO, batch 2, bf16), 3 timed rounds each, the representative

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import pychop
+from pychop.check import ERROR_FACTOR, FLOOR
 from tests.reference import parallel_loops, spatial_loops, temporal_loops
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -31,8 +32,8 @@ DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
 
 # Largest error of the torch backend against float64, relative to the reference's largest magnitude.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-ERROR_FACTOR = 3.0
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # float32: accurate to float32, not close
+# ERROR_FACTOR and FLOOR (float32: accurate to float32, not close) are pychop.check's: one rule for the tests and
+# for the check users run.
 
 GRAD_NAMES = {6: ("q_s", "k_s", "v_s", "q_t", "k_t", "v_t"), 3: ("q", "k", "v")}
 
@@ -79,18 +80,22 @@ def input_count(op: str) -> int:
     return 3 if op in ("temporal", "spatial") else 6
 
 
-def op_call(op: str, inputs, *, backend, scale=None, causal=False, window=None, grad_window=None, frame_group=None):
+def op_call(op: str, inputs, *, backend, scale=None, causal=False, window=None, grad_window=None,
+            spatial_path="auto", frame_group=None):
     """Calls pychop's op `op` with neutral option names: "parallel" (branches summed), "stacked" (the parallel
-    op with ``combine="stack"``), "temporal" or "spatial"; ``frame_group`` as the ops take it."""
+    op with ``combine="stack"``), "temporal" or "spatial"; `spatial_path` goes to the ops with a spatial branch,
+    ``frame_group`` as the ops take it."""
     if op in ("parallel", "stacked"):
         return pychop.parallel_st_attention(*inputs, scale=scale, temporal_causal=causal, temporal_window=window,
                                             temporal_grad_window=grad_window, backend=backend,
-                                            combine="stack" if op == "stacked" else "sum", frame_group=frame_group)
+                                            combine="stack" if op == "stacked" else "sum", spatial_path=spatial_path,
+                                            frame_group=frame_group)
     if op == "temporal":
         return pychop.temporal_attention(*inputs, scale=scale, causal=causal, window=window,
                                          grad_window=grad_window, backend=backend, frame_group=frame_group)
     assert not (causal or window or grad_window), "spatial attention takes no temporal options"
-    return pychop.spatial_attention(*inputs, scale=scale, backend=backend, frame_group=frame_group)
+    return pychop.spatial_attention(*inputs, scale=scale, backend=backend, spatial_path=spatial_path,
+                                    frame_group=frame_group)
 
 
 def reference_call(op: str, inputs, *, scale=None, causal=False, window=None, grad_window=None):
@@ -228,20 +233,22 @@ def assert_finite(tensor, what):
 
 
 def check_against_reference(op, backend, shape, dtype, device, seed, *, packed=False, inputs=None, floor=None,
-                            **options):
-    """Forward and every input gradient of `backend` against float64, within the rule of this module.
-    `inputs` (leaf tensors of `shape`, `dtype`, requiring grad) replaces make_inputs' fresh ones; `floor`
-    replaces FLOOR[dtype]."""
+                            spatial_path="auto", **options):
+    """Forward and every input gradient of `backend` (its spatial branch on `spatial_path`) against float64,
+    within the rule of this module. `inputs` (leaf tensors of `shape`, `dtype`, requiring grad) replaces
+    make_inputs' fresh ones; `floor` replaces FLOOR[dtype]."""
     count = input_count(op)
     if inputs is None:
         inputs = make_inputs(shape, dtype, device, count, packed=packed)
-    out, dout, grads = forward_backward(lambda *x: op_call(op, x, backend=backend, **options), inputs)
+    out, dout, grads = forward_backward(
+        lambda *x: op_call(op, x, backend=backend, spatial_path=spatial_path, **options), inputs)
     base_out, _, base_grads = forward_backward(lambda *x: op_call(op, x, backend="torch", **options),
                                                inputs, dout)
     inputs64 = [x.detach().double().requires_grad_() for x in inputs]
     ref_out, _, ref_grads = forward_backward(lambda *x: reference_call(op, x, **options), inputs64,
                                              dout.double())
-    context = f"{op} backend={backend} shape={shape} dtype={dtype} options={options} packed={packed} seed={seed}"
+    context = (f"{op} backend={backend} spatial_path={spatial_path} shape={shape} dtype={dtype} options={options} "
+               f"packed={packed} seed={seed}")
     names = ("out",) + GRAD_NAMES[count]
     for name, actual, baseline, reference in zip(names, (out, *grads), (base_out, *base_grads),
                                                  (ref_out, *ref_grads)):
@@ -256,13 +263,14 @@ def check_against_reference(op, backend, shape, dtype, device, seed, *, packed=F
                                 f"error {base_error:.3g} + {FLOOR[dtype] if floor is None else floor:g}; {context}")
 
 
-def float32_torch_errors(backend, shape, dtype, device="cuda", **options):
-    """The parallel op of `backend` against the torch backend in float32 on upcast inputs, the reference where
-    the float64 loop reference would need tens of GiB: for the output and each of the six input gradients, a dict
-    of its relative error, the torch path's own error in `dtype` and the bound of check_against_reference's
-    rule."""
+def float32_torch_errors(backend, shape, dtype, device="cuda", spatial_path="auto", **options):
+    """The parallel op of `backend` (its spatial branch on `spatial_path`) against the torch backend in float32 on
+    upcast inputs, the reference where the float64 loop reference would need tens of GiB: for the output and each
+    of the six input gradients, a dict of its relative error, the torch path's own error in `dtype` and the bound
+    of check_against_reference's rule."""
     inputs = make_inputs(shape, dtype, device)
-    out, dout, grads = forward_backward(lambda *x: op_call("parallel", x, backend=backend, **options), inputs)
+    out, dout, grads = forward_backward(
+        lambda *x: op_call("parallel", x, backend=backend, spatial_path=spatial_path, **options), inputs)
     base_out, _, base_grads = forward_backward(lambda *x: op_call("parallel", x, backend="torch", **options),
                                                inputs, dout)
     inputs32 = [x.detach().float().requires_grad_() for x in inputs]

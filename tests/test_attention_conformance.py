@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks.floors import DESIGN_SHAPES
-from pychop.ops import backends
+from pychop.ops import backends, sdpa_spatial
 from tests.checks import (
     DTYPES,
     ERROR_FACTOR,
@@ -41,16 +41,21 @@ from tests.checks import (
 pytestmark = pytest.mark.numerics  # CI runs these once more on the AVX2 path (scripts/test.sh --avx2)
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SPATIAL_PATHS = ("sdpa", "kernel")
 
 
 def fused_backends(*, quick_interpreter: bool = False, interpreted_triton: bool = True):
-    """(backend, device) parameters: cpp on the CPU, triton where it runs (a gpu test where that is a GPU; in the
-    CPU interpreter, seconds per case: slow unless `quick_interpreter`, left out when `interpreted_triton` is
-    False), cuda on a GPU."""
+    """(backend, device, spatial path) parameters: cpp on the CPU, triton where it runs (a gpu test where that is
+    a GPU; in the CPU interpreter, seconds per case: slow unless `quick_interpreter`, left out when
+    `interpreted_triton` is False), cuda on a GPU, each with its spatial branch through SDPA's kernel and through
+    its own."""
     triton_marks = [pytest.mark.gpu] if TRITON_DEVICE == "cuda" else [] if quick_interpreter else [pytest.mark.slow]
-    triton = [pytest.param(("triton", TRITON_DEVICE), id="triton", marks=triton_marks)]
-    return ([pytest.param(("cpp", "cpu"), id="cpp")] + (triton if interpreted_triton or TRITON_DEVICE == "cuda" else [])
-            + [pytest.param(("cuda", "cuda"), id="cuda", marks=[pytest.mark.gpu])])
+    backends = [("cpp", "cpu", [])]
+    if interpreted_triton or TRITON_DEVICE == "cuda":
+        backends.append(("triton", TRITON_DEVICE, triton_marks))
+    backends.append(("cuda", "cuda", [pytest.mark.gpu]))
+    return [pytest.param((backend, device, path), id=f"{backend}-{path}", marks=marks)
+            for backend, device, marks in backends for path in SPATIAL_PATHS]
 
 
 @pytest.fixture(params=fused_backends())
@@ -61,11 +66,23 @@ def fused(request):
 QUICK_IN_THE_INTERPRETER = pytest.mark.parametrize("fused", fused_backends(quick_interpreter=True))
 
 
-def check(op, fused, shape, dtype, seed, **kwargs):
-    backend, device = fused
-    if kwargs.get("inputs") is not None:
-        kwargs["inputs"] = [x.detach().to(device).requires_grad_() for x in kwargs["inputs"]]
-    check_against_reference(op, backend, shape, dtype, device, seed, **kwargs)
+def one_spatial_path(fused, op="temporal"):
+    """The temporal op, and what does not depend on the spatial path, runs in the sdpa case only."""
+    if op == "temporal" and fused[2] == "kernel":
+        pytest.skip("no spatial branch: runs in the sdpa case")
+
+
+def check(op, fused, shape, dtype, seed, *, packed=False, inputs=None, **kwargs):
+    """check_against_reference on the fused parameter's backend, device and spatial path (on a GPU, inputs no SDPA
+    kernel takes skip the sdpa case: the kernel case covers them)."""
+    backend, device, path = fused
+    one_spatial_path(fused, op)
+    if inputs is None:
+        inputs = make_inputs(shape, dtype, device, input_count(op), packed=packed)
+    inputs = [x.detach().to(device).requires_grad_() for x in inputs]
+    if path == "sdpa" and op != "temporal" and sdpa_spatial.sdpa_kernel_for(*inputs[:3]) is None:
+        pytest.skip("no SDPA kernel takes these inputs here")
+    check_against_reference(op, backend, shape, dtype, device, seed, inputs=inputs, spatial_path=path, **kwargs)
 
 
 @pytest.mark.parametrize("options", TEMPORAL_OPTIONS, ids=options_id)
@@ -141,10 +158,12 @@ def test_single_token(fused, op, options, dtype, seed):
     """S = 1: the spatial q/k gradients are zero in exact arithmetic, where the relative rule of
     check_against_reference divides by zero. Errors are measured against the largest reference gradient
     instead, with the same ERROR_FACTOR x torch-path error + FLOOR bound."""
-    backend, device = fused
+    backend, device, path = fused
+    one_spatial_path(fused, op)
     count = input_count(op)
     inputs = make_inputs((2, 3, 1, 2, 40), dtype, device, count)
-    out, dout, grads = forward_backward(lambda *x: op_call(op, x, backend=backend, **options), inputs)
+    out, dout, grads = forward_backward(lambda *x: op_call(op, x, backend=backend, spatial_path=path, **options),
+                                        inputs)
     base_out, _, base = forward_backward(lambda *x: op_call(op, x, backend="torch", **options), inputs, dout)
     inputs64 = [x.detach().double().requires_grad_() for x in inputs]
     ref_out, _, reference = forward_backward(lambda *x: reference_call(op, x, **options), inputs64,
@@ -217,14 +236,15 @@ def test_temporal_branch_dominating_the_saved_sum(fused, dtype, tokens, seed):
 
 
 @QUICK_IN_THE_INTERPRETER
-def test_strided_output_gradient(fused, seed):
+@pytest.mark.parametrize("op", ["parallel", "stacked"])
+def test_strided_output_gradient(fused, op, seed):
     """An upstream gradient with unusual strides (last one 1) is read as it lies."""
-    backend, device = fused
+    backend, device, path = fused
     inputs = make_inputs((1, 3, 9, 2, 16), torch.float32, device, packed=True)
-    dout = torch.randn(1, 3, 2, 9, 16, device=device).transpose(2, 3)  # (B, T, S, H, D) view
-    _, _, grads = forward_backward(lambda *x: op_call("parallel", x, backend=backend, causal=True), inputs, dout)
-    _, _, expected = forward_backward(lambda *x: op_call("parallel", x, backend="torch", causal=True), inputs,
-                                      dout)
+    dout = torch.randn(1, 3, 2, 9, *(2,) if op == "stacked" else (), 16, device=device).transpose(2, 3)
+    _, _, grads = forward_backward(lambda *x: op_call(op, x, backend=backend, causal=True, spatial_path=path), inputs,
+                                   dout)
+    _, _, expected = forward_backward(lambda *x: op_call(op, x, backend="torch", causal=True), inputs, dout)
     for name, actual, reference in zip(GRAD_NAMES[6], grads, expected):
         torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4, msg=name)
 
@@ -233,7 +253,8 @@ def test_strided_output_gradient(fused, seed):
 def test_kernel_interface_statistics(fused, seed):
     """forward() returns each branch's natural-log logsumexp of the scaled scores, (B, T, H, S) float32: the
     contract of the kernel interface, which the backward's own reading of them cannot check."""
-    backend, device = fused
+    backend, device, _ = fused
+    one_spatial_path(fused)
     check_kernel_statistics(backends.load(backend, torch.device(device)), device)
 
 

@@ -152,11 +152,11 @@ def test_attention_rows_carry_speedups_with_spread():
     ctx = Context(torch.device("cpu"), quick=True, settings=Settings(repeats=3, warmup=0, min_sample_ms=0.05))
     x = [torch.randn(1, 2, 3, 1, 8, requires_grad=True) for _ in range(6)]
     flops = attention.attention_flops(1, 2, 3, 1, 8)
-    ops = {"reference": (lambda *a: attention.pychop.parallel_st_attention(*a, backend="torch"), x, flops, None),
-           "again": (lambda *a: attention.pychop.parallel_st_attention(*a, backend="torch"), x, flops, "reference")}
-    reference, again = attention.timed_rows(ctx, ops)
-    assert "fwd_speedup" not in reference and len(ctx.comparisons) == 2
-    for key in ("fwd_speedup", "fwdbwd_speedup"):
+    ops = {"reference": (lambda *a: attention.pychop.parallel_st_attention(*a, backend="torch"), x, flops),
+           "again": (lambda *a: attention.pychop.parallel_st_attention(*a, backend="torch"), x, flops)}
+    reference, again = attention.timed_rows(ctx, ops, {"ref": "reference"})
+    assert reference["fwd_vs_ref"] is None and len(ctx.comparisons) == 2
+    for key in ("fwd_vs_ref", "fwdbwd_vs_ref"):
         assert again[f"{key}_p10"] <= again[key] <= again[f"{key}_p90"]
     assert all(math.isfinite(again[key]) and again[key] > 0 for key in ("fwd_ms", "fwdbwd_ms"))
 
@@ -184,3 +184,36 @@ def test_cli_options_reach_the_settings(monkeypatch, restore_threads, tmp_path):
     assert seen["settings"] == runner.default_settings(torch.device("cpu"), smoke=True) and seen["smoke"]
     with pytest.raises(SystemExit):
         cli.main(["--device", "cpu", "--repeats", "0", "--out", str(tmp_path)])
+
+
+def test_attention_suite_prints_one_table_per_comparison_once(monkeypatch, tmp_path, capsys):
+    """The suite at its smoke size (the cpp backend only: Triton's interpreter is slow): its tables (spatial,
+    temporal, the op against both references, auto against the torch backend) printed once each, no empty column;
+    report() makes one Markdown table per comparison from the JSON."""
+    if attention.pychop.available_backends("cpu")["cpp"] is not None:
+        pytest.skip("needs the cpp backend")
+    monkeypatch.setattr(attention, "fused_backends", lambda ctx: ["cpp"])
+    settings = Settings(repeats=MIN_ROUNDS, warmup=0, min_sample_ms=0.05, budget_s=0.2)
+    runner.run_suites(["attention"], torch.device("cpu"), quick=False, out_dir=tmp_path, settings=settings, smoke=True)
+    printed = capsys.readouterr().out
+    for title in attention.TITLES.values():
+        if "Triton" not in title:
+            assert printed.count(title) == 1, title
+    result = json.loads((tmp_path / "attention.json").read_text())
+    comparisons = {row["comparison"] for row in result["rows"]}
+    assert comparisons == {"spatial", "temporal", "op", "auto"}
+    ops = {row["impl"] for row in result["rows"] if row["comparison"] == "op"}
+    assert {"diffusers default", "torch backend", "cpp sdpa", "cpp kernel"} <= ops
+    assert any(impl.startswith("best unfused (") for impl in ops)
+    (auto,) = [row for row in result["rows"] if row["comparison"] == "auto"]
+    assert "cpp, spatial branch through SDPA" in auto["takes"] and isinstance(auto["no_slower"], bool)
+    assert auto["fwdbwd_vs_torch_p10"] <= auto["fwdbwd_vs_torch"] <= auto["fwdbwd_vs_torch_p90"]
+    markdown = attention.report(result)
+    assert markdown.count("\n### ") + markdown.startswith("### ") == 4  # a heading per table
+    tables = [block for block in markdown.split("\n\n") if block.startswith("|")]
+    assert len(tables) == 4
+    for block in tables:
+        header, _, *cells = block.splitlines()
+        columns = list(zip(*[line.strip("|").split(" | ") for line in cells]))
+        assert len(columns) == header.count("|") - 1
+        assert all(any(value.strip() != "-" for value in column) for column in columns), block

@@ -23,6 +23,7 @@ def assert_compiled_matches_eager(fn, inputs, compiler, wrt=None):
     """fn compiled whole gives eager's output, and gradients with respect to `wrt` (the inputs by default),
     exactly: the same kernels run on the same data (every fused backward is deterministic)."""
     wrt = inputs if wrt is None else wrt
+    torch._dynamo.reset()  # each test's lambda is one code object: its compiles would add up to dynamo's limit
     compiled = torch.compile(fn, fullgraph=True, backend=compiler)
     out = compiled(*inputs)
     grads = torch.autograd.grad(out.square().sum(), wrt)
@@ -33,18 +34,24 @@ def assert_compiled_matches_eager(fn, inputs, compiler, wrt=None):
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("spatial_path", ["sdpa", "kernel"])
 @pytest.mark.parametrize("backend", FUSED_CPU)
 @pytest.mark.parametrize("op,options", OPS, ids=[op for op, _ in OPS])
-def test_ops_compile_whole_and_match_eager(backend, op, options, seed):
+def test_ops_compile_whole_and_match_eager(backend, op, options, spatial_path, seed):
+    if op == "temporal" and spatial_path == "kernel":
+        pytest.skip("no spatial branch: runs in the sdpa case")
     inputs = make_inputs(SHAPE, torch.float32, "cpu", input_count(op), packed=True)
-    assert_compiled_matches_eager(lambda *x: op_call(op, x, backend=backend, **options), inputs, "aot_eager")
+    assert_compiled_matches_eager(lambda *x: op_call(op, x, backend=backend, spatial_path=spatial_path, **options),
+                                  inputs, "aot_eager")
 
 
+@pytest.mark.parametrize("spatial_path", ["sdpa", "kernel"])
+@pytest.mark.parametrize("op", ["parallel", "stacked"])
 @pytest.mark.parametrize("backend", FUSED_CPU)
-def test_inductor_compiles_the_parallel_op(backend, seed):
+def test_inductor_compiles_the_parallel_op(backend, op, spatial_path, seed):
     inputs = make_inputs(SHAPE, torch.float32, "cpu")
-    assert_compiled_matches_eager(lambda *x: op_call("parallel", x, backend=backend, causal=True), inputs,
-                                  "inductor")
+    assert_compiled_matches_eager(
+        lambda *x: op_call(op, x, backend=backend, causal=True, spatial_path=spatial_path), inputs, "inductor")
 
 
 @pytest.mark.gpu
@@ -65,10 +72,11 @@ def test_custom_operators_pass_opcheck(backend, branches, seed):
     temporal = views[3:] if branches != "spatial" else [None] * 3
     options = (0.3, True, 2)  # scale, temporal_causal, temporal_window
     stacked = branches == "both-stacked"
-    forward_args = (backend, *spatial, *temporal, *options, stacked)
+    forward_args = (backend, False, *spatial, *temporal, *options, stacked)
     torch.library.opcheck(attention.fused_attention_forward_op, forward_args)
     out, lse_s, lse_t = attention.fused_attention_forward(*forward_args)
-    backward_args = (backend, torch.randn_like(out), *spatial, *temporal, out, lse_s, lse_t, *options, 1, stacked)
+    backward_args = (backend, False, torch.randn_like(out), *spatial, *temporal, out, lse_s, lse_t, *options, 1,
+                     stacked)
     torch.library.opcheck(attention.fused_attention_backward_op, backward_args)
 
 

@@ -65,7 +65,8 @@ def test_gpu_test_selection(gpu_check):
     assert any("cuda" in i and "-bf16]" in i for i in conformance), result.stdout[-2000:]
     assert any("cuda" in i and "-fp32]" in i for i in conformance)
     assert not any("fp16" in i or "benchmark_shapes" in i or "sanitizer" in i for i in ids)
-    assert "tests/test_attention_conformance.py::test_head_dims[cuda-256-bf16]" in ids
+    for path in ("sdpa", "kernel"):
+        assert f"tests/test_attention_conformance.py::test_head_dims[cuda-{path}-256-bf16]" in ids
     assert any(i.startswith("tests/test_chopgrad_gpu.py") for i in ids)
 
 
@@ -80,8 +81,14 @@ def test_rehearsal(gpu_check, call, tmp_path):
         assert entry["status"] == "done", f"{stage.name}: {entry['status']}\n{log[-3000:]}"
     if call == "first":
         for stage in ("triton-correctness", "cuda-correctness"):
-            assert report["stages"][stage]["results"]["passed"], report["stages"][stage]["results"]
-        assert report["stages"]["attention-suite"]["results"]["rows"]
+            results = report["stages"][stage]["results"]
+            assert results["passed"], results
+            assert {case["spatial_path"] for case in results["cases"]} == {"sdpa", "kernel", "auto"}
+        assert report["stages"]["check"]["results"]["check_passed"], report["stages"]["check"]["results"]
+        rows = report["stages"]["attention-suite"]["results"]["rows"]
+        ops = {row["impl"] for row in rows if row.get("comparison") == "op"}
+        assert {"diffusers default", "triton sdpa", "triton kernel", "cpp sdpa", "cpp kernel"} <= ops
+        assert any(impl.startswith("best unfused") for impl in ops)
     else:
         tests = report["stages"]["gpu-tests"]["results"]
         assert tests["tests"] > 0 and tests["failures"] == tests["errors"] == 0

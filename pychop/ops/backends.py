@@ -8,6 +8,12 @@ tensors' device type (skipping those whose backward is not deterministic while
 ``"auto"`` (an explicit ``backend=`` argument always wins). Asking for a backend that cannot run raises
 ``BackendUnavailable`` with the reason.
 
+``auto`` never fails where the torch backend runs: a fused backend that loads but cannot compile or launch its
+kernels for the inputs (``launch_failure``: Triton's OutOfResources or compile errors, a GPU architecture the
+extension was not built for, a launch configuration the GPU cannot take) is recorded for that kind of input
+(``record_failure``: one warning naming the reason), and the call goes on with the next backend of
+``fallbacks``, the torch backend last. An explicitly named backend raises instead.
+
 A fused backend is a module with the kernel interface of ``pychop.ops.attention``: ``forward(...)`` and
 ``backward(...)`` on the (B, T, S, H, D) layout.
 """
@@ -17,8 +23,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import warnings
 from types import ModuleType
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Hashable, List, Optional, Tuple, Union
 
 import torch
 
@@ -92,16 +99,24 @@ def load(backend: str, device: torch.device) -> Optional[ModuleType]:
 
 
 @torch.compiler.assume_constant_result
-def resolve(backend: str, device: torch.device) -> str:
-    """Maps a ``backend=`` argument to the name of the backend that runs tensors on ``device``, its kernels
-    loaded (``load`` then returns them at once). Under torch.compile it runs once, while tracing, and its
-    answer is a constant of the graph."""
+def requested(backend: str) -> str:
+    """A ``backend=`` argument checked, ``"auto"`` replaced by ``PYCHOP_BACKEND`` where that is set: the backend
+    asked for, or ``"auto"``."""
     if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
         if backend not in BACKENDS + ("auto",):
             raise ValueError(f"{ENV_VAR} must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    return backend
+
+
+@torch.compiler.assume_constant_result
+def resolve(backend: str, device: torch.device) -> str:
+    """Maps a ``backend=`` argument to the name of the backend that runs tensors on ``device``, its kernels
+    loaded (``load`` then returns them at once). Under torch.compile it runs once, while tracing, and its
+    answer is a constant of the graph."""
+    backend = requested(backend)
     if backend != "auto":
         load(backend, device)
         return backend
@@ -142,3 +157,56 @@ def available(device: Union[str, torch.device]) -> Dict[str, Optional[str]]:
         except BackendUnavailable as error:
             reasons[name] = str(error)
     return reasons
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch failures: what makes ``auto`` go on with the next backend.
+# ----------------------------------------------------------------------------------------------------------
+
+# Errors of a launch that leave the device usable (the launch never ran): configurations the GPU cannot take,
+# kernels built for other architectures (as CUDA words them; the extension's launch errors quote CUDA's). Not
+# out-of-memory (the torch backend needs more), nor faults such as an illegal address (the device is lost).
+LAUNCH_FAILURE_MESSAGES = ("no kernel image is available", "invalid device function", "too many resources requested",
+                           "unsupported gpu architecture", "named symbol not found")
+TRITON_FAILURES = ("OutOfResources", "CompilationError", "PTXASError")
+
+# (backend, kind of input) -> the reason its kernels failed there.
+_failures: Dict[Tuple[str, Hashable], str] = {}
+
+
+def launch_failure(error: BaseException) -> Optional[str]:
+    """The reason, when `error` says a fused backend cannot compile or launch its kernels for some inputs (so the
+    next backend can run them); None for any other error."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return None
+    triton_failure = any(cls.__module__.startswith("triton") and cls.__name__ in TRITON_FAILURES
+                         for cls in type(error).__mro__)
+    if (isinstance(error, BackendUnavailable) or triton_failure
+            or (isinstance(error, RuntimeError) and any(text in str(error) for text in LAUNCH_FAILURE_MESSAGES))):
+        message = " ".join(str(error).split())
+        return f"{type(error).__name__}: {message[:300]}"
+    return None
+
+
+def record_failure(backend: str, kind: Hashable, reason: str, replacement: str) -> None:
+    """Remembers that `backend` cannot run inputs of this kind and warns, once, naming the reason."""
+    _failures[(backend, kind)] = reason
+    warnings.warn(f"pychop: backend {backend!r} cannot run these inputs ({reason}); backend='auto' uses "
+                  f"{replacement!r} for them from now on", RuntimeWarning, stacklevel=3)
+
+
+def fallbacks(backend: str, device: torch.device, kind: Hashable) -> List[str]:
+    """The backends that run inputs of this kind in place of `backend`, in order: `backend` itself unless it
+    failed there, then each later backend of the device's auto order that loads and has not failed, then torch."""
+    order = AUTO_ORDER.get(device.type, ("torch",))
+    later = order[order.index(backend) + 1:] if backend in order else ()
+    names = []
+    for name in (backend, *later):
+        if name == "torch" or (name, kind) in _failures:
+            continue
+        try:
+            load(name, device)
+        except BackendUnavailable:
+            continue
+        names.append(name)
+    return names + ["torch"]

@@ -1,6 +1,7 @@
 """The ``"cuda"`` and ``"cpp"`` backends of the attention ops: the kernels of the extension ``pychop._C``.
 
-Implements the kernel interface of ``pychop.ops.attention`` (see its module docstring). Outputs are
+Implements the kernel interface of ``pychop.ops.attention`` (see its module docstring); the caller makes the
+tensors' device current (``pychop.ops.attention.device_guard``), as the binding does again. Outputs are
 allocated here with ``pychop.kernels.outputs.new_output`` (NaN-poisoned under ``PYCHOP_POISON_OUTPUTS=1``) and
 written by the extension; gradients come back contiguous. ``ensure_available(backend)`` builds or loads
 ``pychop._C`` (see ``pychop._build``) and raises ``BackendUnavailable`` with the reason when it cannot run.
@@ -8,7 +9,6 @@ written by the extension; gradients come back contiguous. ``ensure_available(bac
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -33,11 +33,6 @@ def _stream(x: torch.Tensor) -> int:
     return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
 
 
-def _device_guard(x: torch.Tensor):
-    """Makes the tensors' device current: the extension launches on the current device."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _stats(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if x is None:
         return None
@@ -51,16 +46,17 @@ def _branches(x: torch.Tensor, stacked: bool):
 
 
 def forward(q_s, k_s, v_s, q_t, k_t, v_t, *, scale: float, temporal_causal: bool,
-            temporal_window: Optional[int], stacked: bool):
+            temporal_window: Optional[int], stacked: bool, out: Optional[torch.Tensor] = None):
     """-> out (B, T, S, H, D), or (B, T, S, 2, H, D) when stacked, in the input dtype; lse_s and lse_t
-    (B, T, H, S) float32 (None for a branch not computed)."""
+    (B, T, H, S) float32 (None for a branch not computed). `out`: the tensor to write the output into (any
+    strides, the last 1), or None."""
     first = q_s if q_s is not None else q_t
     B, T, S, H, D = first.shape
-    out = new_output((B, T, S, 2, H, D) if stacked else (B, T, S, H, D), dtype=first.dtype, device=first.device)
+    if out is None:
+        out = new_output((B, T, S, 2, H, D) if stacked else (B, T, S, H, D), dtype=first.dtype, device=first.device)
     lse_s, lse_t = _stats(q_s), _stats(q_t)
-    with _device_guard(first):
-        _build.load().attention_forward(q_s, k_s, v_s, q_t, k_t, v_t, *_branches(out, stacked), lse_s, lse_t,
-                                        scale, temporal_causal, temporal_window or 0, _stream(first))
+    _build.load().attention_forward(q_s, k_s, v_s, q_t, k_t, v_t, *_branches(out, stacked), lse_s, lse_t,
+                                    scale, temporal_causal, temporal_window or 0, _stream(first))
     return out, lse_s, lse_t
 
 
@@ -74,9 +70,8 @@ def backward(dout, q_s, k_s, v_s, q_t, k_t, v_t, out, lse_s, lse_t, *, scale: fl
         return tuple(new_output(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
 
     spatial_grads, temporal_grads = grads(q_s), grads(q_t)
-    with _device_guard(out):
-        _build.load().attention_backward(*_branches(dout, stacked), q_s, k_s, v_s, q_t, k_t, v_t,
-                                         _branches(out, stacked)[0], lse_s, lse_t,
-                                         *spatial_grads, *temporal_grads, scale, temporal_causal,
-                                         temporal_window or 0, temporal_grad_window or 0, _stream(out))
+    _build.load().attention_backward(*_branches(dout, stacked), q_s, k_s, v_s, q_t, k_t, v_t,
+                                     _branches(out, stacked)[0], lse_s, lse_t,
+                                     *spatial_grads, *temporal_grads, scale, temporal_causal,
+                                     temporal_window or 0, temporal_grad_window or 0, _stream(out))
     return (*spatial_grads, *temporal_grads)

@@ -199,7 +199,7 @@ def check_frame_group(frame_group) -> None:
 
 @torch.compiler.disable  # collectives issued and waited on across autograd Functions: run eagerly
 def frame_parallel_attention(spatial: Optional[dict], temporal: dict, *, frame_group, scale, temporal_options: dict,
-                             backend: str, combine: str = "sum"):
+                             backend: str, spatial_path: str = "auto", combine: str = "sum"):
     """The temporal branch (``temporal``: q, k, v by argument name) and optionally the spatial branch, on this
     rank's frames of videos sharded over ``frame_group`` (see the module docstring); ``temporal_options``
     (``causal``, ``window``, ``grad_window``) checked, as ``temporal_attention`` takes them. Returns this rank's
@@ -218,7 +218,8 @@ def frame_parallel_attention(spatial: Optional[dict], temporal: dict, *, frame_g
 
     flight = _InFlight()
     recv = _SendTemporalInputs.apply(regroup, flight, q_t, k_t, v_t)
-    o_s = spatial_attention(*spatial.values(), scale=scale, backend=backend) if spatial is not None else None
+    o_s = (spatial_attention(*spatial.values(), scale=scale, backend=backend, spatial_path=spatial_path)
+           if spatial is not None else None)
     chunks = _ReceiveTemporalInputs.apply(regroup, flight, recv)
     o_t = _ReturnTemporalOutput.apply(regroup, temporal_attention(*chunks, scale=scale, backend=backend,
                                                                   **temporal_options))

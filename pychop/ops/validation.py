@@ -115,6 +115,17 @@ def check_window(name: str, window: Optional[int]) -> Optional[int]:
     return window
 
 
+SPATIAL_PATHS = ("auto", "sdpa", "kernel")
+
+
+def check_spatial_path(spatial_path: str) -> None:
+    """How a fused backend runs the spatial branch: one of SPATIAL_PATHS (see pychop.ops.spatial_paths)."""
+    if not isinstance(spatial_path, str) or spatial_path not in SPATIAL_PATHS:
+        raise ValueError(f"spatial_path must be one of {SPATIAL_PATHS} ('sdpa': scaled_dot_product_attention's "
+                         f"kernel, 'kernel': the backend's own, 'auto': chosen per device and shape), got "
+                         f"{spatial_path!r}")
+
+
 COMBINE_MODES = ("sum", "stack")
 
 
