@@ -153,6 +153,11 @@ def verdict(p10: float, p90: float, seeds: int, words: Sequence[str] = QUALITY) 
     return worse if p10 > 1.0 else better
 
 
+def judged(row: Mapping[str, float], key: str) -> str:
+    """The verdict on the ratio column ``key`` of an outcome row (its p10-p90 spread over ``row["seeds"]``)."""
+    return verdict(row[f"{key}_p10"], row[f"{key}_p90"], row["seeds"])
+
+
 def seed_ratios(rows: Sequence[Mapping], group: Tuple[str, str], method: str, reference: str,
                 metric: str) -> List[float]:
     """Per-seed ratios ``metric`` of ``method`` / of ``reference`` from the ``kind="seed"`` rows whose
@@ -193,7 +198,8 @@ def names(items: Sequence[str]) -> str:
 
 def grouped_verdicts(verdicts: Mapping[str, str], noun: str, nouns: str) -> str:
     """The verdicts of several candidates in one clause, grouped: 'windows 1 and 2 cost quality; window 4: no
-    difference 3 seeds can see'; 'every window: ...' when they agree."""
+    difference 3 seeds can see'; 'every window costs quality', 'no window made a difference 3 seeds can see'
+    when they agree."""
     groups: Dict[str, List[str]] = {}
     for name, found in verdicts.items():
         groups.setdefault(found, []).append(name)
@@ -201,7 +207,7 @@ def grouped_verdicts(verdicts: Mapping[str, str], noun: str, nouns: str) -> str:
         ((found, _),) = groups.items()
         subject = f"every {noun}"
         return {QUALITY[2]: f"{subject} costs quality", QUALITY[0]: f"{subject} trained better"}.get(
-            found, f"{subject}: {found}")
+            found, found.replace("no difference", f"no {noun} made a difference", 1))
     clauses = []
     for found, members in groups.items():
         plural = len(members) > 1

@@ -99,6 +99,7 @@ def test_chopgrad_outcome_findings_say_which_window_costs_quality(chopgrad_rows)
     (inpainting,) = [line for line in text.splitlines() if line.startswith("- **inpainting**")]
     assert ("held-out MSE: window 1 costs quality; window 2: no difference 2 seeds can see; window 4 trained "
             "better;") in inpainting
+    assert "on inpainting, window 1 cost held-out quality against full backpropagation (window 1: MSE 1.25x" in text
     assert "- window 1: held-out MSE 1.25x (1.21-1.29): costs quality;" in text
     assert "- window 2: held-out MSE 1.00x (0.92-1.08): no difference 2 seeds can see;" in text
     assert "- window 4: held-out MSE 0.85x (0.81-0.89): better;" in text
@@ -114,9 +115,10 @@ def test_mobius_outcome_findings_say_whether_a_form_costs_quality(mobius_rows):
         rows = with_ratios(rows, group, form, "serial", "loss", "serial", (1.1, 1.2))
         rows = with_ratios(rows, group, form, "serial", "tdiff", "serial", (1.0, 1.0))
     text = mobius_outcome.report({"rows": rows})
+    assert "**In short**: on VideoUNet, `parallel` cost quality against `serial` (held-out loss 1.15x" in text
     assert "- `parallel`: held-out loss 1.15x (1.11-1.19): costs quality; temporal error 1.00x (1.00-1.00): no " \
            "difference 2 seeds can see;" in text
-    assert "held-out loss: every form costs quality; temporal error: every form: no difference 2 seeds can see." in text
+    assert "held-out loss: every form costs quality; temporal error: no form made a difference 2 seeds can see." in text
     (lean,) = [line for line in text.splitlines() if line.startswith("  - `parallel+lean_frozen`")]
     assert "the same final metrics as `parallel` in every seed, to the bit" in lean
 

@@ -52,7 +52,9 @@ from benchmarks.outcomes import (
     bullets,
     cost_table,
     grouped_verdicts,
+    judged,
     markdown_table,
+    names,
     plot_note,
     plot_outcomes,
     quality_finding,
@@ -351,13 +353,36 @@ def window_findings(rows: List[dict], task: str) -> List[str]:
     return [f"ChopGrad against full backpropagation: {summary}."] + details
 
 
+def in_short(rows: List[dict], tasks: List[str]) -> str:
+    """The findings in one plain sentence: per task, the windows whose held-out MSE against full backpropagation
+    costs quality (with the ratio and the mean PSNR difference), and those whose temporal error does."""
+    clauses = []
+    for task in tasks:
+        outcome = {r["method"]: r for r in rows if r["kind"] == "outcome" and r["task"] == task}
+        costly = {metric: [m for m in METHODS[2:] if judged(outcome[m], f"{metric}_vs_full") == QUALITY[2]]
+                  for metric in ("mse", "tdiff")}
+        windows = {metric: ("windows " if len(found) > 1 else "window ") + names([m.split()[1] for m in found])
+                   for metric, found in costly.items() if found}
+        if costly["mse"]:
+            clause = (f"on {task}, {windows['mse']} cost held-out quality against full backpropagation ("
+                      + "; ".join(f"window {m.split()[1]}: MSE {outcome[m]['mse_vs_full']:.2f}x, PSNR "
+                                  f"{outcome[m]['psnr_db'] - outcome[FULL]['psnr_db']:+.2f} dB" for m in costly["mse"])
+                      + ")")
+        else:
+            clause = f"on {task}, no window cost held-out quality that the seeds can see"
+        if costly["tdiff"]:
+            clause += f"{', and' if costly['mse'] else ', but'} the temporal error rose at {windows['tdiff']}"
+        clauses.append(clause)
+    return "**In short**: " + "; ".join(clauses) + "."
+
+
 def findings(rows: List[dict]) -> List[str]:
     """What the run found, as Markdown list items computed from ``rows`` by the rules of benchmarks.outcomes:
     per task the pixel loss against the latent loss and each window against full backpropagation, what
     ``fidelity`` said beforehand, the bytes and time a window costs, and the study's limits."""
     outcome = {(r["task"], r["method"]): r for r in rows if r["kind"] == "outcome"}
     tasks = [task for task in TASKS if (task, FULL) in outcome]
-    lines = []
+    lines = bullets([in_short(rows, tasks)]) if tasks else []
     for task in tasks:
         full, base = outcome[task, FULL], outcome[task, BASELINE]
         text, _ = quality_finding(full, "mse_vs_latent", seed_ratios(rows, ("task", task), FULL, BASELINE, "mse"),

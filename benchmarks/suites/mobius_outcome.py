@@ -46,11 +46,14 @@ import torch.nn.functional as F
 
 from benchmarks.outcomes import (
     FINDINGS_HEADER,
+    QUALITY,
     add_costs,
     bullets,
     cost_table,
     grouped_verdicts,
+    judged,
     markdown_table,
+    names,
     plot_note,
     plot_outcomes,
     quality_finding,
@@ -405,13 +408,36 @@ def model_findings(rows: List[dict], model: str) -> List[str]:
     return bullets([head]) + ["  " + line for line in bullets(details)]
 
 
+def in_short(rows: List[dict], models: List[str]) -> str:
+    """The findings in one plain sentence: per model, the forms whose held-out loss or temporal error against the
+    serial form costs quality (with the loss ratio), else that none did, and the forms that trained better."""
+    clauses = []
+    for model in models:
+        outcome = {r["method"]: r for r in rows if r["kind"] == "outcome" and r["model"] == model}
+        serial, *forms = outcome
+        verdicts = {form: {metric: judged(outcome[form], f"{metric}_vs_serial") for metric in ("loss", "tdiff")}
+                    for form in forms}
+        costly = [form for form in forms if QUALITY[2] in verdicts[form].values()]
+        better = [f"`{form}`" for form in forms if verdicts[form]["loss"] == QUALITY[0] and form not in costly]
+        if costly:
+            clause = f"on {model}, " + " and ".join(
+                f"`{form}` cost quality against `{serial}` (held-out loss {outcome[form]['loss_vs_serial']:.2f}x, "
+                f"temporal error {outcome[form]['tdiff_vs_serial']:.2f}x)" for form in costly)
+        else:
+            clause = f"on {model}, no parallel form cost quality against `{serial}` that the seeds can see"
+        if better:
+            clause += f", and {names(better)} ended with a lower held-out loss"
+        clauses.append(clause)
+    return "**In short**: " + "; ".join(clauses) + "."
+
+
 def findings(rows: List[dict]) -> List[str]:
     """What the run found, as Markdown list items computed from ``rows`` by the rules of benchmarks.outcomes:
     per model each form against the serial one (quality, memory, time), and the study's limits."""
     models = list(dict.fromkeys(r["model"] for r in rows if r["kind"] == "outcome"))
     if not models:
         return []
-    lines = [line for model in models for line in model_findings(rows, model)]
+    lines = bullets([in_short(rows, models)]) + [line for model in models for line in model_findings(rows, model)]
     first = next(r for r in rows if r["kind"] == "outcome")
     rising = [still_improving(rows, ("model", model), "loss", higher_is_better=False) for model in models]
     width = widest_spread([r for r in rows if r["kind"] == "outcome"], ("loss_vs_serial", "tdiff_vs_serial"))
