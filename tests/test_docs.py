@@ -46,3 +46,12 @@ def test_relative_links_resolve(doc):
         assert linked.exists(), f"{doc.name} links to {target}: no such file"
         if fragment and linked.suffix == ".md":
             assert fragment in anchors(linked), f"{doc.name} links to {target}: no such heading in {linked.name}"
+
+
+def test_no_doc_copies_the_generated_figures():
+    """Measured ratios ('1.45x (1.41-1.49)', as the suites' reports print them) and result tables live in the
+    generated docs/benchmarks.md only; other docs link to its sections."""
+    ratio = re.compile(r"\d+\.\d+x \(\d+\.\d+-\d+\.\d+")
+    for doc in DOCS:
+        if doc.name != "benchmarks.md":
+            assert not ratio.search(prose(doc)), f"{doc.name} copies a measured ratio: link to docs/benchmarks.md"
