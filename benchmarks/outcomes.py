@@ -158,13 +158,20 @@ def judged(row: Mapping[str, float], key: str) -> str:
     return verdict(row[f"{key}_p10"], row[f"{key}_p90"], row["seeds"])
 
 
-def seed_ratios(rows: Sequence[Mapping], group: Tuple[str, str], method: str, reference: str,
-                metric: str) -> List[float]:
-    """Per-seed ratios ``metric`` of ``method`` / of ``reference`` from the ``kind="seed"`` rows whose
-    ``group[0]`` column is ``group[1]`` (runs of the same seed paired)."""
+def paired(rows: Sequence[Mapping], group: Tuple[str, str], method: str, reference: str,
+           metric: str) -> Tuple[List[float], List[float]]:
+    """``metric`` of ``method``'s runs and of ``reference``'s runs of the same seeds, in the same order, from the
+    ``kind="seed"`` rows whose ``group[0]`` column is ``group[1]``."""
     runs = [r for r in rows if r["kind"] == "seed" and r[group[0]] == group[1]]
     ref = {r["seed"]: r[metric] for r in runs if r["method"] == reference}
-    return [r[metric] / ref[r["seed"]] for r in runs if r["method"] == method]
+    pairs = [(r[metric], ref[r["seed"]]) for r in runs if r["method"] == method]
+    return [value for value, _ in pairs], [value for _, value in pairs]
+
+
+def seed_ratios(rows: Sequence[Mapping], group: Tuple[str, str], method: str, reference: str,
+                metric: str) -> List[float]:
+    """Per-seed ratios ``metric`` of ``method`` / of ``reference`` (``paired``)."""
+    return [value / ref for value, ref in zip(*paired(rows, group, method, reference, metric))]
 
 
 def ratio_text(row: Mapping[str, float], key: str) -> str:

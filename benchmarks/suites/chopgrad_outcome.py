@@ -55,6 +55,7 @@ from benchmarks.outcomes import (
     judged,
     markdown_table,
     names,
+    paired,
     plot_note,
     plot_outcomes,
     quality_finding,
@@ -342,7 +343,7 @@ def window_findings(rows: List[dict], task: str) -> List[str]:
                                                      seed_ratios(rows, group, method, FULL, metric), what)
             parts.append(text)
         if measures["temporal error"][1][window] == QUALITY[2]:
-            seams = Ratio.of(seed_ratios(rows, group, method, FULL, "seam_tdiff"), [1.0] * row["seeds"])
+            seams = Ratio.of(*paired(rows, group, method, FULL, "seam_tdiff"))
             parts.append(f"at the decoder's segment seams alone {ratio_text(seams.columns('seam'), 'seam')}")
         parts.append(f"mean PSNR {row['psnr_db'] - full['psnr_db']:+.2f} dB")
         gain, _ = quality_finding(row, "mse_vs_latent", seed_ratios(rows, group, method, BASELINE, "mse"),
