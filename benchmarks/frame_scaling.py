@@ -22,13 +22,18 @@ spatial layers frozen, bf16, batch 1):
   bidirectional, 450 GB/s each way; all-to-all through NVSwitch), plus ``latency_us`` per collective.
 - overlap: the all-to-all of q, k, v (forward) and of their gradients (backward) hides behind the spatial
   branch's kernels of the same layer; the output's all-to-alls, halos and norms are exposed.
+
+``scaling_rows`` gives the one-GPU and the P-GPU prediction per frame count, ``markdown_rows`` their table; the
+suite ``frame_scaling_prediction`` (``python -m benchmarks --suite frame_scaling_prediction``) writes them for
+both GPUs into a result file, from which docs/benchmarks.md shows them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Dict, List, Tuple
+import functools
+from typing import Dict, List, Sequence, Tuple
 from unittest import mock
 
 import torch
@@ -38,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pychop
 from benchmarks.floors import GPUS, kernel_floors
+from benchmarks.tables import markdown_table
 from pychop.models import SD15_VIDEO, VideoUNet, VideoUNetConfig
 from pychop.nn import ParallelSTBlock, SerialSTBlock, TemporalConv
 
@@ -98,6 +104,7 @@ def _attention_without_flops(q_s, k_s, v_s, q_t, k_t, v_t, **options):
     return torch.stack([q_s + k_s + v_s, q_t + k_t + v_t], dim=3)
 
 
+@functools.lru_cache(maxsize=None)  # the same for every GPU: counted once per shape
 def step_flops(config: VideoUNetConfig, frames: int, batch: int = 1) -> float:
     """Matmul and convolution FLOPs of one training step (forward, backward; spatial layers frozen) of the
     parallel VideoUNet at ``frames`` frames, attention excluded; counted on fake tensors (no memory, no compute)."""
@@ -150,6 +157,36 @@ def predict(config: VideoUNetConfig = SD15_VIDEO, frames: int = 64, ranks: int =
             "collectives": collectives(layers) if ranks > 1 else 0}
 
 
+def scaling_rows(gpu: str, frames: Sequence[int] = (64, 128), ranks: int = 8, config: VideoUNetConfig = SD15_VIDEO,
+                 link_gbps: float = NVLINK4_EACH_WAY_GBPS, latency_us: float = 10.0) -> List[dict]:
+    """Per frame count in ``frames``: ``predict`` on one GPU (the same model on all frames, as if it fitted) and on
+    ``ranks`` GPUs, each row with ``speed_up``, the one-GPU step time over its own."""
+    rows = []
+    for count in frames:
+        one = predict(config, count, 1, gpu, link_gbps, latency_us)
+        for row in (one, predict(config, count, ranks, gpu, link_gbps, latency_us)):
+            rows.append({**row, "speed_up": one["step_ms"] / row["step_ms"]})
+    return rows
+
+
+def markdown_rows(rows: Sequence[dict]) -> str:
+    """``scaling_rows`` as a Markdown table (times in ms, the bytes one GPU sends in GB)."""
+    return markdown_table([{
+        "frames": str(r["frames"]), "GPUs": str(r["ranks"]), "frames per GPU": str(r["frames"] // r["ranks"]),
+        "compute ms": f"{r['compute_ms']:.1f}", "attention ms": f"{r['attention_ms']:.1f}",
+        "comm hidden ms": f"{r['comm_hidden_ms']:.1f}", "comm exposed ms": f"{r['comm_exposed_ms']:.1f}",
+        "of which latency ms": f"{r['latency_ms']:.1f}", "step ms": f"{r['step_ms']:.1f}",
+        "comm share": f"{100 * r['comm_share']:.1f}%", "sent per GPU GB": f"{r['sent_GB']:.2f}",
+        "collectives": str(r["collectives"]), "speed-up": f"{r['speed_up']:.2f}x"} for r in rows])
+
+
+def title(rows: Sequence[dict], config_name: str) -> str:
+    """What ``rows`` predict, in one line: the model, the GPUs, the link."""
+    first, ranks = rows[0], max(r["ranks"] for r in rows)
+    return (f"VideoUNet {config_name} (parallel form, spatial frozen), bf16, batch 1, {ranks} x {first['gpu']}, "
+            f"link {first['link_GBps']:g} GB/s each way, {first['latency_us']:g} us per collective")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.frame_scaling", description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[64, 128])
@@ -159,20 +196,9 @@ def main(argv=None) -> None:
                         help="GB/s each way per GPU (default: NVLink 4, 450)")
     parser.add_argument("--latency-us", type=float, default=10.0, help="assumed latency of one collective")
     args = parser.parse_args(argv)
-    print(f"VideoUNet SD15_VIDEO (parallel form, spatial frozen), bf16, batch 1, {args.ranks} GPUs ({args.gpu}), "
-          f"link {args.link_gbps:g} GB/s each way, {args.latency_us:g} us per collective")
-    print("| frames | GPUs | frames per GPU | compute ms | attention ms | comm hidden ms | comm exposed ms | "
-          "of which latency ms | step ms | comm share | sent per GPU GB | collectives | speed-up |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for frames in args.frames:
-        one = predict(frames=frames, ranks=1, gpu=args.gpu, link_gbps=args.link_gbps, latency_us=args.latency_us)
-        for p in (one, predict(frames=frames, ranks=args.ranks, gpu=args.gpu, link_gbps=args.link_gbps,
-                               latency_us=args.latency_us)):
-            print(f"| {frames} | {p['ranks']} | {frames // p['ranks']} | {p['compute_ms']:.1f} | "
-                  f"{p['attention_ms']:.1f} | {p['comm_hidden_ms']:.1f} | {p['comm_exposed_ms']:.1f} | "
-                  f"{p['latency_ms']:.1f} | "
-                  f"{p['step_ms']:.1f} | {100 * p['comm_share']:.1f}% | {p['sent_GB']:.2f} | "
-                  f"{p['collectives']} | {one['step_ms'] / p['step_ms']:.2f}x |")
+    rows = scaling_rows(args.gpu, args.frames, args.ranks, link_gbps=args.link_gbps, latency_us=args.latency_us)
+    print(title(rows, "SD15_VIDEO"))
+    print(markdown_rows(rows))
 
 
 if __name__ == "__main__":

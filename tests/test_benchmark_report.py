@@ -228,3 +228,19 @@ def test_floors_says_what_the_shapes_are(capsys):
     assert "batch, frames, tokens per frame" in out
     for name, shape in floors.DESIGN_SHAPES.items():
         assert f"{name:<3}{str(shape):<24}{floors.SHAPE_NOTES[name]}" in out
+
+
+def test_frame_scaling_prediction_suite_reports_a_table_per_gpu():
+    """The NVLink prediction comes to docs/benchmarks.md from its suite's result: one table per GPU, the one-GPU
+    row of each frame count the reference of its speed-up."""
+    from benchmarks.floors import GPUS
+    from benchmarks.suites import frame_scaling_prediction
+    ctx = runner.Context(torch.device("cpu"), quick=False, smoke=True)
+    rows = frame_scaling_prediction.run(ctx)
+    assert {row["gpu"] for row in rows} == {ceilings.name for ceilings in GPUS.values()}
+    assert all(row["speed_up"] == 1.0 for row in rows if row["ranks"] == 1)
+    sharded = [row for row in rows if row["ranks"] > 1]
+    assert sharded and all(row["sent_GB"] > 0 and row["collectives"] > 0 for row in sharded)
+    text = frame_scaling_prediction.report({"rows": rows})
+    assert text.count("| frames | GPUs |") == len(GPUS) and "A prediction, not a measurement" in text
+    assert [table.rows for table in frame_scaling_prediction.tables(rows)] == frame_scaling_prediction.by_gpu(rows)

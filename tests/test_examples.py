@@ -16,7 +16,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def test_there_are_examples():
-    assert {path.name for path in EXAMPLES} >= {"quickstart.py", "packed_attention.py", *NEEDS_DIFFUSERS}
+    assert {path.name for path in EXAMPLES} >= {"quickstart.py", "packed_attention.py", "choose_a_window.py",
+                                                *NEEDS_DIFFUSERS}
 
 
 # Examples with diffusers models take tens of seconds: slow (the quick tier runs the others).
@@ -42,7 +43,7 @@ def test_docs_point_to_every_example_and_show_what_runs():
         assert f"examples/{path.name}" in text, f"no document mentions examples/{path.name}"
     found = [(doc, name, code) for doc in DOCS for name, code in excerpts(doc)]
     assert {name for _, name, _ in found} >= {"examples/quickstart.py", "examples/mobius_motion_unet.py",
-                                               "examples/chopgrad_wan_vae.py"}
+                                               "examples/chopgrad_wan_vae.py", "examples/choose_a_window.py"}
     for doc, name, code in found:
         assert code.strip() and code in (ROOT / name).read_text(), f"{doc.name}'s block of {name} is not in it as shown"
 

@@ -1,14 +1,15 @@
 """The training-outcome suites at their smoke sizes (every code path, seconds) and their shared bookkeeping."""
 
+import copy
 import json
 
 import pytest
 import torch
 
-from benchmarks.outcomes import range_cell, ratio_cell, summary_rows
+from benchmarks.outcomes import QUALITY, SPEED, range_cell, ratio_cell, summary_rows, verdict
 from benchmarks.runner import Context
 from benchmarks.synthetic_video import moving_shapes
-from benchmarks.timing import Settings
+from benchmarks.timing import Ratio, Settings
 
 SMOKE = Settings(repeats=3, warmup=0, min_sample_ms=0.1, budget_s=0.5)
 
@@ -60,6 +61,66 @@ def test_summary_rows_pair_runs_of_the_same_seed():
     assert range_cell(base, "mse", ".1f") == "2.3 (1.0-4.0)"
     curve = [(r["method"], r["step"], r["mse"]) for r in rows if r["kind"] == "curve"]
     assert curve == [("base", 0, 5.0), ("base", 10, 7 / 3), ("new", 0, 5.0), ("new", 10, 1.0)]
+
+
+def test_verdicts_follow_the_spread_over_seeds():
+    """A ratio (lower is better) costs quality only when its whole p10-p90 spread lies above 1."""
+    assert verdict(1.01, 1.2, 3) == "costs quality" and verdict(0.8, 0.99, 3) == "better"
+    assert verdict(0.9, 1.1, 3) == verdict(1.0, 1.3, 3) == verdict(0.7, 1.0, 3) == "no difference 3 seeds can see"
+    assert [verdict(a, b, 0, SPEED) for a, b in ((1.1, 1.2), (0.9, 1.1), (0.5, 0.9))] == list(SPEED[::-1])
+    assert QUALITY[2] == "costs quality"
+
+
+def with_ratios(rows, group, method, reference, metric, label, factors):
+    """A copy of ``rows`` where ``method``'s per-seed ``metric`` is ``reference``'s times ``factors`` (one per
+    seed), its outcome row's ``{metric}_vs_{label}`` columns recomputed from them: a result of known ratios."""
+    rows = copy.deepcopy(rows)
+    key, value = group
+    seeds = {r["seed"]: r for r in rows if r["kind"] == "seed" and r[key] == value and r["method"] == method}
+    ref = {r["seed"]: r[metric] for r in rows if r["kind"] == "seed" and r[key] == value and r["method"] == reference}
+    for (seed, row), factor in zip(sorted(seeds.items()), factors, strict=True):
+        row[metric] = ref[seed] * factor
+    (outcome,) = [r for r in rows if r["kind"] == "outcome" and r[key] == value and r["method"] == method]
+    outcome.update(Ratio.of([seeds[s][metric] for s in sorted(seeds)], [ref[s] for s in sorted(seeds)])
+                   .columns(f"{metric}_vs_{label}"))
+    return rows
+
+
+def test_chopgrad_outcome_findings_say_which_window_costs_quality(chopgrad_rows):
+    """The findings' words follow the ratios: a window whose per-seed MSE ratios to full backpropagation all lie
+    above 1 costs quality, one whose spread holds 1 makes no difference the seeds can see, one below trained
+    better; each with its ratio and spread."""
+    from benchmarks.suites import chopgrad_outcome
+    group = ("task", "inpainting")
+    rows = with_ratios(chopgrad_rows, group, "chopgrad 1", "pixel full", "mse", "full", (1.2, 1.3))
+    rows = with_ratios(rows, group, "chopgrad 2", "pixel full", "mse", "full", (0.9, 1.1))
+    rows = with_ratios(rows, group, "chopgrad 4", "pixel full", "mse", "full", (0.8, 0.9))
+    text = chopgrad_outcome.report({"rows": rows})
+    (inpainting,) = [line for line in text.splitlines() if line.startswith("- **inpainting**")]
+    assert ("held-out MSE: window 1 costs quality; window 2: no difference 2 seeds can see; window 4 trained "
+            "better;") in inpainting
+    assert "on inpainting, window 1 cost held-out quality against full backpropagation (window 1: MSE 1.25x" in text
+    assert "- window 1: held-out MSE 1.25x (1.21-1.29): costs quality;" in text
+    assert "- window 2: held-out MSE 1.00x (0.92-1.08): no difference 2 seeds can see;" in text
+    assert "- window 4: held-out MSE 0.85x (0.81-0.89): better;" in text
+    assert "**What the run found**" in text and "Limits: 2 seeds" in text
+
+
+def test_mobius_outcome_findings_say_whether_a_form_costs_quality(mobius_rows):
+    """A form whose per-seed loss ratios to the serial form all lie above 1 costs quality; an option that ends
+    exactly where its base form did is said to change what is saved, not the function."""
+    from benchmarks.suites import mobius_outcome
+    group, rows = ("model", "VideoUNet"), mobius_rows
+    for form, *_ in mobius_outcome.UNET_FORMS[1:]:  # the options end exactly where parallel does
+        rows = with_ratios(rows, group, form, "serial", "loss", "serial", (1.1, 1.2))
+        rows = with_ratios(rows, group, form, "serial", "tdiff", "serial", (1.0, 1.0))
+    text = mobius_outcome.report({"rows": rows})
+    assert "**In short**: on VideoUNet, `parallel` cost quality against `serial` (held-out loss 1.15x" in text
+    assert "- `parallel`: held-out loss 1.15x (1.11-1.19): costs quality; temporal error 1.00x (1.00-1.00): no " \
+           "difference 2 seeds can see;" in text
+    assert "held-out loss: every form costs quality; temporal error: no form made a difference 2 seeds can see." in text
+    (lean,) = [line for line in text.splitlines() if line.startswith("  - `parallel+lean_frozen`")]
+    assert "the same final metrics as `parallel` in every seed, to the bit" in lean
 
 
 def test_chopgrad_outcome_smoke(chopgrad_rows, tmp_path):

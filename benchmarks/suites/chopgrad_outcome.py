@@ -46,16 +46,31 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from benchmarks.outcomes import (
+    FINDINGS_HEADER,
+    QUALITY,
     add_costs,
+    bullets,
     cost_table,
+    grouped_verdicts,
+    judged,
     markdown_table,
+    names,
+    paired,
+    plot_note,
     plot_outcomes,
+    quality_finding,
     range_cell,
     ratio_cell,
+    ratio_text,
     run_full,
+    seed_ratios,
+    speed_finding,
+    still_improving,
     trained_rows,
+    widest_spread,
 )
 from benchmarks.synthetic_video import moving_shapes
+from benchmarks.timing import Ratio
 from pychop.chopgrad import fidelity, stream
 from pychop.chopgrad.memory import SavedActivationMeter
 from pychop.models import CausalDecoderConfig, CausalVideoDecoder
@@ -312,11 +327,119 @@ def plot(rows, path):
     plot_outcomes(rows, path, "task", "psnr_db", "training step", "held-out PSNR (dB)")
 
 
+def window_findings(rows: List[dict], task: str) -> List[str]:
+    """Per window on ``task``: held-out MSE and temporal error against full backpropagation with their verdicts
+    (and the seams' share where the temporal error costs quality), the PSNR difference, the gain kept over the
+    latent loss; first the grouped verdicts per measure."""
+    outcome = {r["method"]: r for r in rows if r["kind"] == "outcome" and r["task"] == task}
+    full, group = outcome[FULL], ("task", task)
+    measures = {"held-out MSE": ("mse", {}), "temporal error": ("tdiff", {})}
+    details = []
+    for method in METHODS[2:]:
+        row, window = outcome[method], method.split()[1]
+        parts = []
+        for what, (metric, verdicts) in measures.items():
+            text, verdicts[window] = quality_finding(row, f"{metric}_vs_full",
+                                                     seed_ratios(rows, group, method, FULL, metric), what)
+            parts.append(text)
+        if measures["temporal error"][1][window] == QUALITY[2]:
+            seams = Ratio.of(*paired(rows, group, method, FULL, "seam_tdiff"))
+            parts.append(f"at the decoder's segment seams alone {ratio_text(seams.columns('seam'), 'seam')}")
+        parts.append(f"mean PSNR {row['psnr_db'] - full['psnr_db']:+.2f} dB")
+        gain, _ = quality_finding(row, "mse_vs_latent", seed_ratios(rows, group, method, BASELINE, "mse"),
+                                  "against the latent loss, held-out MSE")
+        details.append(f"window {window}: " + "; ".join(parts + [gain]) + ".")
+    summary = "; ".join(f"{what}: {grouped_verdicts(verdicts, 'window', 'windows')}"
+                        for what, (_, verdicts) in measures.items())
+    return [f"ChopGrad against full backpropagation: {summary}."] + details
+
+
+def in_short(rows: List[dict], tasks: List[str]) -> str:
+    """The findings in one plain sentence: per task, the windows whose held-out MSE against full backpropagation
+    costs quality (with the ratio and the mean PSNR difference), and those whose temporal error does."""
+    clauses = []
+    for task in tasks:
+        outcome = {r["method"]: r for r in rows if r["kind"] == "outcome" and r["task"] == task}
+        costly = {metric: [m for m in METHODS[2:] if judged(outcome[m], f"{metric}_vs_full") == QUALITY[2]]
+                  for metric in ("mse", "tdiff")}
+        windows = {metric: ("windows " if len(found) > 1 else "window ") + names([m.split()[1] for m in found])
+                   for metric, found in costly.items() if found}
+        if costly["mse"]:
+            clause = (f"on {task}, {windows['mse']} cost held-out quality against full backpropagation ("
+                      + "; ".join(f"window {m.split()[1]}: MSE {outcome[m]['mse_vs_full']:.2f}x, PSNR "
+                                  f"{outcome[m]['psnr_db'] - outcome[FULL]['psnr_db']:+.2f} dB" for m in costly["mse"])
+                      + ")")
+        else:
+            clause = f"on {task}, no window cost held-out quality that the seeds can see"
+        if costly["tdiff"]:
+            clause += f"{', and' if costly['mse'] else ', but'} the temporal error rose at {windows['tdiff']}"
+        clauses.append(clause)
+    return "**In short**: " + "; ".join(clauses) + "."
+
+
+def findings(rows: List[dict]) -> List[str]:
+    """What the run found, as Markdown list items computed from ``rows`` by the rules of benchmarks.outcomes:
+    per task the pixel loss against the latent loss and each window against full backpropagation, what
+    ``fidelity`` said beforehand, the bytes and time a window costs, and the study's limits."""
+    outcome = {(r["task"], r["method"]): r for r in rows if r["kind"] == "outcome"}
+    tasks = [task for task in TASKS if (task, FULL) in outcome]
+    lines = bullets([in_short(rows, tasks)]) if tasks else []
+    for task in tasks:
+        full, base = outcome[task, FULL], outcome[task, BASELINE]
+        text, _ = quality_finding(full, "mse_vs_latent", seed_ratios(rows, ("task", task), FULL, BASELINE, "mse"),
+                                  "held-out MSE")
+        windows, *details = window_findings(rows, task)
+        lines += bullets([f"**{task}**: the pixel loss through full backpropagation against the latent loss (the "
+                          f"usual practice): {text}; mean PSNR {full['psnr_db']:.2f} dB against "
+                          f"{base['psnr_db']:.2f} dB. {windows}"])
+        lines += ["  " + line for line in bullets(details)]
+    found = [r for r in rows if r["kind"] == "fidelity"]
+    if found:
+        lines += bullets([f"`pychop.chopgrad.fidelity` on the frozen decoder, before training (one held-out clip of "
+                          f"{found[0]['frames']} frames): the latent gradient's cosine to full backpropagation's is "
+                          + ", ".join(f"{r['latent_cosine']:.2f} at window {r['method'].split()[1]}" for r in found)
+                          + " (norm ratios " + ", ".join(f"{r['latent_norm_ratio']:.2f}" for r in found) + ")."])
+    costs = {r["method"]: r for r in rows if r["kind"] == "cost"}
+    if FULL in costs:
+        full = costs[FULL]
+        saved = [f"window {m.split()[1]} {costs[m]['saved_mb']:.2f} MiB ({costs[m]['saved_vs_full']:.2f}x, "
+                 f"{100 * (1 - costs[m]['saved_vs_full']):.0f}% less)" for m in costs if m.endswith(" retain")]
+        times = [f"With `{strategy}`: " + "; ".join(f"window {m.split()[1]} {speed_finding(costs[m], 'time_vs_full')}"
+                                                    for m in costs if m.endswith(f" {strategy}")) + "."
+                 for strategy in ("retain", "recompute")]
+        lines += bullets([f"What a window saves, one training step at {full['frames']} frames: full backpropagation "
+                          f"keeps {full['saved_mb']:.2f} MiB for backward at its peak, " + ", ".join(saved) + ". "
+                          "Its price, the step time against full backpropagation's on the machine above (CPU times "
+                          "say nothing about a GPU). " + " ".join(times)])
+    if tasks:
+        lines += bullets([limits(rows, tasks)])
+    return lines
+
+
+def limits(rows: List[dict], tasks: List[str]) -> str:
+    """The study's limits, from its rows: seeds, steps, clip, the decoder's own quality, curves still rising,
+    the widest spread."""
+    first = next(r for r in rows if r["kind"] == "outcome")
+    autoencoder = next((r for r in rows if r["kind"] == "autoencoder"), None)
+    rising = [still_improving(rows, ("task", task), "psnr_db", higher_is_better=True) for task in tasks]
+    width = widest_spread([r for r in rows if r["kind"] == "outcome"], ("mse_vs_full", "tdiff_vs_full"))
+    decoder = "a tiny decoder (`CausalDecoderConfig.tiny()`)"
+    if autoencoder:
+        decoder += f" whose autoencoder decodes the held-out clips at {autoencoder['psnr_db']:.1f} dB"
+    return (f"Limits: {first['seeds']} seeds, {first['steps']} steps of batch {first['batch']} at {first['frames']} "
+            f"frames of synthetic video, {decoder}; {sum(r for r, _ in rising)} of {sum(n for _, n in rising)} "
+            "PSNR curves (task and method) were still rising at the last evaluation. The ratio spreads against "
+            f"full backpropagation are up to {width:.2f} wide: smaller differences are not resolved. With "
+            f"{first['seeds']} seeds the p10-p90 spread is interpolated between the seeds' ratios, so a verdict "
+            "followed by a count had a seed on the other side of 1. The verdicts hold for this task at this size: "
+            "run `fidelity` on your own decoder, and a short training run like this one where it matters.")
+
+
 def report(result: dict) -> str:
     """Markdown for docs/benchmarks.md: the outcome table per task, the decoder's quality, the fidelity of
-    each window's latent gradient, and the cost table."""
+    each window's latent gradient, the cost table, and what the run found (``findings``)."""
     rows = result["rows"]
-    lines = []
+    lines = ["The task, the methods and the measures: [docs/outcomes.md](outcomes.md#the-chopgrad-study).", ""]
     for task in TASKS:
         outcome = [r for r in rows if r["kind"] == "outcome" and r["task"] == task]
         if not outcome:
@@ -348,7 +471,10 @@ def report(result: dict) -> str:
     if costs:
         lines += [f"Training step cost at {costs[0]['frames']} frames (peak bytes saved for backward, step time):",
                   ""]
-        lines += cost_table(costs, "pixel full", "full")
+        lines += cost_table(costs, "pixel full", "full") + [""]
+    found = findings(rows)
+    if found:
+        lines += [plot_note("chopgrad_outcome", "held-out PSNR"), "", FINDINGS_HEADER, ""] + found
     return "\n".join(lines).rstrip()
 
 

@@ -14,7 +14,8 @@ of one video (``CONFIG``: the mobius suite's CPU_CONFIG at 16 frames; smoke: TIN
   all-reduces and gathers (GroupNorm statistics, frame counts).
 - ``time``: the median of the step time (forward, backward, SGD step) over the steps, each step's time the
   slowest rank's, with its p10-p90, at P = 1 and 2, the parallel form only. Informational: gloo over loopback on
-  a shared CPU, one thread per process; it says nothing of GPUs (docs/distributed.md has the NVLink prediction).
+  a shared CPU, one thread per process; it says nothing of GPUs (the suite ``frame_scaling_prediction`` predicts
+  NVLink GPUs).
   These times come from the processes' own clocks, not from ``ctx.compare`` (one step spans several processes).
 """
 

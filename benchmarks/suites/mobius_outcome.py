@@ -45,14 +45,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.outcomes import (
+    FINDINGS_HEADER,
+    QUALITY,
     add_costs,
+    bullets,
     cost_table,
+    grouped_verdicts,
+    judged,
     markdown_table,
+    names,
+    plot_note,
     plot_outcomes,
+    quality_finding,
     range_cell,
     ratio_cell,
     run_full,
+    seed_ratios,
+    speed_finding,
+    still_improving,
     trained_rows,
+    widest_spread,
 )
 from benchmarks.suites.mobius import build
 from benchmarks.synthetic_video import moving_shapes
@@ -354,10 +366,95 @@ def plot(rows, path):
     plot_outcomes(rows, path, "model", "loss", "training step (temporal layers)", "held-out denoising loss")
 
 
+SAME_FUNCTION = 1e-3  # a variant whose final metrics are within this (relative) of its base form's in every seed
+
+
+def model_findings(rows: List[dict], model: str) -> List[str]:
+    """``model``'s forms against its serial form: the grouped verdicts, then per form its held-out loss and
+    temporal error ratios with their verdicts, whether it ended as its base form did (a ``form+option``
+    against ``form``), and its saved bytes and step time."""
+    outcome = {r["method"]: r for r in rows if r["kind"] == "outcome" and r["model"] == model}
+    costs = {r["method"]: r for r in rows if r["kind"] == "cost" and r["model"] == model}
+    serial, *forms = outcome
+    group = ("model", model)
+    measures = {"held-out loss": ("loss", {}), "temporal error": ("tdiff", {})}
+    details = []
+    for form in forms:
+        parts = []
+        for what, (metric, verdicts) in measures.items():
+            text, verdicts[form] = quality_finding(outcome[form], f"{metric}_vs_serial",
+                                                   seed_ratios(rows, group, form, serial, metric), what)
+            parts.append(text)
+        base = form.split("+")[0]
+        if base != form and base in outcome:
+            apart = max(abs(ratio - 1) for metric, _ in measures.values()
+                        for ratio in seed_ratios(rows, group, form, base, metric))
+            if apart <= SAME_FUNCTION:
+                parts.append(f"the same final metrics as `{base}` in every seed, "
+                             + ("to the bit" if apart == 0 else f"within {apart:.1e} (relative)")
+                             + ": the option changes what is saved, not the function")
+        if form in costs:
+            cost = costs[form]
+            parts.append(f"saved for backward {cost['saved_mb']:.2f} MiB, {cost['saved_vs_serial']:.2f}x the "
+                         f"serial form's; step time {speed_finding(cost, 'time_vs_serial')}")
+        details.append(f"`{form}`: " + "; ".join(parts) + ".")
+    summary = "; ".join(f"{what}: {grouped_verdicts({f'`{f}`': v for f, v in verdicts.items()}, 'form', 'forms')}"
+                        for what, (_, verdicts) in measures.items())
+    start = next((r["loss"] for r in rows if r["kind"] == "pretrain" and r["model"] == model and "loss" in r), None)
+    first = outcome[serial]
+    head = (f"**{model}**, temporal layers trained {first['steps']} steps from the same start"
+            + (f" (held-out loss {start:.4f}, the pretrained per-frame denoiser)" if start is not None else "")
+            + f", against `{serial}` (held-out loss {first['loss']:.4f} at the end): {summary}.")
+    return bullets([head]) + ["  " + line for line in bullets(details)]
+
+
+def in_short(rows: List[dict], models: List[str]) -> str:
+    """The findings in one plain sentence: per model, the forms whose held-out loss or temporal error against the
+    serial form costs quality (with the loss ratio), else that none did, and the forms that trained better."""
+    clauses = []
+    for model in models:
+        outcome = {r["method"]: r for r in rows if r["kind"] == "outcome" and r["model"] == model}
+        serial, *forms = outcome
+        verdicts = {form: {metric: judged(outcome[form], f"{metric}_vs_serial") for metric in ("loss", "tdiff")}
+                    for form in forms}
+        costly = [form for form in forms if QUALITY[2] in verdicts[form].values()]
+        better = [f"`{form}`" for form in forms if verdicts[form]["loss"] == QUALITY[0] and form not in costly]
+        if costly:
+            clause = f"on {model}, " + " and ".join(
+                f"`{form}` cost quality against `{serial}` (held-out loss {outcome[form]['loss_vs_serial']:.2f}x, "
+                f"temporal error {outcome[form]['tdiff_vs_serial']:.2f}x)" for form in costly)
+        else:
+            clause = f"on {model}, no parallel form cost quality against `{serial}` that the seeds can see"
+        if better:
+            clause += f", and {names(better)} ended with a lower held-out loss"
+        clauses.append(clause)
+    return "**In short**: " + "; ".join(clauses) + "."
+
+
+def findings(rows: List[dict]) -> List[str]:
+    """What the run found, as Markdown list items computed from ``rows`` by the rules of benchmarks.outcomes:
+    per model each form against the serial one (quality, memory, time), and the study's limits."""
+    models = list(dict.fromkeys(r["model"] for r in rows if r["kind"] == "outcome"))
+    if not models:
+        return []
+    lines = bullets([in_short(rows, models)]) + [line for model in models for line in model_findings(rows, model)]
+    first = next(r for r in rows if r["kind"] == "outcome")
+    rising = [still_improving(rows, ("model", model), "loss", higher_is_better=False) for model in models]
+    width = widest_spread([r for r in rows if r["kind"] == "outcome"], ("loss_vs_serial", "tdiff_vs_serial"))
+    return lines + bullets([
+        f"Limits: {first['seeds']} seeds, {first['steps']} steps of batch {first['batch']} at {first['frames']} frames "
+        "of synthetic latent video, tiny models (`VideoUNet` at `TINY`, a tiny `UNetMotionModel`); "
+        f"{sum(r for r, _ in rising)} of {sum(n for _, n in rising)} loss curves were still falling at the last "
+        f"evaluation. The ratio spreads against the serial form are up to {width:.2f} wide. Step times come from "
+        "the machine above (CPU times say nothing about a GPU). The verdicts hold at this scale; they cannot say "
+        "whether a production model trained for days behaves alike."])
+
+
 def report(result: dict) -> str:
-    """Markdown for docs/benchmarks.md: the outcome table and the cost table per model."""
+    """Markdown for docs/benchmarks.md: the outcome table and the cost table per model, and what the run found
+    (``findings``)."""
     rows = result["rows"]
-    lines = []
+    lines = ["The task, the methods and the measures: [docs/outcomes.md](outcomes.md#the-mobius-study).", ""]
     for model in dict.fromkeys(r["model"] for r in rows if r["kind"] == "outcome"):
         outcome = [r for r in rows if r["kind"] == "outcome" and r["model"] == model]
         first = outcome[0]
@@ -373,6 +470,9 @@ def report(result: dict) -> str:
         if costs:
             lines += [f"Training step cost, {costs[0]['frames']} frames:", ""]
             lines += cost_table(costs, costs[0]["method"], "serial") + [""]
+    found = findings(rows)
+    if found:
+        lines += [plot_note("mobius_outcome", "held-out denoising loss"), "", FINDINGS_HEADER, ""] + found
     return "\n".join(lines).rstrip()
 
 
