@@ -73,7 +73,7 @@ def test_float32_dots_launched_in_full_precision(monkeypatch, seed):
         for kernel in module.KERNELS:
             monkeypatch.setattr(module, kernel.fn.__name__, Recorder(kernel))
     inputs = make_inputs((1, 2, 3, 1, 16), torch.float32, triton_device())
-    forward_backward(lambda *x: op_call("parallel", x, backend="triton", causal=True), inputs)
+    forward_backward(lambda *x: op_call("parallel", x, backend="triton", causal=True, spatial_path="kernel"), inputs)
     assert len(launches) == 6 and all(precision == "ieee" for _, precision in launches), launches
 
 
