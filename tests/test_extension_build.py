@@ -185,3 +185,35 @@ def test_cuda_kernels_simulated_all(cuda_simulation):
     result = cuda_sim.run(cuda_simulation, "--all")
     assert result.returncode == 0 and result.stdout.splitlines()[-1] == "ok", result.stdout[-3000:]
     assert len(result.stdout.splitlines()) > 120
+
+
+# Deliberately broken copies of the kernels (tests/cuda_sim.py's edits; the sources themselves are untouched) and
+# what the simulation reports for each.
+BROKEN_KERNELS = {
+    "forward without the barrier before the next key block": (
+        {"attention_fwd.cu": ("    __syncthreads();  // the previous block's P V has read k_tile, v_tile, probs\n",
+                              "")},
+        "out error"),
+    "backward waiting for its cp.async after the barrier": (
+        {"attention_bwd.cu": ("    wait_async_copies();\n    __syncthreads();\n",
+                              "    __syncthreads();\n    wait_async_copies();\n")},
+        "error inf"),
+    "backward ignoring the grad window in dv": (
+        {"attention_bwd.cu": ("first_live_row(br.grad_window, i, first)", "first_live_row(0, i, first)")},
+        "dv_t error"),
+    "forward asking for 128 bytes too little shared memory": (
+        {"attention_layout.h": ("    row_sum = s.take(sizeof(float) * BLOCK);\n    bytes = s.bytes;",
+                                "    row_sum = s.take(sizeof(float) * BLOCK);\n    bytes = s.bytes - 128;")},
+        "past the block's dynamic shared memory"),
+}
+
+
+@pytest.mark.parametrize("broken", [
+    pytest.param(name, marks=[] if i == 0 else pytest.mark.slow) for i, name in enumerate(BROKEN_KERNELS)])
+def test_cuda_simulation_catches_broken_kernels(cuda_simulation, tmp_path, broken):
+    """The simulation fails a kernel with a race (a barrier removed, a cp.async waited for too late), a wrong mask
+    or a shared-memory overrun, naming what it found."""
+    edits, message = BROKEN_KERNELS[broken]
+    executable = cuda_sim.build(tmp_path, edits, reuse=cuda_simulation.parent)
+    result = cuda_sim.run(executable)
+    assert result.returncode == 1 and message in result.stdout, result.stdout[-3000:]
