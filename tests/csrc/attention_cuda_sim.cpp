@@ -104,6 +104,7 @@ struct Case {
   int window, grad_window;
   int shared_memory;  // the device's opt-in bytes per block
   Layout layout;      // of the inputs (slots = 6: views of one packed projection)
+  float spread = 1;   // of q and k: scores of standard deviation spread**2 (the online softmax rescales often)
 };
 
 // tests/checks.py's rule.
@@ -208,12 +209,12 @@ Checked check(const Case& c, const char* what, const std::vector<double>& got, c
   return r;
 }
 
-void fill(const TensorRef& r, const Case& c, std::normal_distribution<float>& normal) {
+void fill(const TensorRef& r, const Case& c, std::normal_distribution<float>& normal, float spread = 1) {
   for (int b = 0; b < c.B; ++b)
     for (int t = 0; t < c.T; ++t)
       for (int s = 0; s < c.S; ++s)
         for (int h = 0; h < c.H; ++h)
-          for (int d = 0; d < c.D; ++d) store(at(r, c.dtype, b, t, s, h, d), c.dtype, normal(rng));
+          for (int d = 0; d < c.D; ++d) store(at(r, c.dtype, b, t, s, h, d), c.dtype, spread * normal(rng));
 }
 
 void expect_launched(const char* error, const char* what, const Case& c) {
@@ -259,7 +260,7 @@ void run(const Case& c) {
   } else {
     for (TensorRef& r : x) r = buffer(1, c.layout).view(0);
   }
-  for (const TensorRef& r : x) fill(r, c, normal);
+  for (int i = 0; i < 6; ++i) fill(x[i], c, normal, i % 3 == 2 ? 1.f : c.spread);  // q, k spread; v not
   // Outputs: (B, T, S, 2, H, D) when stacked, else (B, T, S, H, D); NaN until written.
   Buffer& out = buffer(c.stacked ? 2 : 1, Layout{});
   Buffer& dout = buffer(c.stacked ? 2 : 1, Layout{});
@@ -369,6 +370,8 @@ std::vector<Case> quick_cases() {
       {"stacked bf16 S3 T70 D16 w40 g20", 1, 70, 3, 1, 16, SK::BFloat16, true, true, true, true, 40, 20, KiB227, {}},
       {"temporal f32 T70 D16 w40 g20", 1, 70, 2, 1, 16, SK::Float32, false, true, false, true, 40, 20, KiB227, {}},
       {"temporal f32 T70 D16 full g3", 1, 70, 1, 2, 16, SK::Float32, false, true, false, false, 0, 3, KiB227, {}},
+      // Row 64 attends key 63: the key kernel's block of keys 0..63 must take the query block at 64 too.
+      {"temporal bf16 T65 D24 w2", 1, 65, 2, 1, 24, SK::BFloat16, false, true, false, true, 2, 0, KiB227, {}},
       {"temporal f16 T67 D72 w3 g2", 1, 67, 2, 1, 72, SK::Float16, false, true, false, true, 3, 2, KiB227, {}},
       // Spatial alone, S = 130: three blocks, delta from o_s; D = 10: 20-byte rows, element by element.
       {"spatial f16 S130 D10", 1, 2, 130, 1, 10, SK::Float16, true, false, false, false, 0, 0, KiB227, {}},
@@ -386,6 +389,9 @@ std::vector<Case> quick_cases() {
        {1, 64, 0}},
       {"summed bf16 off 16 bytes S70 T3 D24", 1, 3, 70, 1, 24, SK::BFloat16, true, true, false, true, 0, 2, KiB227,
        {1, 0, 1}},
+      // Scores of standard deviation 16: the running maximum moves by far from one key block to the next.
+      {"spread f32 S130 T3 D16 stacked", 1, 3, 130, 1, 16, SK::Float32, true, true, true, true, 0, 3, KiB227, {}, 4},
+      {"spread bf16 S2 T130 D16 w70 g3", 1, 130, 2, 1, 16, SK::BFloat16, true, true, false, true, 70, 3, KiB227, {}, 4},
       {"single token and frame", 2, 1, 1, 2, 40, SK::BFloat16, true, true, false, true, 0, 0, KiB227, {}},
       // 99 KiB: float32 D = 208 and 256 (key kernel split over head-dim columns), 16-bit D = 160.
       {"99KiB f32 D208 S7 T3 causal g2", 1, 3, 7, 1, 208, SK::Float32, true, true, false, true, 0, 2, KiB99, {}},

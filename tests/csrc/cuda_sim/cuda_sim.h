@@ -1,6 +1,7 @@
 // A CPU stand-in for the CUDA runtime and device built-ins that csrc/attention/cuda uses, so that the kernels' own
-// source (not a re-implementation) runs on a machine without a GPU: tests/test_extension_build.py compiles the
-// .cu files with g++ against this directory's headers and runs tests/csrc/attention_cuda_sim.cpp.
+// source (not a re-implementation) runs on a machine without a GPU: tests/cuda_sim.py compiles the .cu files with
+// the host compiler against this directory's headers (after rewriting the launches, the extern shared array and
+// the cp.async PTX, which no header can supply) and links tests/csrc/attention_cuda_sim.cpp.
 //
 // Each block runs as THREADS fibers (ucontext) on one OS thread. A fiber runs until it blocks (__syncthreads, a
 // warp-wide operation, the end); the scheduler then picks a random runnable fiber, so that a missing barrier shows
@@ -55,8 +56,10 @@ struct alignas(16) uint4 {
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 inline int min(int a, int b) { return a < b ? a : b; }
-inline float __expf(float x) { return std::exp(x); }
-inline float __logf(float x) { return std::log(x); }
+// The fast intrinsics as the hardware computes them: through base 2 (ex2.approx, lg2.approx), the argument
+// rounded to float on the way; the approximation of 2**x and log2 itself (within 2 ulp) is taken exact.
+inline float __expf(float x) { return std::exp2(x * 1.44269504088896341f); }
+inline float __logf(float x) { return std::log2(x) * 0.693147180559945309f; }
 
 namespace sim {
 
