@@ -11,6 +11,9 @@ copy of the sources (every rewrite must apply at least once, and nothing CUDA-on
   calls of the simulator's cp.async, which takes the same shared-window address the PTX takes.
 
 The copy is compiled with ``__CUDA_ARCH__`` 900, so the device branches (cp.async) are the ones that run.
+
+``python -m tests.cuda_sim [DIR]`` removes each synchronisation statement of the two kernel files in turn and
+prints what the simulation reports for each copy (how sharp it is; docs/design.md, the CUDA section).
 """
 
 from __future__ import annotations
@@ -97,3 +100,41 @@ def build(workdir: Path, edits: dict[str, tuple[str, str]] | None = None, reuse:
 def run(executable: Path, *args: str) -> subprocess.CompletedProcess:
     """Runs a build's executable; its stdout holds one line per case, then "ok", or the first failure."""
     return subprocess.run([str(executable), *args], capture_output=True, text=True, timeout=1200)
+
+
+SYNCHRONISATION = re.compile(r"__syncthreads\(\);|__syncwarp\(\);|wait_async_copies\(\);")
+
+
+def without_statement(text: str, line: int) -> tuple[str, str]:
+    """(old, new) for build's edits: `text` with line `line` (1-based) blanked, old as many lines around it as make
+    it occur once."""
+    lines = text.split("\n")
+    for context in range(1, len(lines)):
+        around = lines[max(line - 1 - context, 0):line + context]
+        old = "\n".join(around)
+        if text.count(old) == 1:
+            blanked = line - 1 - max(line - 1 - context, 0)
+            return old, "\n".join(around[:blanked] + [""] + around[blanked + 1:])
+    raise AssertionError("no unique context")
+
+
+def main(workdir: Path) -> None:
+    """Each barrier, __syncwarp and cp.async wait of the two kernel files removed in turn, the quick set run on
+    the copy: one line per removal, with what the simulation reported (docs/design.md, the CUDA section)."""
+    good = build(workdir / "sources")
+    for name in ("attention_fwd.cu", "attention_bwd.cu"):
+        text = (KERNEL_DIR / name).read_text()
+        for number, line in enumerate(text.split("\n"), 1):
+            if SYNCHRONISATION.search(line):
+                broken = build(workdir / f"{name}-{number}", {name: without_statement(text, number)},
+                               reuse=good.parent)
+                last = run(broken).stdout.splitlines()[-1]
+                print(f"{name}:{number} {line.strip()}: {'passes' if last == 'ok' else 'fails: ' + last}", flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(directory))
