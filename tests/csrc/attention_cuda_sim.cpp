@@ -65,9 +65,11 @@ void store(unsigned char* p, ScalarKind dtype, float value) {
 }
 
 // A (B, T, S, H, D) view: slot `slot` of `slots` interleaved along a dim between S and H, rows of `row` elements
-// (>= D; NaN past D), the data pointer moved by `shift` elements off 16 bytes.
+// (>= D; NaN past D), the data pointer moved by `shift` elements off 16 bytes; with heads_outer, stored as
+// (B, H, S, T, row) instead (one slot): every stride of another size and order.
 struct Layout {
   int slots = 1, row = 0, shift = 0;
+  bool heads_outer = false;
 };
 
 struct Buffer {
@@ -85,6 +87,10 @@ struct Buffer {
   }
 
   TensorRef view(int slot) const {
+    if (layout.heads_outer) {
+      const int64_t st = layout.row, ss = st * T, sh = ss * S, sb = sh * H;
+      return {memory->data + layout.shift * element_size(dtype), sb, st, ss, sh};
+    }
     const int64_t sh = layout.row, slot_stride = int64_t(H) * sh, ss = slot_stride * layout.slots, st = ss * S,
                   sb = st * T;
     return {memory->data + (layout.shift + slot * slot_stride) * element_size(dtype), sb, st, ss, sh};
@@ -387,6 +393,8 @@ std::vector<Case> quick_cases() {
        KiB227, {6, 64, 0}},
       {"summed f32 rows of 64 D20 causal g1", 1, 3, 7, 2, 20, SK::Float32, true, true, false, true, 0, 1, KiB227,
        {1, 64, 0}},
+      {"summed f16 (B, H, S, T) layout S7 T17 D40", 2, 17, 7, 2, 40, SK::Float16, true, true, false, true, 0, 3,
+       KiB227, {1, 0, 0, true}},
       {"summed bf16 off 16 bytes S70 T3 D24", 1, 3, 70, 1, 24, SK::BFloat16, true, true, false, true, 0, 2, KiB227,
        {1, 0, 1}},
       // Scores of standard deviation 16: the running maximum moves by far from one key block to the next.
