@@ -13,8 +13,8 @@
 //     16-byte aligned; no copy left unwaited at a thread's end;
 //   - barriers: a __syncthreads that not every live thread of the block reaches, a warp operation that not all
 //     32 lanes reach (or reach in different numbers), are deadlocks, reported;
-//   - WMMA: 32-byte aligned fragment pointers and leading dimensions of 16 bytes' elements, computed once per warp
-//     (lane 0) after all lanes arrive;
+//   - WMMA: 32-byte aligned fragment pointers and leading dimensions of 16 bytes' elements, the same in every lane,
+//     computed once per warp (lane 0) after all lanes arrive;
 //   - launches: dynamic shared memory within the device's opt-in limit and within what cudaFuncSetAttribute
 //     allowed the kernel (48 KiB without it); a failed call leaves its error for cudaGetLastError, as CUDA does.
 #pragma once
@@ -143,6 +143,10 @@ struct Block {
   std::function<void()> body;
   unsigned char* shared = nullptr;
   float exchange[2][MAX_THREADS];  // shuffles, double-buffered by the warp's release parity
+  struct Operand {
+    const void* pointer;
+    unsigned ld;
+  } operands[2][MAX_THREADS];  // WMMA loads and stores, likewise
   int parity[MAX_THREADS / 32] = {};
   int at_warp[MAX_THREADS / 32] = {};
   int at_barrier = 0, done = 0;
@@ -281,10 +285,17 @@ inline void cp_async_wait_all() {
   self().copies.clear();
 }
 
-// WMMA: lane 0 of the warp computes once all lanes have arrived.
-inline bool warp_leader() {
+// WMMA loads and stores: true in lane 0 once all 32 lanes have arrived, with the same pointer and leading
+// dimension (the API requires them warp-uniform; lane 0 then does the warp's work).
+inline bool warp_leader(const void* pointer, unsigned ld) {
+  const int t = block->current, w = t / 32, parity = block->parity[w];
+  block->operands[parity][t] = {pointer, ld};
   warp_wait();
-  return block->current % 32 == 0;
+  if (t % 32) return false;
+  for (int lane = w * 32; lane < w * 32 + 32; ++lane)
+    if (block->operands[parity][lane].pointer != pointer || block->operands[parity][lane].ld != ld)
+      fail("a WMMA load or store whose pointer or leading dimension differs between the lanes of a warp");
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------- launches

@@ -1,6 +1,7 @@
 // CPU stand-in for the WMMA API (nvcuda::wmma, m16n16k16, float accumulators) that block_gemm.cuh uses (see
 // cuda_sim.h). Checks what the real API requires of its operands: 256-bit aligned pointers, leading dimensions a
-// multiple of 16 bytes' elements. Lane 0 of the warp does the work once all 32 lanes have arrived.
+// multiple of 16 bytes' elements, both the same in every lane. Lane 0 of the warp does the work once all 32 lanes
+// have arrived.
 #pragma once
 
 #include <type_traits>
@@ -39,7 +40,7 @@ template <typename Use, typename T, typename Layout>
 void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
   static_assert(!std::is_same<Use, accumulator>::value, "accumulators load with a layout_t");
   check_operand(p, ldm);
-  if (!::sim::warp_leader()) return;
+  if (!::sim::warp_leader(p, ldm)) return;
   const bool col = std::is_same<Layout, col_major>::value;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = value(col ? p[r + c * ldm] : p[r * ldm + c]);
@@ -47,14 +48,14 @@ void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsig
 
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm, layout_t l) {
   check_operand(p, ldm);
-  if (!::sim::warp_leader()) return;
+  if (!::sim::warp_leader(p, ldm)) return;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = l == mem_col_major ? p[r + c * ldm] : p[r * ldm + c];
 }
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t l) {
   check_operand(p, ldm);
-  if (!::sim::warp_leader()) return;
+  if (!::sim::warp_leader(p, ldm)) return;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) (l == mem_col_major ? p[r + c * ldm] : p[r * ldm + c]) = f.x[r * 16 + c];
 }
