@@ -25,22 +25,13 @@
 #include "attention/cuda/attention_layout.h"
 #include "attention/kernels.h"
 #include "attention_reference.h"
+#include "check.h"
 #include "cuda_bf16.h"
 #include "cuda_fp16.h"
 #include "cuda_sim.h"
 
 using namespace pychop;
 using namespace pychop::double_precision;
-
-#define CHECK(cond, ...)                                  \
-  do {                                                    \
-    if (!(cond)) {                                        \
-      std::printf("FAIL line %d: %s: ", __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                           \
-      std::printf("\n");                                  \
-      std::exit(1);                                       \
-    }                                                     \
-  } while (0)
 
 namespace {
 
@@ -360,6 +351,24 @@ void check_errors() {
         sim::device.blocks_run == blocks, "too little shared memory: %s", error ? error : "(none)");
 }
 
+// A stand-in conversion (half or bfloat16, `largest` the bits of its largest finite value): every finite value
+// converts to float and back unchanged, and a float halfway between two neighbours rounds to the even one (just
+// above or below it, to the nearer).
+template <typename Half, typename ToFloat, typename FromFloat>
+void check_conversion(const char* name, uint16_t largest, ToFloat to_float, FromFloat from_float) {
+  for (uint32_t bits = 0; bits < 0x10000; ++bits) {
+    const float f = to_float(Half{uint16_t(bits)});
+    if (!std::isfinite(f)) continue;
+    CHECK(from_float(f).bits == bits, "%s %04x round trip", name, bits);
+    if ((bits & 0x7fff) >= largest) continue;  // the next one up is infinite
+    const float next = to_float(Half{uint16_t(bits + 1)});
+    const float mid = f + (next - f) / 2;  // exact: a 16-bit format's neighbours differ in its last bit
+    CHECK(from_float(mid).bits == (bits & 1 ? bits + 1 : bits), "%s %04x: the midpoint to the even one", name, bits);
+    CHECK(from_float(std::nextafter(mid, f)).bits == bits, "%s %04x: below the midpoint", name, bits);
+    CHECK(from_float(std::nextafter(mid, next)).bits == bits + 1, "%s %04x: above the midpoint", name, bits);
+  }
+}
+
 constexpr int KiB99 = 101376, KiB163 = 166912, KiB227 = 232448;  // sm_86/89/120, sm_80, sm_90/100
 using SK = ScalarKind;
 
@@ -445,6 +454,8 @@ std::vector<Case> all_cases() {
 int main(int argc, char** argv) {
   signal(SIGSEGV, sim::on_segfault);
   signal(SIGBUS, sim::on_segfault);
+  check_conversion<__half>("half", 0x7bff, __half2float, __float2half_rn);
+  check_conversion<__nv_bfloat16>("bfloat16", 0x7f7f, __bfloat162float, __float2bfloat16_rn);
   const bool all = argc > 1 && std::string(argv[1]) == "--all";
   for (const Case& c : all ? all_cases() : quick_cases()) run(c);
   check_errors();

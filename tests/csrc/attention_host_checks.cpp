@@ -20,19 +20,10 @@
 #include "attention/cuda/attention_layout.h"
 #include "attention/cuda/branch.h"
 #include "attention_reference.h"
+#include "check.h"
 
 using namespace pychop;
 using namespace pychop::double_precision;
-
-#define CHECK(cond, ...)                                                      \
-  do {                                                                        \
-    if (!(cond)) {                                                            \
-      std::printf("FAIL line %d: %s: ", __LINE__, #cond);                     \
-      std::printf(__VA_ARGS__);                                               \
-      std::printf("\n");                                                      \
-      std::exit(1);                                                           \
-    }                                                                         \
-  } while (0)
 
 namespace {
 

@@ -2,7 +2,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #include "cuda_sim.h"
 
@@ -10,16 +9,10 @@ struct __nv_bfloat16 {
   uint16_t bits;
 };
 
-inline float __bfloat162float(__nv_bfloat16 b) {
-  const uint32_t bits = uint32_t(b.bits) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+inline float __bfloat162float(__nv_bfloat16 b) { return ::sim::float_of_bits(uint32_t(b.bits) << 16); }
 
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
+  const uint32_t x = ::sim::bits_of_float(f);
   if ((x & 0x7fffffffu) > 0x7f800000u) return {uint16_t((x >> 16) | 0x40)};
   return {uint16_t((x + 0x7fffu + ((x >> 16) & 1)) >> 16)};
 }

@@ -63,6 +63,18 @@ inline float __logf(float x) { return std::log2(x) * 0.693147180559945309f; }
 
 namespace sim {
 
+inline float float_of_bits(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint32_t bits_of_float(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return bits;
+}
+
 [[noreturn]] inline void fail(const char* what) {
   std::printf("SIM FAIL: %s\n", what);
   std::fflush(stdout);
