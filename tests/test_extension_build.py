@@ -201,6 +201,10 @@ BROKEN_KERNELS = {
     "backward ignoring the grad window in dv": (
         {"attention_bwd.cu": ("first_live_row(br.grad_window, i, first)", "first_live_row(0, i, first)")},
         "dv_t error"),
+    "forward summing a row in half the lanes of its warp": (
+        {"attention_fwd.cu": ("      block_sum = group_sum(block_sum, 32);",
+                              "      if (lane < 16) block_sum = group_sum(block_sum, 32);")},
+        "deadlock"),
     "forward asking for 128 bytes too little shared memory": (
         {"attention_layout.h": ("    row_sum = s.take(sizeof(float) * BLOCK);\n    bytes = s.bytes;",
                                 "    row_sum = s.take(sizeof(float) * BLOCK);\n    bytes = s.bytes - 128;")},
@@ -211,8 +215,8 @@ BROKEN_KERNELS = {
 @pytest.mark.parametrize("broken", [
     pytest.param(name, marks=[] if i == 0 else pytest.mark.slow) for i, name in enumerate(BROKEN_KERNELS)])
 def test_cuda_simulation_catches_broken_kernels(cuda_simulation, tmp_path, broken):
-    """The simulation fails a kernel with a race (a barrier removed, a cp.async waited for too late), a wrong mask
-    or a shared-memory overrun, naming what it found."""
+    """The simulation fails a kernel with a race (a barrier removed, a cp.async waited for too late), a wrong mask,
+    a shuffle that not every lane reaches or a shared-memory overrun, naming what it found."""
     edits, message = BROKEN_KERNELS[broken]
     executable = cuda_sim.build(tmp_path, edits, reuse=cuda_simulation.parent)
     result = cuda_sim.run(executable)
