@@ -102,6 +102,17 @@ def run(executable: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(executable), *args], capture_output=True, text=True, timeout=1200)
 
 
+def run_sharded(executable: Path, shards: int, *args: str) -> list[subprocess.CompletedProcess]:
+    """run(), the cases shared out over `shards` processes at once (the executable's --shard k/n)."""
+    jobs = [subprocess.Popen([str(executable), *args, "--shard", f"{k}/{shards}"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for k in range(shards)]
+    results = []
+    for job in jobs:
+        stdout = job.communicate(timeout=1200)[0]
+        results.append(subprocess.CompletedProcess(job.args, job.returncode, stdout, ""))
+    return results
+
+
 SYNCHRONISATION = re.compile(r"__syncthreads\(\);|__syncwarp\(\);|wait_async_copies\(\);")
 
 

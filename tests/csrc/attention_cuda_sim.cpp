@@ -12,8 +12,8 @@
 //
 // Built and run by tests/test_extension_build.py (tests/cuda_sim.py rewrites the launches, shared-memory
 // declarations and inline PTX for the host compiler). Without arguments, a representative set of cases; with
-// --all, a larger one (head dims 8 to 256 in every dtype and shared-memory size). Prints one line per case and
-// "ok"; exits 1 at the first failure.
+// --all, a larger one (head dims 8 to 256 in every dtype and shared-memory size); --shard k/n runs cases k, k + n,
+// ... of the set only. Prints one line per case and "ok"; exits 1 at the first failure.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -456,8 +456,20 @@ int main(int argc, char** argv) {
   signal(SIGBUS, sim::on_segfault);
   check_conversion<__half>("half", 0x7bff, __half2float, __float2half_rn);
   check_conversion<__nv_bfloat16>("bfloat16", 0x7f7f, __bfloat162float, __float2bfloat16_rn);
-  const bool all = argc > 1 && std::string(argv[1]) == "--all";
-  for (const Case& c : all ? all_cases() : quick_cases()) run(c);
+  bool all = false;
+  int shard = 0, shards = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    const bool sharded = arg == "--shard" && i + 1 < argc && std::sscanf(argv[++i], "%d/%d", &shard, &shards) == 2;
+    if (arg == "--all") {
+      all = true;
+    } else if (!sharded || shard < 0 || shard >= shards) {
+      std::printf("usage: %s [--all] [--shard k/n]\n", argv[0]);
+      return 2;
+    }
+  }
+  const std::vector<Case> cases = all ? all_cases() : quick_cases();
+  for (size_t i = shard; i < cases.size(); i += shards) run(cases[i]);
   check_errors();
   std::printf("ok\n");
 }
