@@ -16,6 +16,7 @@
 // ... of the set only. Prints one line per case and "ok"; exits 1 at the first failure.
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -329,7 +330,8 @@ void run(const Case& c) {
               (long long)(sim::device.blocks_run - blocks_before), worst, bound, plan_of(c).c_str());
 }
 
-// A failed runtime call is reported by name and cleared from the error slot; no block size fitting is an error.
+// A failed runtime call is reported by name and cleared from the error slot; no block size fitting (the device's
+// shared memory, or less by PYCHOP_CUDA_SHARED_MEMORY_LIMIT) is an error, and nothing runs.
 void check_errors() {
   const ScalarKind dtype = ScalarKind::BFloat16;
   sim::device.optin_shared_memory = 232448;
@@ -344,11 +346,16 @@ void check_errors() {
   CHECK(error != nullptr && std::string(error).find("cudaFuncSetAttribute") != std::string::npos,
         "a failed cudaFuncSetAttribute reported by name: %s", error ? error : "(none)");
   CHECK(sim::device.last_error == 0, "the failed call cleared from the error slot");
-  sim::device.optin_shared_memory = 4096;
   const int64_t blocks = sim::device.blocks_run;
-  error = launch_parallel_st_attention_fwd(p, nullptr);
-  CHECK(error != nullptr && std::string(error).find("no block size fits") != std::string::npos &&
-        sim::device.blocks_run == blocks, "too little shared memory: %s", error ? error : "(none)");
+  for (const bool by_environment : {false, true}) {  // the device's limit, or PYCHOP_CUDA_SHARED_MEMORY_LIMIT's
+    sim::device.optin_shared_memory = by_environment ? 232448 : 4096;
+    if (by_environment) setenv("PYCHOP_CUDA_SHARED_MEMORY_LIMIT", "4096", 1);
+    error = launch_parallel_st_attention_fwd(p, nullptr);
+    unsetenv("PYCHOP_CUDA_SHARED_MEMORY_LIMIT");
+    CHECK(error != nullptr && std::string(error).find("no block size fits") != std::string::npos &&
+          sim::device.blocks_run == blocks, "too little shared memory (%s): %s",
+          by_environment ? "PYCHOP_CUDA_SHARED_MEMORY_LIMIT" : "the device's", error ? error : "(none)");
+  }
 }
 
 // A stand-in conversion (half or bfloat16, `largest` the bits of its largest finite value): every finite value
