@@ -13,6 +13,7 @@ import pychop
 from pychop import _build
 from pychop.kernels.limits import MAX_HEAD_DIM
 from pychop.ops import extension_attention
+from tests import cuda_sim
 
 
 def test_no_compiler_is_reported(monkeypatch):
@@ -114,14 +115,16 @@ int main() {
 
 
 def compile_and_run(tmp_path, source_text):
-    """Compiles a host C++ program (csrc/ on the include path) with warnings as errors, runs it: its stdout."""
+    """Compiles a host C++ program (csrc/ and tests/csrc/ on the include path) with warnings as errors, runs it:
+    its stdout."""
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         pytest.skip("no C++ compiler")
     source = tmp_path / "probe.cpp"
     source.write_text(source_text)
-    build = subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-Werror", f"-I{_build.CSRC}", str(source), "-o",
-                            str(tmp_path / "probe")], capture_output=True, text=True)
+    build = subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-Werror", f"-I{_build.CSRC}",
+                            f"-I{cuda_sim.CSRC_TESTS}", str(source), "-o", str(tmp_path / "probe")],
+                           capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:]
@@ -156,7 +159,6 @@ def test_cuda_kernel_arithmetic_on_the_host(tmp_path):
 
 
 def dead_pid() -> int:
-
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
@@ -186,7 +188,6 @@ with open(sys.argv[1], "a+") as lock:
 
 
 def test_a_live_owners_lock_is_waited_on_with_a_message_and_a_bound(tmp_path, capsys):
-
     lock = _build.BuildLock(tmp_path, timeout=0.5)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock.path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -205,7 +206,6 @@ def test_a_live_owners_lock_is_waited_on_with_a_message_and_a_bound(tmp_path, ca
 
 def test_the_default_build_folder_is_keyed_by_the_sources(monkeypatch, tmp_path):
     """Two checkouts with different sources build apart; identical sources share one build."""
-
     monkeypatch.delenv(_build.BUILD_DIR_ENV, raising=False)
     copy = tmp_path / "csrc"
     shutil.copytree(_build.CSRC, copy)
@@ -215,3 +215,70 @@ def test_the_default_build_folder_is_keyed_by_the_sources(monkeypatch, tmp_path)
     with open(copy / "attention" / "binding.cpp", "a") as source:
         source.write("\n// another checkout\n")
     assert _build.build_dir() != ours and _build.build_dir().parent == ours.parent
+
+
+@pytest.fixture(scope="module")
+def cuda_simulation(tmp_path_factory):
+    """tests/csrc/attention_cuda_sim.cpp built against the kernels' own source (tests/cuda_sim.py)."""
+    workdir = tmp_path_factory.mktemp("cuda_sim")
+    executable = cuda_sim.build(workdir)
+    if executable is None:
+        pytest.skip("no C++ compiler")
+    return executable
+
+
+def test_cuda_kernels_simulated(cuda_simulation):
+    """The CUDA kernels' own source run on the CPU (tests/csrc/cuda_sim/): threads as fibers in random orders
+    between barriers, shared memory NaN-poisoned and guarded, cp.async landing only at its wait; forward and
+    backward of every dtype, mask, kernel path (one-pass and query-kernel backward, head-dim splits) and head dims
+    10 to 256 (40, 72, 160; float32 208 and 256 on a 99 KiB GPU), odd row counts, packed, padded and misaligned
+    inputs, against float64 within the project's rule (3 x the plain path's error in the dtype + a floor)."""
+    result = cuda_sim.run(cuda_simulation)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "ok", result.stdout[-3000:]
+    assert len(result.stdout.splitlines()) > 20
+
+
+@pytest.mark.slow
+def test_cuda_kernels_simulated_all(cuda_simulation):
+    """The same over head dims 8 to 256 in every dtype and shared-memory size (99, 163, 227 KiB), 1 to 130 rows;
+    the cases shared out over up to 4 processes."""
+    shards = max(1, min(4, os.cpu_count() or 1))
+    results = cuda_sim.run_sharded(cuda_simulation, shards, "--all")
+    for result in results:
+        assert result.returncode == 0 and result.stdout.splitlines()[-1] == "ok", result.stdout[-3000:]
+    assert sum(len(result.stdout.splitlines()) for result in results) > 150
+
+
+# Deliberately broken copies of the kernels (tests/cuda_sim.py's edits; the sources themselves are untouched) and
+# what the simulation reports for each.
+BROKEN_KERNELS = {
+    "forward without the barrier before the next key block": (
+        {"attention_fwd.cu": ("    __syncthreads();  // the previous block's P V has read k_tile, v_tile, probs\n",
+                              "")},
+        "out error"),
+    "backward waiting for its cp.async after the barrier": (
+        {"attention_bwd.cu": ("    wait_async_copies();\n    __syncthreads();\n",
+                              "    __syncthreads();\n    wait_async_copies();\n")},
+        "error inf"),
+    "backward ignoring the grad window in dv": (
+        {"attention_bwd.cu": ("first_live_row(br.grad_window, i, first)", "first_live_row(0, i, first)")},
+        "dv_t error"),
+    "forward summing a row in half the lanes of its warp": (
+        {"attention_fwd.cu": ("      block_sum = group_sum(block_sum, 32);",
+                              "      if (lane < 16) block_sum = group_sum(block_sum, 32);")},
+        "deadlock"),
+    "forward launched with 128 bytes too little shared memory": (
+        {"attention_fwd.cu": ("THREADS, bytes(BLOCK), stream", "THREADS, bytes(BLOCK) - 128, stream")},
+        "past the block's dynamic shared memory"),
+}
+
+
+@pytest.mark.parametrize("broken", [
+    pytest.param(name, marks=[] if i == 0 else pytest.mark.slow) for i, name in enumerate(BROKEN_KERNELS)])
+def test_cuda_simulation_catches_broken_kernels(cuda_simulation, tmp_path, broken):
+    """The simulation fails a kernel with a race (a barrier removed, a cp.async waited for too late), a wrong mask,
+    a shuffle that not every lane reaches or a shared-memory overrun, naming what it found."""
+    edits, message = BROKEN_KERNELS[broken]
+    executable = cuda_sim.build(tmp_path, edits, reuse=cuda_simulation.parent)
+    result = cuda_sim.run(executable)
+    assert result.returncode == 1 and message in result.stdout, result.stdout[-3000:]

@@ -19,18 +19,11 @@
 
 #include "attention/cuda/attention_layout.h"
 #include "attention/cuda/branch.h"
+#include "attention_reference.h"
+#include "check.h"
 
 using namespace pychop;
-
-#define CHECK(cond, ...)                                                      \
-  do {                                                                        \
-    if (!(cond)) {                                                            \
-      std::printf("FAIL line %d: %s: ", __LINE__, #cond);                     \
-      std::printf(__VA_ARGS__);                                               \
-      std::printf("\n");                                                      \
-      std::exit(1);                                                           \
-    }                                                                         \
-  } while (0)
+using namespace pychop::double_precision;
 
 namespace {
 
@@ -120,14 +113,6 @@ Branch branch(int rows, const Masks& m) {
   return br;
 }
 
-// The semantics, written apart from params.h: t - window < t' <= t (causal), t' > t - grad_window (live).
-bool allowed(const Branch& br, int i, int j) {
-  return j >= 0 && j < br.rows && (!br.causal || j <= i) && (br.window <= 0 || j > i - br.window);
-}
-bool live(const Branch& br, int i, int j) {
-  return allowed(br, i, j) && (br.grad_window <= 0 || j > i - br.grad_window);
-}
-
 void check_ranges() {
   for (const Masks& m : MASKS)
     for (int rows : ROWS) {
@@ -156,51 +141,6 @@ void check_ranges() {
 }
 
 // ---------------------------------------------------------------------------------------------- emulation
-struct Problem {
-  int L, D;
-  double scale;
-  std::vector<double> q, k, v, dout;  // L x D
-  double at(const std::vector<double>& x, int row, int c) const { return row < L && c < D ? x[row * D + c] : 0.; }
-  double dot(const std::vector<double>& x, int i, const std::vector<double>& y, int j) const {
-    double sum = 0;
-    for (int c = 0; c < D; ++c) sum += at(x, i, c) * at(y, j, c);
-    return sum;
-  }
-};
-
-struct Result {
-  std::vector<double> o, lse, dq, dk, dv;
-};
-
-Result reference(const Branch& br, const Problem& pr) {
-  const int L = pr.L, D = pr.D;
-  Result res{std::vector<double>(L * D), std::vector<double>(L), std::vector<double>(L * D),
-             std::vector<double>(L * D), std::vector<double>(L * D)};
-  std::vector<double> P(L * L), dS(L * L);
-  for (int i = 0; i < L; ++i) {
-    double mx = -INFINITY, sum = 0, delta = 0;
-    for (int j = 0; j < L; ++j)
-      if (allowed(br, i, j)) mx = std::max(mx, pr.scale * pr.dot(pr.q, i, pr.k, j));
-    for (int j = 0; j < L; ++j) sum += allowed(br, i, j) ? std::exp(pr.scale * pr.dot(pr.q, i, pr.k, j) - mx) : 0;
-    res.lse[i] = mx + std::log(sum);
-    for (int j = 0; j < L; ++j) {
-      P[i * L + j] = allowed(br, i, j) ? std::exp(pr.scale * pr.dot(pr.q, i, pr.k, j) - res.lse[i]) : 0;
-      delta += P[i * L + j] * pr.dot(pr.dout, i, pr.v, j);
-      for (int c = 0; c < D; ++c) res.o[i * D + c] += P[i * L + j] * pr.at(pr.v, j, c);
-    }
-    for (int j = 0; j < L; ++j) dS[i * L + j] = P[i * L + j] * (pr.dot(pr.dout, i, pr.v, j) - delta);
-  }
-  for (int i = 0; i < L; ++i)
-    for (int j = 0; j < L; ++j)
-      for (int c = 0; c < D; ++c) {
-        res.dq[i * D + c] += pr.scale * dS[i * L + j] * pr.at(pr.k, j, c);
-        if (!live(br, i, j)) continue;
-        res.dk[j * D + c] += pr.scale * dS[i * L + j] * pr.at(pr.q, i, c);
-        res.dv[j * D + c] += P[i * L + j] * pr.at(pr.dout, i, c);
-      }
-  return res;
-}
-
 // attention_fwd_kernel's loops for every query block of the problem.
 void emulate_forward(const Branch& br, const Problem& pr, int BLOCK, Result& res) {
   const int L = pr.L, D = pr.D;
