@@ -43,7 +43,8 @@ setup(
     install_requires=["torch>=2.4", "einops", "tqdm"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "triton>=3.2", "ninja", "ruff>=0.6", "accelerate"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", "hypothesis>=6", "triton>=3.2", "ninja", "ruff>=0.6",
+                 "accelerate"],
         "bench": ["matplotlib", "triton>=3.2"],
         "diffusers": ["diffusers>=0.35"],  # AutoencoderKLQwenImage
     },

@@ -13,7 +13,9 @@
 #            Triton's interpreter no longer computes tl.dot with it. CI runs the numerics-marked tests once more
 #            this way (.ci/run).
 #
-# The full run: about 7 minutes on a quiet 2-core machine, about 16 minutes of CPU time (AMD EPYC, AVX2).
+#   The tests run in PYCHOP_TEST_WORKERS processes (pytest-xdist; default 2, 0 or 1: in this process alone),
+#   unless the arguments say -n themselves. Every worker takes the run's seed.
+#
 # Every run prints its random seed in the header; PYCHOP_TEST_SEED=<seed> (or --seed <seed>) replays it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,4 +44,9 @@ if [ -n "${marks:-}" ]; then
 fi
 
 PY=$(bash scripts/setup_env.sh | tail -n 1)
+workers=${PYCHOP_TEST_WORKERS:-2}
+case " ${args[*]-} " in *" -n "*|*" -n"[0-9a]*|*" --numprocesses"*) workers=0 ;; esac
+if [ "$workers" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    args=(-n "$workers" --dist worksteal ${args[@]+"${args[@]}"})
+fi
 exec "$PY" -m pytest ${args[@]+"${args[@]}"}

@@ -429,7 +429,7 @@ def worker(rank, world):
     return found
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["2ranks", "4ranks"])
+@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)], ids=["2ranks", "4ranks"])
 def results(request):
     pytest.importorskip("diffusers")
     world = request.param
