@@ -223,6 +223,33 @@ def test_scores_falling_by_more_than_the_exponent_range(fused, op, seed):
     check(op, fused, shape, torch.float32, seed, inputs=inputs)
 
 
+SPATIAL_SCORES, TEMPORAL_SCORES = "btshd,btuhd->btshu", "btshd,bushd->bsthu"  # (q, k) -> scores of a branch
+
+
+def largest_scaled_score(op, inputs, scale):
+    """max |scale q . k| over the pairs each branch of `op` scores (spatial: the tokens of a frame; temporal: the
+    frames of a token)."""
+    pairs = {"spatial": [(0, 1, SPATIAL_SCORES)], "temporal": [(0, 1, TEMPORAL_SCORES)],
+             "parallel": [(0, 1, SPATIAL_SCORES), (3, 4, TEMPORAL_SCORES)]}[op]
+    return max(scale * torch.einsum(equation, inputs[i].double(), inputs[j].double()).abs().max().item()
+               for i, j, equation in pairs)
+
+
+@pytest.mark.parametrize("op, shape", [("spatial", (1, 2, 19, 2, 24)), ("temporal", (1, 9, 3, 2, 40)),
+                                       ("parallel", (1, 5, 7, 1, 24))], ids=["spatial", "temporal", "parallel"])
+def test_saturated_scores(fused, op, shape, seed):
+    """Scores in the hundreds (scale 30, float32): each softmax nearly one-hot. A backward recomputes the
+    probabilities from a float32 logsumexp, so a row sums to 1 only within its rounding (about 1e-7 |lse|), and
+    delta = sum_j p dp must be divided by that sum: undivided, ds = p (dp - delta) of a query's dominating key is
+    the rounding times dp instead of about 0, and the gradients erred 10-100 times the torch path's error. The
+    floor adds what rounding one float32 score costs every path (a unit roundoff of the largest |scale q . k|),
+    which the torch path's error can miss by luck of its evaluation order."""
+    backend, device, _ = fused
+    inputs = make_inputs(shape, torch.float32, device, input_count(op))
+    floor = FLOOR[torch.float32] + 2.0 ** -24 * largest_scaled_score(op, inputs, 30.0)
+    check(op, fused, shape, torch.float32, seed, inputs=inputs, scale=30.0, floor=floor)
+
+
 @pytest.mark.parametrize("tokens", [19, 70], ids=["one-key-block", "key-blocks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 def test_temporal_branch_dominating_the_saved_sum(fused, dtype, tokens, seed):

@@ -5,8 +5,9 @@
 // tokens) writes lse_s and out = o_s + o_t, rounded once from float32. With the branches stacked each pass
 // writes its own output instead (o_t to out_t, o_s to out). Backward: the temporal pass writes dq_t, dk_t,
 // dv_t; the spatial pass (one task per frame-head) writes dq_s, dk_s, dv_s. Each takes its branch's delta =
-// rowsum(dout * o) as rowsum(P * dP) over whole rows of its own P and dP, never from out: a summed 16-bit out
-// holds o_s + o_t rounded, whose rounding would pass into the spatial gradients when o_t outweighs o_s.
+// rowsum(dout * o) as rowsum(P * dP) / rowsum(P) over whole rows of its own recomputed P and dP, never from out:
+// a summed 16-bit out holds o_s + o_t rounded, whose rounding would pass into the spatial gradients when o_t
+// outweighs o_s (and dividing by rowsum(P) takes out the rounding of the float32 lse, normalized_delta).
 //
 // All arithmetic is float32. The spatial pass works on S x S blocks: float32 rows are read and written in place
 // where a gemm can take them (rows at least D apart), other dtypes and strides go through float32 row copies;
@@ -358,15 +359,25 @@ PYCHOP_CPU_CLONES void softmax_rows(float* x, int64_t ld, int rows, int n, float
   for (int i = 0; i < rows; ++i) lse[i] = softmax(x + i * ld, n, scale);
 }
 
+// The delta of a row from sum_j p dP and sum_j p of its recomputed probabilities. Recomputed from a float32
+// logsumexp, a row's probabilities sum to 1 only within the rounding of lse (about 1e-7 |lse|); undivided, a
+// nearly one-hot row's dominating key would get dS = p (dP - delta) of that rounding times dP instead of about 0,
+// tens of times the torch path's error at saturated scores. A row with no probability (none attended) keeps 0.
+PYCHOP_INLINE float normalized_delta(float p_dp_sum, float p_sum) { return p_sum > 0.f ? p_dp_sum / p_sum : 0.f; }
+
 // From the unscaled scores s and dP = dO V^T of whole rows [0, rows) (row stride ld, n columns), the
 // probabilities p = exp(scale s - lse[i]) (in place of s) and dS' = scale p (dP - delta) (in place of dP), where
-// delta = rowsum(p dP) = dO . o_s.
+// delta = rowsum(p dP) / rowsum(p) = dO . o_s.
 PYCHOP_CPU_CLONES void softmax_grad_rows(float* p, float* dp, int64_t ld, int rows, int n, float scale,
                                          const float* lse) {
   for (int i = 0; i < rows; ++i) {
     float *pr = p + i * ld, *dr = dp + i * ld;
-    for (int j = 0; j < n; ++j) pr[j] = exp_nonpositive(scale * pr[j] - lse[i]);
-    const float delta = dot(pr, dr, n);
+    float p_sum = 0.f;
+    for (int j = 0; j < n; ++j) {
+      pr[j] = exp_nonpositive(scale * pr[j] - lse[i]);
+      p_sum += pr[j];
+    }
+    const float delta = normalized_delta(dot(pr, dr, n), p_sum);
     for (int j = 0; j < n; ++j) dr[j] = scale * pr[j] * (dr[j] - delta);
   }
 }
@@ -619,8 +630,8 @@ void forward(const AttentionParams& p) {
 // The temporal backward of one token-head from its tiles q, k, v, dout (row stride ld), in the transposed
 // layout of temporal_forward_tile: P^T[u, t] = exp(scale q[t] . k[u] - lse[t]) over the attended frames (exactly
 // 1 for a single frame: the scores are computed as in the forward, so the score minus its lse is exactly 0),
-// dP^T[u, t] = dout[t] . v[u], delta[t] = sum_u P dP, dS'^T[u, t] = scale P (dP - delta[t]) (in prob and
-// dscore, row stride ld_s). Then dq[t] = sum_u dS'[t, u] k[u] over t's attended frames, and for
+// dP^T[u, t] = dout[t] . v[u], delta[t] = sum_u P dP / sum_u P, dS'^T[u, t] = scale P (dP - delta[t]) (in prob
+// and dscore, row stride ld_s). Then dq[t] = sum_u dS'[t, u] k[u] over t's attended frames, and for
 // key frame u, over the query frames it is live for (the grad window): dk[u] = sum_t dS'[t, u] q[t],
 // dv[u] = sum_t P[t, u] dout[t], the rows of dS'^T and P^T read contiguously.
 PYCHOP_CPU_CLONES void temporal_backward_tile(const AttentionParams& p, const TemporalBands& bands,
@@ -631,15 +642,17 @@ PYCHOP_CPU_CLONES void temporal_backward_tile(const AttentionParams& p, const Te
   temporal_scores(bands, q, k, ld, Dv, p.scale, prob, ld_s);
   temporal_scores(bands, dout, v, ld, Dv, 1.f, dscore, ld_s);
   for (int t0 = 0; t0 < bands.queries; t0 += 8) {
-    float dsum[8] = {};
+    float dsum[8] = {}, psum[8] = {};
     for (int u = 0; u < T_; ++u) {
       float *pr = prob + u * ld_s + t0, *ds = dscore + u * ld_s + t0;
       const float* bias = bands.bias.get() + u * bands.queries + t0;
       for (int j = 0; j < 8; ++j) {
         pr[j] = exp_nonpositive(pr[j] + bias[j] - lse[t0 + j]);
         dsum[j] += pr[j] * ds[j];
+        psum[j] += pr[j];
       }
     }
+    for (int j = 0; j < 8; ++j) dsum[j] = normalized_delta(dsum[j], psum[j]);
     for (int u = 0; u < T_; ++u) {
       const float* pr = prob + u * ld_s + t0;
       float* ds = dscore + u * ld_s + t0;
