@@ -92,6 +92,19 @@ def _store_tile(X, value, b, t, h, offs_s, ok, offs_d, stride_b, stride_t, strid
 
 
 @triton.jit
+def _key_block(K, V, b, t, h, start_n, offs_d, S, stride_k_b, stride_k_t, stride_k_s, stride_k_h,
+               stride_v_b, stride_v_t, stride_v_s, stride_v_h, D: tl.constexpr, BLOCK_N: tl.constexpr,
+               ALIGN: tl.constexpr):
+    """Which of tokens start_n .. start_n + BLOCK_N of (b, t, h) exist, and their keys and values at columns
+    `offs_d`."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < S
+    k = _load_tile(K, b, t, h, offs_n, key_ok, offs_d, stride_k_b, stride_k_t, stride_k_s, stride_k_h, D, ALIGN)
+    v = _load_tile(V, b, t, h, offs_n, key_ok, offs_d, stride_v_b, stride_v_t, stride_v_s, stride_v_h, D, ALIGN)
+    return key_ok, k, v
+
+
+@triton.jit
 def _spatial_forward_kernel(
         Q, K, V, Out, Lse,
         stride_q_b, stride_q_t, stride_q_s, stride_q_h,
@@ -113,16 +126,12 @@ def _spatial_forward_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start_n in range(0, S, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < S
-        k = _load_tile(K, b, t, h, offs_n, key_ok, offs_d, stride_k_b, stride_k_t, stride_k_s, stride_k_h, D, ALIGN)
-        v = _load_tile(V, b, t, h, offs_n, key_ok, offs_d, stride_v_b, stride_v_t, stride_v_s, stride_v_h, D, ALIGN)
+        key_ok, k, v = _key_block(K, V, b, t, h, start_n, offs_d, S, stride_k_b, stride_k_t, stride_k_s, stride_k_h,
+                                  stride_v_b, stride_v_t, stride_v_s, stride_v_h, D, BLOCK_N, ALIGN)
         s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)
         if TAIL_D > 0:
-            k_e = _load_tile(K, b, t, h, offs_n, key_ok, offs_e, stride_k_b, stride_k_t, stride_k_s, stride_k_h, D,
-                             ALIGN)
-            v_e = _load_tile(V, b, t, h, offs_n, key_ok, offs_e, stride_v_b, stride_v_t, stride_v_s, stride_v_h, D,
-                             ALIGN)
+            _, k_e, v_e = _key_block(K, V, b, t, h, start_n, offs_e, S, stride_k_b, stride_k_t, stride_k_s,
+                                     stride_k_h, stride_v_b, stride_v_t, stride_v_s, stride_v_h, D, BLOCK_N, ALIGN)
             s += mma(q_e, tl.trans(k_e), DOT_PRECISION, UPCAST_DOT)
         s = tl.where(key_ok[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -174,38 +183,35 @@ def _spatial_backward_query_kernel(
     # the sum); the exact value, sum_j p dp, is accumulated on the way and goes to the key kernel. With both
     # branches summed the rounding of the saved *sum* would dominate dq's error, so dq is corrected through
     # sum_j p k.
+    o = _load_tile(Out, b, t, h, offs_m, row_ok, offs_d, stride_o_b, stride_o_t, stride_o_s, stride_o_h, D, ALIGN)
     do = _load_tile(DOut, b, t, h, offs_m, row_ok, offs_d, stride_do_b, stride_do_t, stride_do_s, stride_do_h, D,
                     ALIGN)
-    delta = _row_dot(do, Out, b, t, h, offs_m, row_ok, offs_d, stride_o_b, stride_o_t, stride_o_s, stride_o_h, D,
-                     ALIGN)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if OUT_IS_SUM:
+        delta -= tl.load(DeltaT + stats, mask=row_ok, other=0.0)
     q = _load_tile(Q, b, t, h, offs_m, row_ok, offs_d, stride_q_b, stride_q_t, stride_q_s, stride_q_h, D, ALIGN)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if TAIL_D > 0:
         do_e = _load_tile(DOut, b, t, h, offs_m, row_ok, offs_e, stride_do_b, stride_do_t, stride_do_s,
                           stride_do_h, D, ALIGN)
-        delta += _row_dot(do_e, Out, b, t, h, offs_m, row_ok, offs_e, stride_o_b, stride_o_t, stride_o_s,
-                          stride_o_h, D, ALIGN)
+        o_e = _load_tile(Out, b, t, h, offs_m, row_ok, offs_e, stride_o_b, stride_o_t, stride_o_s, stride_o_h, D,
+                         ALIGN)
+        delta += tl.sum(do_e.to(tl.float32) * o_e.to(tl.float32), 1)
         q_e = _load_tile(Q, b, t, h, offs_m, row_ok, offs_e, stride_q_b, stride_q_t, stride_q_s, stride_q_h, D,
                          ALIGN)
         dq_e = tl.zeros((BLOCK_M, TAIL_D), dtype=tl.float32)
         pk_e = tl.zeros((BLOCK_M, TAIL_D), dtype=tl.float32)
-    if OUT_IS_SUM:
-        delta -= tl.load(DeltaT + stats, mask=row_ok, other=0.0)
     delta_exact = tl.zeros((BLOCK_M,), dtype=tl.float32)
     lse = tl.load(Lse + stats, mask=row_ok, other=0.0) * LOG2E
     for start_n in range(0, S, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < S
-        k = _load_tile(K, b, t, h, offs_n, key_ok, offs_d, stride_k_b, stride_k_t, stride_k_s, stride_k_h, D, ALIGN)
-        v = _load_tile(V, b, t, h, offs_n, key_ok, offs_d, stride_v_b, stride_v_t, stride_v_s, stride_v_h, D, ALIGN)
+        key_ok, k, v = _key_block(K, V, b, t, h, start_n, offs_d, S, stride_k_b, stride_k_t, stride_k_s, stride_k_h,
+                                  stride_v_b, stride_v_t, stride_v_s, stride_v_h, D, BLOCK_N, ALIGN)
         s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)
         dp = mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)
         if TAIL_D > 0:
-            k_e = _load_tile(K, b, t, h, offs_n, key_ok, offs_e, stride_k_b, stride_k_t, stride_k_s, stride_k_h, D,
-                             ALIGN)
-            v_e = _load_tile(V, b, t, h, offs_n, key_ok, offs_e, stride_v_b, stride_v_t, stride_v_s, stride_v_h, D,
-                             ALIGN)
+            _, k_e, v_e = _key_block(K, V, b, t, h, start_n, offs_e, S, stride_k_b, stride_k_t, stride_k_s,
+                                     stride_k_h, stride_v_b, stride_v_t, stride_v_s, stride_v_h, D, BLOCK_N, ALIGN)
             s += mma(q_e, tl.trans(k_e), DOT_PRECISION, UPCAST_DOT)
             dp += mma(do_e, tl.trans(v_e), DOT_PRECISION, UPCAST_DOT)
         s = s * qk_scale
@@ -230,14 +236,6 @@ def _spatial_backward_query_kernel(
     if TAIL_D > 0:
         _store_tile(DQ, dq_e * scale, b, t, h, offs_m, row_ok, offs_e, stride_g_b, stride_g_t, stride_g_s,
                     stride_g_h, D, ALIGN)
-
-
-@triton.jit
-def _row_dot(x, Y, b, t, h, offs_s, ok, offs_d, stride_b, stride_t, stride_s, stride_h, D: tl.constexpr,
-             ALIGN: tl.constexpr):
-    """Per token, the float32 dot product of the tile `x` with Y's tile at the same tokens and columns."""
-    y = _load_tile(Y, b, t, h, offs_s, ok, offs_d, stride_b, stride_t, stride_s, stride_h, D, ALIGN)
-    return tl.sum(x.to(tl.float32) * y.to(tl.float32), 1)
 
 
 @triton.jit
@@ -334,7 +332,7 @@ WARPGROUP_MMA = {
     (128, True): (_C(128, 64, 8, 2), _C(64, 64, 8, 2), _C(64, 64, 8, 2)),
     (192, True): (_C(64, 32, 8, 2), _C(64, 32, 8, 2), _C(32, 64, 8, 2)),
     (256, True): (_C(64, 32, 8, 2), _C(32, 32, 8, 1), _C(32, 32, 8, 1)),
-    (64, False): (_C(32, 64, 8, 2), _C(64, 32, 8, 2), _C(32, 32, 8, 2)),
+    (64, False): (_C(32, 64, 8, 2), _C(64, 32, 8, 2), _C(32, 32, 8, 1)),
     (96, False): (_C(32, 32, 8, 2), _C(32, 16, 8, 2), _C(16, 32, 8, 1)),
     (128, False): (_C(32, 32, 8, 2), _C(32, 16, 8, 2), _C(16, 32, 8, 1)),
     (192, False): (_C(32, 16, 8, 1), _C(16, 16, 8, 1), _C(16, 16, 8, 1)),

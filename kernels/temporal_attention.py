@@ -291,12 +291,20 @@ WARP_MMA = {
     **WARPGROUP_MMA,
     (64, True): (_C(64, 4, 2), _C(64, 8, 2), _C(32, 4, 2)),
 }
-# 99 KiB of shared memory: the forward at D in (128, 256] in 32-row programs.
+# sm_80's ptxas spills the D in (64, 128] query kernel's two-pass loop (T > 64) in 64-row programs (184-456
+# bytes, 4 or 8 warps, 1 or 2 stages): 32 rows.
+WARP_MMA_SM80 = {
+    **WARP_MMA,
+    (128, True): (_C(64, 4, 2), _C(32, 4, 2), _C(64, 8, 2)),
+}
+# 99 KiB of shared memory: the forward at D in (128, 256] in 32-row programs; there sm_86's and sm_120's ptxas
+# spill the float32 query kernel over 8 warps: 4.
 WARP_MMA_99KIB = {
     **WARP_MMA,
     (256, True): (_C(32, 8, 2), _C(32, 4, 2), _C(32, 8, 1)),
+    (256, False): (_C(16, 4, 1), _C(16, 4, 1), _C(16, 8, 1)),
 }
-GPU_CONFIGS = {"sm80": WARP_MMA, "sm86": WARP_MMA_99KIB, "sm90": WARPGROUP_MMA, "sm100": WARPGROUP_MMA,
+GPU_CONFIGS = {"sm80": WARP_MMA_SM80, "sm86": WARP_MMA_99KIB, "sm90": WARPGROUP_MMA, "sm100": WARPGROUP_MMA,
                "sm120": WARP_MMA_99KIB}
 # Triton's CPU interpreter: 16-row programs, so T = 17 spans two 16-frame blocks and T = 4 packs 4 tokens.
 INTERPRETER_CONFIG = TemporalConfig(16, 1, 1)

@@ -61,7 +61,7 @@ def head_dim_split(head_dim: int):
 
 def head_dim_bucket(head_dim: int) -> int:
     """The launch-table row of a head dim: the smallest bucket that holds it (96 and 192 hold the head dims that
-    ``head_dim_split`` splits: 72 ... 96 and 136 ... 192)."""
+    ``head_dim_split`` splits: 65 ... 96 and 129 ... 192)."""
     for bucket in HEAD_DIM_BUCKETS:
         if head_dim <= bucket:
             return bucket

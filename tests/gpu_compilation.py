@@ -37,6 +37,11 @@ class GpuBuild:
     scalar_loads: int  # 2-byte global loads (ld.global.b16 / u16): what an unaligned 16-bit tile compiles to
     dots: int  # tl.dot operations in the kernel (Triton IR, before any unrolling)
 
+    @classmethod
+    def of(cls, build: dict) -> "GpuBuild":
+        """The GpuBuild of a build dict (table_row_builds), whatever else the dict holds."""
+        return cls(**{name: build[name] for name in cls.__annotations__})
+
     def line(self) -> str:
         return (f"{self.name}: {self.registers} registers, {self.spill_bytes} spill bytes, "
                 f"{self.shared_bytes} shared bytes, wgmma={self.wgmma}, tcgen05={self.tcgen05}, "
@@ -194,8 +199,7 @@ def main(argv=None) -> None:
         json.dump(builds, sys.stdout)
         return
     for build in builds:
-        fields = {name: build[name] for name in GpuBuild.__annotations__}
-        print(f"{args.family} {build['config']}: {GpuBuild(**fields).line()}")
+        print(f"{args.family} {build['config']}: {GpuBuild.of(build).line()}")
 
 
 if __name__ == "__main__":
