@@ -16,12 +16,18 @@ Launchers:
         (B, T, H, S)) it holds o_s + o_t and delta_s = rowsum(dO * out) - delta_t.
 
 Kernels, with their matrix products per pair of a query block and a key block (docs/design.md, section 3):
-``_spatial_forward_kernel`` (online softmax, log2 units; Q K^T, P V), ``_spatial_backward_query_kernel``
-(FlashAttention-2's dq loop; Q K^T, dO V^T, dS K; it also accumulates the exact delta_s = sum_j p dp and, when
-`out` holds the sum, corrects dq for that sum's rounding through sum_j p k, a fourth product, P K) and
+``_spatial_forward_kernel`` (online softmax; Q K^T, P V), ``_spatial_backward_query_kernel`` (FlashAttention-2's
+dq loop; Q K^T, dO V^T, dS K; it also accumulates the exact delta_s = sum_j p dp / sum_j p and, when `out` holds
+the sum, corrects dq for that sum's rounding through sum_j p k, a fourth product, P K) and
 ``_spatial_backward_key_kernel`` (FlashAttention-2's dk/dv loop over the frame's query blocks, reading the exact
 delta_s; K Q^T, P^T dO, V dO^T, dS^T Q). Backward: 7 products, 8 with a summed output. Nothing quadratic is
 stored.
+
+Scores are in natural-log units, as the logsumexp the forward returns: the backward's p = exp(s - lse) subtracts
+before it exponentiates, so a query's dominating key gets p = 1 exactly when the forward's l is 1. (Scores in log2
+units, FlashAttention's exp2 form, saved the forward one multiply per score but made the backward convert the
+saved lse twice, ln 2 there and back, a few float32 roundings of |lse|: at scores of a few hundred, errors in dv
+several times the torch path's.)
 """
 
 from __future__ import annotations
@@ -34,8 +40,6 @@ import triton.language as tl
 
 from .outputs import new_output
 from .tiles import (
-    LN2,
-    LOG2E,
     alignment,
     dot_constants,
     head_dim_block,
@@ -116,7 +120,6 @@ def _spatial_forward_kernel(
         ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     # Products per key block: S = Q K^T and O += P V (each of the head dim's blocks: BLOCK_D, then TAIL_D).
     t, b, h, offs_m, row_ok, offs_d, offs_e = _program_block(S, H, BLOCK_M, BLOCK_D, TAIL_D)
-    qk_scale = scale * LOG2E
     q = _load_tile(Q, b, t, h, offs_m, row_ok, offs_d, stride_q_b, stride_q_t, stride_q_s, stride_q_h, D, ALIGN)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if TAIL_D > 0:
@@ -133,16 +136,16 @@ def _spatial_forward_kernel(
             _, k_e, v_e = _key_block(K, V, b, t, h, start_n, offs_e, S, stride_k_b, stride_k_t, stride_k_s,
                                      stride_k_h, stride_v_b, stride_v_t, stride_v_s, stride_v_h, D, BLOCK_N, ALIGN)
             s += mma(q_e, tl.trans(k_e), DOT_PRECISION, UPCAST_DOT)
-        s = tl.where(key_ok[None, :], s * qk_scale, float("-inf"))
+        s = tl.where(key_ok[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
         if TAIL_D > 0:
             acc_e = acc_e * alpha[:, None] + mma(p.to(v.dtype), v_e, DOT_PRECISION, UPCAST_DOT)
         m_i = m_new
-    tl.store(Lse + _row_offsets(b, t, h, offs_m, T, H, S), (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
+    tl.store(Lse + _row_offsets(b, t, h, offs_m, T, H, S), m_i + tl.log(l_i), mask=row_ok)
     _store_output(Out, acc / l_i[:, None], b, t, h, offs_m, row_ok, offs_d, stride_o_b, stride_o_t, stride_o_s,
                   stride_o_h, D, ADD_TO_OUT, ALIGN)
     if TAIL_D > 0:
@@ -177,12 +180,14 @@ def _spatial_backward_query_kernel(
     # Products per key block: S = Q K^T, dP = dO V^T, dQ += dS K, and with the summed output P K (each over the
     # head dim's blocks: BLOCK_D, then TAIL_D).
     t, b, h, offs_m, row_ok, offs_d, offs_e = _program_block(S, H, BLOCK_M, BLOCK_D, TAIL_D)
-    qk_scale = scale * LOG2E
     stats = _row_offsets(b, t, h, offs_m, T, H, S)
     # delta = rowsum(dO * o_s), first from the saved output (rounded to its dtype; minus delta_t when it holds
-    # the sum); the exact value, sum_j p dp, is accumulated on the way and goes to the key kernel. With both
-    # branches summed the rounding of the saved *sum* would dominate dq's error, so dq is corrected through
-    # sum_j p k.
+    # the sum); the exact value, sum_j p dp / sum_j p, is accumulated on the way and goes to the key kernel. With
+    # both branches summed the rounding of the saved *sum* would dominate dq's error, so dq is corrected through
+    # sum_j p k. Divided by sum_j p: recomputed from a float32 logsumexp, a row's probabilities sum to 1 only
+    # within its rounding (a relative 1e-7 |lse|), and at saturated scores ds = p (dp - delta) of the dominating
+    # key would be that error times dp instead of about 0; divided, ds is off by that error relative to itself,
+    # and dq, divided by the sum too, not at all.
     o = _load_tile(Out, b, t, h, offs_m, row_ok, offs_d, stride_o_b, stride_o_t, stride_o_s, stride_o_h, D, ALIGN)
     do = _load_tile(DOut, b, t, h, offs_m, row_ok, offs_d, stride_do_b, stride_do_t, stride_do_s, stride_do_h, D,
                     ALIGN)
@@ -203,7 +208,8 @@ def _spatial_backward_query_kernel(
         dq_e = tl.zeros((BLOCK_M, TAIL_D), dtype=tl.float32)
         pk_e = tl.zeros((BLOCK_M, TAIL_D), dtype=tl.float32)
     delta_exact = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    lse = tl.load(Lse + stats, mask=row_ok, other=0.0) * LOG2E
+    p_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    lse = tl.load(Lse + stats, mask=row_ok, other=0.0)
     for start_n in range(0, S, BLOCK_N):
         key_ok, k, v = _key_block(K, V, b, t, h, start_n, offs_d, S, stride_k_b, stride_k_t, stride_k_s, stride_k_h,
                                   stride_v_b, stride_v_t, stride_v_s, stride_v_h, D, BLOCK_N, ALIGN)
@@ -214,10 +220,10 @@ def _spatial_backward_query_kernel(
                                      stride_k_h, stride_v_b, stride_v_t, stride_v_s, stride_v_h, D, BLOCK_N, ALIGN)
             s += mma(q_e, tl.trans(k_e), DOT_PRECISION, UPCAST_DOT)
             dp += mma(do_e, tl.trans(v_e), DOT_PRECISION, UPCAST_DOT)
-        s = s * qk_scale
-        p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.where(key_ok[None, :], tl.exp(s * scale - lse[:, None]), 0.0)
         p_dp = p * dp
         delta_exact += tl.sum(p_dp, 1)
+        p_sum += tl.sum(p, 1)
         ds = (p_dp - p * delta[:, None]).to(k.dtype)
         dq += mma(ds, k, DOT_PRECISION, UPCAST_DOT)
         if TAIL_D > 0:
@@ -226,15 +232,17 @@ def _spatial_backward_query_kernel(
             pk += mma(p.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
             if TAIL_D > 0:
                 pk_e += mma(p.to(k.dtype), k_e, DOT_PRECISION, UPCAST_DOT)
+    delta_exact /= p_sum
     tl.store(DeltaS + stats, delta_exact, mask=row_ok)
     if OUT_IS_SUM:
         dq += (delta - delta_exact)[:, None] * pk
         if TAIL_D > 0:
             dq_e += (delta - delta_exact)[:, None] * pk_e
-    _store_tile(DQ, dq * scale, b, t, h, offs_m, row_ok, offs_d, stride_g_b, stride_g_t, stride_g_s, stride_g_h, D,
-                ALIGN)
+    dq_scale = (scale / p_sum)[:, None]  # dq of the probabilities divided by their sum, as delta
+    _store_tile(DQ, dq * dq_scale, b, t, h, offs_m, row_ok, offs_d, stride_g_b, stride_g_t, stride_g_s, stride_g_h,
+                D, ALIGN)
     if TAIL_D > 0:
-        _store_tile(DQ, dq_e * scale, b, t, h, offs_m, row_ok, offs_e, stride_g_b, stride_g_t, stride_g_s,
+        _store_tile(DQ, dq_e * dq_scale, b, t, h, offs_m, row_ok, offs_e, stride_g_b, stride_g_t, stride_g_s,
                     stride_g_h, D, ALIGN)
 
 
@@ -252,7 +260,6 @@ def _spatial_backward_key_kernel(
     # Products per query block: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q (each over the head dim's
     # blocks: BLOCK_D, then TAIL_D).
     t, b, h, offs_n, key_ok, offs_d, offs_e = _program_block(S, H, BLOCK_N, BLOCK_D, TAIL_D)
-    qk_scale = scale * LOG2E
     k = _load_tile(K, b, t, h, offs_n, key_ok, offs_d, stride_k_b, stride_k_t, stride_k_s, stride_k_h, D, ALIGN)
     v = _load_tile(V, b, t, h, offs_n, key_ok, offs_d, stride_v_b, stride_v_t, stride_v_s, stride_v_h, D, ALIGN)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -271,7 +278,7 @@ def _spatial_backward_key_kernel(
         do = _load_tile(DOut, b, t, h, offs_m, row_ok, offs_d, stride_do_b, stride_do_t, stride_do_s, stride_do_h,
                         D, ALIGN)
         stats = _row_offsets(b, t, h, offs_m, T, H, S)
-        lse = tl.load(Lse + stats, mask=row_ok, other=0.0) * LOG2E
+        lse = tl.load(Lse + stats, mask=row_ok, other=0.0)
         delta = tl.load(DeltaS + stats, mask=row_ok, other=0.0)
         s_t = mma(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # (keys, queries)
         dp_t = mma(v, tl.trans(do), DOT_PRECISION, UPCAST_DOT)
@@ -282,8 +289,7 @@ def _spatial_backward_key_kernel(
                               stride_do_h, D, ALIGN)
             s_t += mma(k_e, tl.trans(q_e), DOT_PRECISION, UPCAST_DOT)
             dp_t += mma(v_e, tl.trans(do_e), DOT_PRECISION, UPCAST_DOT)
-        s_t = s_t * qk_scale
-        p_t = tl.where(row_ok[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+        p_t = tl.where(row_ok[None, :], tl.exp(s_t * scale - lse[None, :]), 0.0)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         p_t = p_t.to(do.dtype)
         dv += mma(p_t, do, DOT_PRECISION, UPCAST_DOT)

@@ -12,8 +12,8 @@ query blocks. Launchers:
     temporal_forward(q, k, v, out, *, scale, causal, window) -> lse (B, T, H, S) float32
         writes o_t into `out` (B, T, S, H, D).
     temporal_backward(dout, q, k, v, lse, *, scale, causal, window, grad_window) -> (dq, dk, dv, delta)
-        contiguous gradients and delta = rowsum(P dP) (B, T, H, S) float32, which the spatial backward of the
-        summed output needs.
+        contiguous gradients and delta = rowsum(P dP) / rowsum(P) (B, T, H, S) float32, which the spatial backward
+        of the summed output needs (divided by rowsum(P), 1 within rounding, as in the spatial query kernel).
 
 A non-finite input of one token reaches the other tokens of its program (the masked cross-token products multiply
 it by zero); finite inputs are unaffected. Scores are in natural-log units (a query with one key frame gets p =
@@ -185,22 +185,28 @@ def _temporal_backward_query_kernel(
     first = tl.program_id(1) * BLOCK_T
     lo = tl.maximum(first - window + 1, 0)
     hi = tl.minimum(first + BLOCK_T, T) if CAUSAL else T
-    # dq = scale * sum_u p_u (dp_u - delta) k_u, delta = sum_u p_u dp_u: delta must be complete before dq.
+    # dq = scale * sum_u p_u (dp_u - delta) k_u, delta = sum_u p_u dp_u / sum_u p_u (the spatial query kernel
+    # says why the division): delta must be complete before dq.
     if ONE_KEY_BLOCK:
         k, p, dp = _probabilities(q, do, lse, K, V, b, h, tokens, frames, offs_d, column_ok, lo, T, S, window,
                                   stride_k_b, stride_k_t, stride_k_s, stride_k_h,
                                   stride_v_b, stride_v_t, stride_v_s, stride_v_h, scale, CAUSAL, BLOCK_M, BLOCK_T,
                                   ALIGN, DOT_PRECISION, UPCAST_DOT)
-        delta = tl.sum(p * dp, 1)
+        p_sum = tl.where(row_ok, tl.sum(p, 1), 1.0)
+        delta = tl.sum(p * dp, 1) / p_sum
         dq = mma((p * (dp - delta[:, None])).to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
     else:
         delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        p_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for start in range(lo, hi, BLOCK_T):
             k, p, dp = _probabilities(q, do, lse, K, V, b, h, tokens, frames, offs_d, column_ok, start, T, S,
                                       window, stride_k_b, stride_k_t, stride_k_s, stride_k_h,
                                       stride_v_b, stride_v_t, stride_v_s, stride_v_h, scale, CAUSAL, BLOCK_M,
                                       BLOCK_T, ALIGN, DOT_PRECISION, UPCAST_DOT)
             delta += tl.sum(p * dp, 1)
+            p_sum += tl.sum(p, 1)
+        p_sum = tl.where(row_ok, p_sum, 1.0)
+        delta /= p_sum
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for start in range(lo, hi, BLOCK_T):
             k, p, dp = _probabilities(q, do, lse, K, V, b, h, tokens, frames, offs_d, column_ok, start, T, S,
@@ -210,7 +216,7 @@ def _temporal_backward_query_kernel(
             dq += mma((p * (dp - delta[:, None])).to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
     tl.store(Delta + stats, delta, mask=row_ok)
     tl.store(_tile(DQ, b, h, tokens, frames, offs_d, stride_g_b, stride_g_t, stride_g_s, stride_g_h, ALIGN),
-             (dq * scale).to(DQ.dtype.element_ty), mask=tile_ok)
+             (dq * (scale / p_sum)[:, None]).to(DQ.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit(do_not_specialize=["band"])

@@ -29,9 +29,6 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 HEAD_DIM_BUCKETS = (64, 96, 128, 192, MAX_HEAD_DIM)
 
-LOG2E = tl.constexpr(1.4426950408889634)  # the spatial branch scores in log2 units: exp2 instead of exp
-LN2 = tl.constexpr(0.6931471805599453)
-
 
 def interpreting() -> bool:
     """True under Triton's CPU interpreter, whose launch settings are small tiles and one warp."""

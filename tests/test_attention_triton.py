@@ -37,11 +37,14 @@ def test_unequal_spatial_tiles(block_m, block_n, monkeypatch, seed):
                             causal=True)
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["split", "padded"])
-@pytest.mark.parametrize("head_dim", [40, 80])
+@pytest.mark.parametrize("head_dim, split", [(40, True), (72, True), (80, True), (96, True), (160, True),
+                                             (40, False), (160, False)],
+                         ids=["40-split", "72-split", "80-split", "96-split", "160-split", "40-padded", "160-padded"])
 def test_spatial_head_dim_split_or_padded(head_dim, split, monkeypatch, seed):
-    """A launch table entry compiles a head dim such as 40 or 80 in two blocks (32 + 16, 64 + 16) or pads it
-    (64, 128); both against float64, on a packed projection's views, the summed output's backward included."""
+    """A launch table entry compiles Stable Diffusion's head dims in two blocks (40 = 32 + 16, 72 and 80 = 64 + 16,
+    96 = 64 + 32, 160 = 128 + 32) or pads them (64, 256; the mma.sync tables pad some backward kernels); against
+    float64, on a packed projection's views (head stride D, token stride 6 H D), the summed output's backward
+    included."""
     from pychop.kernels import spatial_attention
 
     monkeypatch.setattr(spatial_attention, "INTERPRETER_CONFIG", spatial_attention.SpatialConfig(16, 16, 1, 1, split))
@@ -98,6 +101,17 @@ def test_temporal_row_blocks(block_m, frames, monkeypatch, seed):
     monkeypatch.setattr(temporal_attention, "INTERPRETER_CONFIG", temporal_attention.TemporalConfig(block_m, 1, 1))
     check_against_reference("temporal", "triton", (1, frames, 5, 1, 16), torch.float32, triton_device(), seed,
                             window=frames // 2 + 1, grad_window=3)
+
+
+@pytest.mark.parametrize("op, shape", [("spatial", (1, 2, 19, 2, 24)), ("temporal", (1, 9, 3, 2, 40)),
+                                       ("parallel", (1, 5, 7, 1, 24))], ids=["spatial", "temporal", "parallel"])
+def test_saturated_scores(op, shape, seed):
+    """Scores in the hundreds (scale 30, float32): each softmax nearly one-hot. The backward recomputes the
+    probabilities from a float32 logsumexp, so a row's sum to 1 only within its rounding (about 1e-7 |lse|), and
+    delta = sum_j p dp must be divided by that sum: undivided, ds = p (dp - delta) of a query's dominating key is
+    the rounding times dp instead of about 0, and dk (both branches) and dq (temporal) erred 10-100 times the
+    torch path's error."""
+    check_against_reference(op, "triton", shape, torch.float32, triton_device(), seed, scale=30.0)
 
 
 def test_float32_dots_launched_in_full_precision(monkeypatch, seed):
