@@ -353,8 +353,18 @@ WARP_MMA = {
     (96, True): (_C(128, 64, 8, 2), _C(64, 32, 8, 2), _C(64, 64, 8, 2, split=False)),
     (192, True): (_C(64, 32, 8, 2), _C(32, 32, 8, 1, split=False), _C(32, 32, 8, 1, split=False)),
 }
-GPU_CONFIGS = {"sm80": WARP_MMA, "sm86": WARP_MMA, "sm90": WARPGROUP_MMA, "sm100": WARPGROUP_MMA,
-               "sm120": WARP_MMA}
+# Where one family's ptxas spills a float32 entry the others compile: sm_80 the 72-96 query kernel in two stages
+# (12-24 bytes), sm_120 the D in (96, 128] forward in 32 x 32 tiles (16 bytes).
+WARP_MMA_SM80 = {
+    **WARP_MMA,
+    (96, False): (_C(32, 32, 8, 2), _C(32, 16, 8, 1), _C(16, 32, 8, 1)),
+}
+WARP_MMA_SM120 = {
+    **WARP_MMA,
+    (128, False): (_C(32, 16, 8, 2), _C(32, 16, 8, 2), _C(16, 32, 8, 1)),
+}
+GPU_CONFIGS = {"sm80": WARP_MMA_SM80, "sm86": WARP_MMA, "sm90": WARPGROUP_MMA, "sm100": WARPGROUP_MMA,
+               "sm120": WARP_MMA_SM120}
 # Triton's CPU interpreter: small tiles (S = 33 spans three blocks); warps and stages are ignored.
 INTERPRETER_CONFIG = SpatialConfig(16, 16, 1, 1)
 

@@ -286,29 +286,30 @@ _C = TemporalConfig
 WARPGROUP_MMA = {
     (64, True): (_C(64, 4, 2), _C(64, 4, 2), _C(64, 4, 2)),
     (128, True): (_C(64, 4, 2), _C(64, 8, 2), _C(64, 8, 2)),
-    (256, True): (_C(64, 8, 2), _C(32, 4, 2), _C(32, 8, 1)),
+    (256, True): (_C(64, 8, 2), _C(32, 8, 2), _C(32, 8, 1)),
     (64, False): (_C(32, 8, 2), _C(32, 4, 2), _C(32, 8, 2)),
     (128, False): (_C(16, 4, 1), _C(16, 8, 1), _C(16, 4, 1)),
     (256, False): (_C(16, 4, 1), _C(16, 8, 1), _C(16, 8, 1)),
 }
 # mma.sync keeps operands and accumulators in registers: at D <= 64 the backward query kernel over 8 warps, the
-# key kernel in 32-row programs (64 rows spill at T = 16 over 4 or 8 warps).
+# key kernel in 32-row programs (64 rows spill at T = 16 over 4 or 8 warps); the float32 D in (128, 256] query
+# kernel over 4 warps (8 spill: sm_80 24 bytes, sm_86 and sm_120 too).
 WARP_MMA = {
     **WARPGROUP_MMA,
     (64, True): (_C(64, 4, 2), _C(64, 8, 2), _C(32, 4, 2)),
+    (256, False): (_C(16, 4, 1), _C(16, 4, 1), _C(16, 8, 1)),
 }
 # sm_80's ptxas spills the D in (64, 128] query kernel's two-pass loop (T > 64) in 64-row programs (184-456
-# bytes, 4 or 8 warps, 1 or 2 stages): 32 rows.
+# bytes, 4 or 8 warps, 1 or 2 stages): 32 rows; and the float32 D <= 64 one at T = 16 over 4 warps (16 bytes).
 WARP_MMA_SM80 = {
     **WARP_MMA,
     (128, True): (_C(64, 4, 2), _C(32, 4, 2), _C(64, 8, 2)),
+    (64, False): (_C(32, 8, 2), _C(32, 8, 2), _C(32, 8, 2)),
 }
-# 99 KiB of shared memory: the forward at D in (128, 256] in 32-row programs; there sm_86's and sm_120's ptxas
-# spill the float32 query kernel over 8 warps: 4.
+# 99 KiB of shared memory: the forward at D in (128, 256] in 32-row programs.
 WARP_MMA_99KIB = {
     **WARP_MMA,
-    (256, True): (_C(32, 8, 2), _C(32, 4, 2), _C(32, 8, 1)),
-    (256, False): (_C(16, 4, 1), _C(16, 4, 1), _C(16, 8, 1)),
+    (256, True): (_C(32, 8, 2), _C(32, 8, 2), _C(32, 8, 1)),
 }
 GPU_CONFIGS = {"sm80": WARP_MMA_SM80, "sm86": WARP_MMA_99KIB, "sm90": WARPGROUP_MMA, "sm100": WARPGROUP_MMA,
                "sm120": WARP_MMA_99KIB}
