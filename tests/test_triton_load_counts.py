@@ -98,7 +98,7 @@ def test_spatial_reads_are_flash_attention_ones(monkeypatch):
     S = 40
     q, k, v = (x.detach() for x in make_inputs((1, 2, S, 1, 16), torch.float32, "cpu", 3))
     out, dout = torch.empty_like(q), torch.randn_like(q)
-    forward_config, query_config, key_config = configs(16, torch.float32)
+    forward_config, query_config, key_config = configs(16, torch.float32, "interpreter")
     counter = LoadCounter(monkeypatch)
     lse = spatial_forward(q, k, v, out, scale=0.25, add_to_out=False)
     forward = {name: counter.counts(x).max().item() for name, x in (("q", q), ("k", k), ("v", v))}
