@@ -365,7 +365,12 @@ WARP_MMA_SM120 = {
     **WARP_MMA,
     (128, False): (_C(32, 16, 8, 2), _C(32, 16, 8, 2), _C(16, 32, 8, 1)),
 }
-GPU_CONFIGS = {"sm80": WARP_MMA_SM80, "sm86": WARP_MMA, "sm90": WARPGROUP_MMA, "sm100": WARPGROUP_MMA,
+# sm_100's ptxas spills the D in (128, 192] key kernel in two stages (8 bytes) where sm_90's does not.
+TCGEN05_MMA = {
+    **WARPGROUP_MMA,
+    (192, True): (_C(64, 32, 8, 2), _C(64, 32, 8, 2), _C(32, 64, 8, 1)),
+}
+GPU_CONFIGS = {"sm80": WARP_MMA_SM80, "sm86": WARP_MMA, "sm90": WARPGROUP_MMA, "sm100": TCGEN05_MMA,
                "sm120": WARP_MMA_SM120}
 # Triton's CPU interpreter: small tiles (S = 33 spans three blocks); warps and stages are ignored.
 INTERPRETER_CONFIG = SpatialConfig(16, 16, 1, 1)

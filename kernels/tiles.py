@@ -27,6 +27,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     interpreter_compat.apply()
 
+LN2 = tl.constexpr(0.6931471805599453)  # log 2: bounded_exponent's limit in natural-log units
 HEAD_DIM_BUCKETS = (64, 96, 128, 192, MAX_HEAD_DIM)
 
 
