@@ -134,6 +134,7 @@ def vae_worker(rank):
     return results
 
 
+@pytest.mark.slow  # two processes with diffusers' Wan VAE; test_stream_under_ddp_and_fsdp2 stays quick
 def test_decoder_recurrence_of_a_ddp_vae_averages_gradients():
     pytest.importorskip("diffusers")
     pytest.importorskip("accelerate")

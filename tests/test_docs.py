@@ -19,7 +19,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 RECIPES = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "chopgrad-training.md").read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("code", RECIPES, ids=[f"block{i}" for i in range(len(RECIPES))])
+# The first recipe in the quick tier; the others (DDP's processes among them) take tens of seconds: slow.
+@pytest.mark.parametrize("code", [code if i == 0 else pytest.param(code, marks=pytest.mark.slow)
+                                  for i, code in enumerate(RECIPES)], ids=[f"block{i}" for i in range(len(RECIPES))])
 def test_chopgrad_training_recipes_run(code, tmp_path):
     for module in re.findall(r"^(?:from|import) (\w+)", code, flags=re.M):
         pytest.importorskip(module)

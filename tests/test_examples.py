@@ -20,8 +20,12 @@ def test_there_are_examples():
                                                 *NEEDS_DIFFUSERS}
 
 
-# Examples with diffusers models take tens of seconds: slow (the quick tier runs the others).
-@pytest.mark.parametrize("path", [pytest.param(path, marks=pytest.mark.slow) if path.name in NEEDS_DIFFUSERS else path
+# Examples with diffusers models, and choose_a_window.py's training loops, take tens of seconds: slow (the quick
+# tier runs the others).
+SLOW_EXAMPLES = {*NEEDS_DIFFUSERS, "choose_a_window.py"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(path, marks=pytest.mark.slow) if path.name in SLOW_EXAMPLES else path
                                   for path in EXAMPLES], ids=[path.name for path in EXAMPLES])
 def test_example_runs(path):
     if path.name in NEEDS_DIFFUSERS:
