@@ -230,6 +230,7 @@ def test_floors_says_what_the_shapes_are(capsys):
         assert f"{name:<3}{str(shape):<24}{floors.SHAPE_NOTES[name]}" in out
 
 
+@pytest.mark.slow  # runs the prediction suite: seconds
 def test_frame_scaling_prediction_suite_reports_a_table_per_gpu():
     """The NVLink prediction comes to docs/benchmarks.md from its suite's result: one table per GPU, the one-GPU
     row of each frame count the reference of its speed-up."""

@@ -23,6 +23,7 @@ def test_check_runs_every_backend_on_both_paths(capsys):
     assert "auto at smoke (float32): " in printed and f"{len(rows)} of {len(rows)} cases passed" in printed
 
 
+@pytest.mark.slow  # runs the check twice: seconds
 @pytest.mark.skipif("cpp" not in runnable_backends(), reason="needs the cpp backend")
 def test_a_wrong_or_failing_backend_fails_the_check(monkeypatch, capsys):
     real_forward = extension_attention.forward

@@ -118,6 +118,7 @@ class FirstLayer(nn.Module):
         return self.stage.layer(0, x, temb, text, TINY.num_frames)
 
 
+@pytest.mark.slow  # whole-model compiles: seconds
 def test_compiles_whole_and_recompute_breaks_once_per_region_at_most(seed):
     layer = FirstLayer(video_unet("parallel", seed, torch.float32, backend="auto"))
     frames = BATCH * TINY.num_frames

@@ -56,6 +56,7 @@ def test_a_changed_motion_unet_survives_torch_save_and_load(change, seed):
     assert changed_attributes(loaded) == changed_attributes(unet)
 
 
+@pytest.mark.slow  # a VideoUNet saved and loaded whole: seconds; the motion-UNet cases stay quick
 def test_a_lean_video_unet_survives_torch_save_and_load(seed):
     model = video_unet("parallel", seed)
     inputs = model.example_inputs(2, dtype=torch.float64)

@@ -78,6 +78,7 @@ def test_temporal_reads_flat_in_frames(monkeypatch, options):
         assert backward == expected_backward, f"T = {frames}: backward loads per element {backward}"
 
 
+@pytest.mark.slow  # T past one block of frames in the interpreter: seconds
 def test_temporal_reads_beyond_one_block_of_frames(monkeypatch):
     """Past one block of frames (16 in the interpreter; on a GPU 64 for 16-bit inputs up to D = 128, 16 or 32
     otherwise) reads grow with the number of blocks, as
