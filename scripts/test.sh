@@ -5,7 +5,7 @@
 #   bash scripts/test.sh [--quick] [--avx2] [pytest arguments]
 #
 #   --quick  the fast tier: leaves out the tests marked slow (-m "not slow", combined with any -m given), at least
-#            one test of every test module still runs. 3.3 minutes on a quiet 2-core machine, the full run 11.6
+#            one test of every test module still runs. 2.9 minutes on a quiet 2-core machine, the full run 11.6
 #            (docs/design.md, section 8).
 #   --avx2   takes the CPU code paths an AVX2-only x86 machine takes, whatever this x86 machine has: torch's
 #            (ATEN_CPU_CAPABILITY), MKL's and oneDNN's kernels and numpy's (NPY_DISABLE_CPU_FEATURES). numpy's
