@@ -451,7 +451,7 @@ def parallel_st_attention(q_s, k_s, v_s, q_t, k_t, v_t, *, scale=None, temporal_
     spatial, temporal = dict(q_s=q_s, k_s=k_s, v_s=v_s), dict(q_t=q_t, k_t=k_t, v_t=v_t)
     if frame_group is not None:
         return _frame_parallel(spatial, temporal, frame_group, scale, causal, window, grad_window, backend,
-                               spatial_path, stacked)
+                               spatial_path=spatial_path, stacked=stacked)
     return _attention(spatial, temporal, scale=scale, causal=causal, window=window, grad_window=grad_window,
                       backend=backend, spatial_path=spatial_path, stacked=stacked)
 
@@ -479,8 +479,7 @@ def temporal_attention(q, k, v, *, scale=None, causal=False, window=None, grad_w
     causal, window = check_flag("causal", causal), check_window("window", window)
     grad_window = check_window("grad_window", grad_window)
     if frame_group is not None:
-        return _frame_parallel(None, dict(q=q, k=k, v=v), frame_group, scale, causal, window, grad_window, backend,
-                               "auto")
+        return _frame_parallel(None, dict(q=q, k=k, v=v), frame_group, scale, causal, window, grad_window, backend)
     return _attention(None, dict(q=q, k=k, v=v), scale=scale, causal=causal, window=window, grad_window=grad_window,
                       backend=backend)
 
@@ -508,8 +507,8 @@ def spatial_attention(q, k, v, *, scale=None, backend="auto", spatial_path="auto
                       backend=backend, spatial_path=spatial_path)
 
 
-def _frame_parallel(spatial, temporal, frame_group, scale, causal, window, grad_window, backend, spatial_path,
-                    stacked=False):
+def _frame_parallel(spatial, temporal, frame_group, scale, causal, window, grad_window, backend, *,
+                    spatial_path="auto", stacked=False):
     """Routes a call with a ``frame_group`` to ``pychop.ops.frame_parallel`` (imported here: it imports this
     module)."""
     from pychop.ops.frame_parallel import frame_parallel_attention

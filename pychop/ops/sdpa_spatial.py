@@ -17,8 +17,8 @@ checks: ``torch.backends.cuda.can_use_*`` and ``torch._fused_sdp_choice``), or N
 
 On a GPU every row of the inputs must also start 16-byte aligned (strides and storage offsets), which torch checks
 for the efficient kernel only and the others load with 16-byte vectors. ``forward`` returns the output as a
-(B, T, S, H, D) view (the kernels write it in that memory order, or q's; a query row holding a NaN gives a NaN
-output row, as the math gives and the fused backends return) and the saved statistics: the float32
+(B, T, S, H, D) view (the kernels write it in that memory order, or q's; a query row holding a NaN or an inf
+gives a NaN output row, as the fused backends return) and the saved statistics: the float32
 logsumexp per query row and, on a GPU, the kernel's random-number state (a few bytes; no dropout runs). The
 backward recomputes the probabilities from them: nothing quadratic is kept.
 """
